@@ -1,0 +1,152 @@
+"""Looking inside a network without running it: parameter counts, per-layer shapes, smallest input.
+
+Everything here traces with `jax.eval_shape`, so VGG-19's 144M parameters are never allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxnets.input_size import smallest_input
+from flaxnets.registry import create_model, get_spec
+
+__all__ = ["LayerRow", "abstract_variables", "count_params", "min_input_size", "summary"]
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree of arrays or `jax.ShapeDtypeStruct` (e.g. ``variables["params"]``)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _resolve(model: str | nn.Module, input_shape, num_classes: int | None, overrides: dict) -> tuple[nn.Module, tuple]:
+    if isinstance(model, str):
+        spec = get_spec(model)
+        module = create_model(model, num_classes=num_classes or spec.num_classes, **overrides)
+        default = (1, spec.input_size, spec.input_size, spec.in_channels)
+    else:
+        if overrides:
+            raise ValueError("overrides apply to a registry name, not to a module you built yourself.")
+        module, default = model, None
+    if input_shape is None:
+        if default is None:
+            raise ValueError("input_shape is required for a module (e.g. (1, 224, 224, 3)).")
+        input_shape = default
+    input_shape = tuple(input_shape)
+    if len(input_shape) == 3:
+        input_shape = (1, *input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"input_shape must be (N, H, W, C) or (H, W, C), got {input_shape}.")
+    return module, input_shape
+
+
+def abstract_variables(
+    model: str | nn.Module, input_shape: tuple[int, ...] | None = None, *, num_classes: int | None = None, **overrides
+) -> dict:
+    """The variables ``model.init`` would create, as `jax.ShapeDtypeStruct` leaves (nothing allocated).
+
+    ``model`` is a registry name (built with ``num_classes``, by default the architecture's usual count, and
+    ``overrides``; ``input_shape`` defaults to its native size) or a module. Initialised with ``train=False``.
+    """
+    module, input_shape = _resolve(model, input_shape, num_classes, overrides)
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
+
+
+def min_input_size(model: str | nn.Module, in_channels: int | None = None) -> int:
+    """The smallest square side the architecture accepts, found by tracing its shapes.
+
+    One pixel less fails: a window no longer fits or some activation becomes empty. For a registry name
+    ``in_channels`` defaults to the architecture's usual input channels; for a module, to 3.
+    """
+    if isinstance(model, str):
+        spec = get_spec(model)
+        module = create_model(model, num_classes=10)
+        in_channels = spec.in_channels if in_channels is None else in_channels
+    else:
+        module = model
+        in_channels = 3 if in_channels is None else in_channels
+    return smallest_input(module, in_channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One leaf layer of a network as `summary` reports it."""
+
+    path: str  # e.g. "layer1_0/conv1"
+    kind: str  # the module's class name
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    params: int  # trainable parameters
+    state: int  # non-trainable variables (BatchNorm statistics)
+    module: nn.Module = dataclasses.field(repr=False, compare=False)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    leaves = jax.tree_util.tree_leaves(value)
+    return tuple(leaves[0].shape) if leaves and hasattr(leaves[0], "shape") else ()
+
+
+def trace_layers(
+    model: str | nn.Module, input_shape: tuple[int, ...] | None = None, *, num_classes: int | None = None, **overrides
+) -> tuple[list[LayerRow], dict, tuple[int, ...]]:
+    """Leaf layers in execution order, the abstract variables, and the input shape used."""
+    module, input_shape = _resolve(model, input_shape, num_classes, overrides)
+    calls: list[tuple[tuple[str, ...], nn.Module, tuple, tuple]] = []
+
+    def record(next_fun: Callable, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and context.module.path:
+            calls.append((tuple(context.module.path), context.module, _shape(args), _shape(out)))
+        return out
+
+    with nn.intercept_methods(record):
+        variables = abstract_variables(module, input_shape)
+    paths = {path for path, *_ in calls}
+    rows = []
+    for path, mod, shape_in, shape_out in calls:
+        if any(other[: len(path)] == path and other != path for other in paths):
+            continue  # a container (a residual block, an Inception module): its leaves are listed
+        def subtree(collection):
+            node = variables.get(collection, {})
+            for name in path:
+                node = node.get(name, {}) if isinstance(node, dict) else {}
+            return node
+        rows.append(LayerRow("/".join(path), type(mod).__name__, shape_in, shape_out,
+                             count_params(subtree("params")), count_params(subtree("batch_stats")), mod))
+    return rows, variables, input_shape
+
+
+def summary(
+    model: str | nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    num_classes: int | None = None,
+    print_fn: Callable[[str], Any] | None = print,
+    **overrides,
+) -> list[LayerRow]:
+    """Print each leaf layer's output shape and parameter count, then the totals; return the rows.
+
+    ``model`` is a registry name (``input_shape`` defaults to its native ``(1, size, size, channels)``)
+    or a module with an explicit ``input_shape``. Pass ``print_fn=None`` to only get the rows.
+    """
+    rows, variables, input_shape = trace_layers(model, input_shape, num_classes=num_classes, **overrides)
+    if print_fn is not None:
+        name = model if isinstance(model, str) else type(model).__name__
+        width = max([len(r.path) for r in rows] + [5]) + 2
+        lines = [f"{name}: input {input_shape}", f"{'layer':<{width}}{'type':<20}{'output shape':<22}{'params':>14}"]
+        for r in rows:
+            lines.append(f"{r.path:<{width}}{r.kind:<20}{str(r.output_shape):<22}{r.params:>14,}")
+        params, state = count_params(variables.get("params", {})), count_params(variables.get("batch_stats", {}))
+        lines.append(f"total parameters: {params:,} ({params * 4 / 2**20:.1f} MiB in float32)")
+        if state:
+            lines.append(f"BatchNorm statistics (not trained): {state:,}")
+        print_fn("\n".join(lines))
+    return rows

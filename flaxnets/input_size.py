@@ -1,0 +1,118 @@
+"""The smallest input each architecture accepts, found by tracing its shapes, and the guard that uses it.
+
+A too-small image does not fail cleanly in XLA: a convolution window larger than its input is a shape
+error from deep inside ``lax``, and a pooling that leaves zero pixels makes empty arrays that flow on
+silently (a ``Dense`` after ``flatten`` even initialises with zero input features). The guard below runs
+every submodule call of a model through an interceptor that rejects empty activations; when the model
+fails on a small input it searches for the smallest square side that traces cleanly and says so.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxnets.layers import InputTooSmallError
+
+__all__ = ["checks_input_size", "smallest_input", "InputTooSmallError"]
+
+_SEARCHING: contextvars.ContextVar[bool] = contextvars.ContextVar("flaxnets_min_size_search", default=False)
+_LARGEST_SIDE = 4096
+# lax reports impossible shapes as TypeError (negative dimensions) or ValueError.
+_SHAPE_ERRORS = (InputTooSmallError, TypeError, ValueError)
+
+
+def _reject_empty(values: Any, where: str) -> None:
+    for leaf in jax.tree_util.tree_leaves(values):
+        shape = getattr(leaf, "shape", None)
+        if shape is not None and len(shape) >= 2 and 0 in shape[1:]:
+            raise InputTooSmallError(f"{where} produced or received an empty activation of shape {tuple(shape)}")
+
+
+def _interceptor(next_fun, args, kwargs, context):
+    where = "/".join(context.module.path) or type(context.module).__name__
+    _reject_empty(args, where)
+    out = next_fun(*args, **kwargs)
+    _reject_empty(out, where)
+    return out
+
+
+def checks_input_size(call: Callable) -> Callable:
+    """Decorate a model's ``__call__(self, x, *, train)`` so a too-small ``x`` gets a clear ValueError.
+
+    The error names the smallest square side the model accepts (for the channels of ``x``). Errors on
+    inputs at least that large are re-raised untouched: the guard never hides a real bug.
+    """
+
+    @functools.wraps(call)
+    def guarded(self, x, *args, **kwargs):
+        if _SEARCHING.get():
+            with nn.intercept_methods(_interceptor):
+                return call(self, x, *args, **kwargs)
+        try:
+            with nn.intercept_methods(_interceptor):
+                return call(self, x, *args, **kwargs)
+        except _SHAPE_ERRORS as error:
+            if getattr(x, "ndim", 0) != 4:
+                raise ValueError(
+                    f"{type(self).__name__} takes NHWC images (4 dimensions); got shape {tuple(x.shape)}."
+                ) from None
+            height, width, channels = x.shape[1:]
+            try:
+                smallest = smallest_input(self.clone(parent=None), channels)
+            except RuntimeError:
+                raise error from None  # no size works: not a size problem
+            if min(height, width) >= smallest:
+                raise
+            raise ValueError(
+                f"{type(self).__name__} needs an input of at least {smallest}x{smallest} pixels; "
+                f"got {height}x{width}."
+            ) from None
+
+    return guarded
+
+
+def _traces(module: nn.Module, side: int, channels: int) -> bool:
+    token = _SEARCHING.set(True)
+    try:
+        images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
+        rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+        jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
+        return True
+    except _SHAPE_ERRORS:
+        return False
+    finally:
+        _SEARCHING.reset(token)
+
+
+@functools.lru_cache(maxsize=256)
+def _smallest_cached(key: tuple, module: nn.Module, channels: int) -> int:
+    del key  # only there to make the cache key hashable and exact
+    high = 8
+    while not _traces(module, high, channels):
+        high *= 2
+        if high > _LARGEST_SIDE:
+            raise RuntimeError(f"{type(module).__name__} traces at no square input up to {_LARGEST_SIDE} pixels.")
+    low = 0  # invariant: `low` fails (0 always does), `high` works
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _traces(module, mid, channels):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def smallest_input(module: nn.Module, channels: int = 3) -> int:
+    """The smallest square side ``s`` such that ``module`` traces on ``(1, s, s, channels)`` input.
+
+    Assumes larger inputs keep working once one does, which holds for every convolution-and-pooling
+    stack (each output side is non-decreasing in its input side).
+    """
+    module = module.clone(parent=None) if module.parent is not None else module
+    return _smallest_cached((type(module), repr(module), channels), module, channels)

@@ -1,0 +1,266 @@
+"""Layers the classic CNNs need and `flax.linen` does not ship, written to PyTorch's semantics.
+
+Everything here takes NHWC input. Pooling follows `torch.nn.MaxPool2d` / `AvgPool2d` /
+`AdaptiveAvgPool2d` exactly (explicit padding, `ceil_mode`), so that weights converted from torchvision
+give the same activations, and so that every shape matches the published architecture tables.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "BatchNorm",
+    "LocalResponseNorm",
+    "MaxPool",
+    "AvgPool",
+    "AdaptiveAvgPool",
+    "GlobalAvgPool",
+    "pool_output_size",
+    "padding",
+    "InputTooSmallError",
+]
+
+
+class InputTooSmallError(ValueError):
+    """Raised while tracing a model when its input is too small for some layer's window."""
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class LocalResponseNorm(nn.Module):
+    """Local Response Normalization across channels (Krizhevsky, Sutskever, Hinton 2012, section 3.3).
+
+    ``y_c = x_c / (k + a * sum_{j in window(c)} x_j**2) ** beta`` where the window holds ``size`` adjacent
+    channels centred on ``c`` and clipped at the first and last channel (zeros beyond them).
+
+    Two conventions for ``a`` exist and both are common:
+
+    * ``convention="paper"`` (also TensorFlow's ``tf.nn.local_response_normalization``): ``a = alpha``.
+      The 2012 paper's constants are ``k=2, size=5, alpha=1e-4, beta=0.75``; TensorFlow's ``depth_radius``
+      is ``(size - 1) // 2`` (see :meth:`from_tensorflow`).
+    * ``convention="torch"`` (PyTorch's ``nn.LocalResponseNorm`` and Caffe's LRN layer): ``a = alpha / size``.
+
+    For an even ``size`` the window follows PyTorch: ``size // 2`` channels before ``c`` and
+    ``(size - 1) // 2`` after. The sum over the window is a `lax.reduce_window` over the channel axis: one
+    vectorised op, exact (no cumulative-sum cancellation), with JAX's own gradient.
+    """
+
+    size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 2.0
+    convention: Literal["paper", "torch"] = "paper"
+
+    @classmethod
+    def from_tensorflow(
+        cls, depth_radius: int = 5, bias: float = 1.0, alpha: float = 1.0, beta: float = 0.5, **kwargs
+    ) -> "LocalResponseNorm":
+        """Build the layer from `tf.nn.local_response_normalization`'s arguments (same defaults)."""
+        return cls(size=2 * depth_radius + 1, alpha=alpha, beta=beta, k=bias, convention="paper", **kwargs)
+
+    @classmethod
+    def from_torch(
+        cls, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, **kwargs
+    ) -> "LocalResponseNorm":
+        """Build the layer from `torch.nn.LocalResponseNorm`'s arguments (same defaults)."""
+        return cls(size=size, alpha=alpha, beta=beta, k=k, convention="torch", **kwargs)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        if self.size < 1:
+            raise ValueError(f"LocalResponseNorm needs size >= 1, got {self.size}.")
+        if self.convention not in ("paper", "torch"):
+            raise ValueError(f"LocalResponseNorm convention must be 'paper' or 'torch', got {self.convention!r}.")
+        # Square and sum in at least float32: bfloat16 squares of large activations lose the small ones.
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        squares = jnp.square(x.astype(compute))
+        before, after = self.size // 2, (self.size - 1) // 2
+        window = (1,) * (x.ndim - 1) + (self.size,)
+        padding = ((0, 0),) * (x.ndim - 1) + ((before, after),)
+        sums = lax.reduce_window(squares, jnp.array(0, compute), lax.add, window, (1,) * x.ndim, padding)
+        alpha = self.alpha / self.size if self.convention == "torch" else self.alpha
+        scale = (self.k + alpha * sums) ** -self.beta
+        return (x.astype(compute) * scale).astype(x.dtype)
+
+
+def pool_output_size(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of one spatial axis under PyTorch's pooling rule (documented in `nn.MaxPool2d`)."""
+    span = size + 2 * padding - window
+    out = (math.ceil(span / stride) if ceil_mode else span // stride) + 1
+    # With ceil_mode the last window must start inside the input or its left padding, never in the
+    # right padding alone.
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def _pool(x, kind, window, stride, padding, ceil_mode, count_include_pad=True):
+    window, stride, padding = _pair(window), _pair(stride), _pair(padding)
+    pads = []
+    for axis in range(2):
+        size = x.shape[1 + axis]
+        out = pool_output_size(size, window[axis], stride[axis], padding[axis], ceil_mode)
+        if out < 1:
+            raise InputTooSmallError(
+                f"pooling window {window[axis]} does not fit an input of size {size} (padding {padding[axis]})"
+            )
+        right = (out - 1) * stride[axis] + window[axis] - size - padding[axis]
+        pads.append((padding[axis], max(right, 0)))
+    dims, strides = (1, *window, 1), (1, *stride, 1)
+    full_pads = ((0, 0), *pads, (0, 0))
+    if kind == "max":
+        init = jnp.array(-jnp.inf, x.dtype)
+        return lax.reduce_window(x, init, lax.max, dims, strides, full_pads)
+    sums = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, strides, full_pads)
+    if count_include_pad and not ceil_mode:
+        return sums / (window[0] * window[1])
+    # PyTorch divides by the window's overlap with the padded input (count_include_pad) or with the
+    # input alone; the extra ceil_mode padding on the right is never counted.
+    if count_include_pad:
+        # Count the explicit padding as part of the input, but not what ceil_mode adds beyond it.
+        ones = jnp.ones((1, x.shape[1] + 2 * padding[0], x.shape[2] + 2 * padding[1], 1), x.dtype)
+        count_pads = [(0, max(right - left, 0)) for left, right in pads]
+    else:
+        ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+        count_pads = pads
+    counts = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, strides, ((0, 0), *count_pads, (0, 0)))
+    return sums / counts
+
+
+class MaxPool(nn.Module):
+    """`torch.nn.MaxPool2d` on NHWC input: explicit padding (with -inf) and `ceil_mode`."""
+
+    window: int | tuple[int, int]
+    stride: int | tuple[int, int] | None = None
+    padding: int | tuple[int, int] = 0
+    ceil_mode: bool = False
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        stride = self.window if self.stride is None else self.stride
+        return _pool(x, "max", self.window, stride, self.padding, self.ceil_mode)
+
+
+class AvgPool(nn.Module):
+    """`torch.nn.AvgPool2d` on NHWC input: explicit zero padding, `ceil_mode`, `count_include_pad`."""
+
+    window: int | tuple[int, int]
+    stride: int | tuple[int, int] | None = None
+    padding: int | tuple[int, int] = 0
+    ceil_mode: bool = False
+    count_include_pad: bool = True
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        stride = self.window if self.stride is None else self.stride
+        return _pool(x, "avg", self.window, stride, self.padding, self.ceil_mode, self.count_include_pad)
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """Averaging matrix (out, size) of `AdaptiveAvgPool`: bin i covers [floor(i*size/out), ceil((i+1)*size/out))."""
+    matrix = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+class AdaptiveAvgPool(nn.Module):
+    """`torch.nn.AdaptiveAvgPool2d` on NHWC input, for any input size (smaller inputs are replicated).
+
+    Written as two small averaging matrices so that it is one fused contraction for any pair of sizes;
+    when the input already has the output size it is the identity, as in PyTorch.
+    """
+
+    output_size: int | tuple[int, int]
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        out_h, out_w = _pair(self.output_size)
+        _, h, w, _ = x.shape
+        if (h, w) == (out_h, out_w):
+            return x
+        if h % out_h == 0 and w % out_w == 0:
+            return _pool(x, "avg", (h // out_h, w // out_w), (h // out_h, w // out_w), 0, False)
+        rows = jnp.asarray(_adaptive_matrix(h, out_h), x.dtype)
+        cols = jnp.asarray(_adaptive_matrix(w, out_w), x.dtype)
+        return jnp.einsum("nhwc,ph,qw->npqc", x, rows, cols)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial axes, keeping (N, C): `AdaptiveAvgPool2d(1)` followed by `flatten`."""
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return jnp.mean(x, axis=(1, 2))
+
+
+def padding(p: int | tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch's symmetric ``padding=p`` of a 2-D convolution as `flax.linen.Conv` padding.
+
+    Flax's ``"SAME"`` pads stride-2 convolutions on even inputs asymmetrically (0 before, 1 after), which
+    shifts every window by one pixel relative to PyTorch; explicit pairs keep the two frameworks equal.
+    """
+    ph, pw = _pair(p)
+    return ((ph, ph), (pw, pw))
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization over every axis but the last (Ioffe and Szegedy 2015), as `torch.nn.BatchNorm2d` does it.
+
+    A drop-in for `flax.linen.BatchNorm` (same variable names: params ``scale``/``bias``, batch_stats
+    ``mean``/``var``) that departs from it in two ways, both to follow PyTorch:
+
+    * the running variance is updated with the unbiased batch variance (``n / (n - 1)`` times the biased
+      one used to normalise), so running statistics after a step equal torchvision's;
+    * the variance is computed in two passes, ``mean((x - mean)**2)``, not as ``mean(x**2) - mean**2``,
+      which loses precision when activations have a large mean.
+
+    Statistics are computed in float32 whatever ``dtype`` is. With ``axis_name`` set (under
+    ``shard_map``/``pmap``) the mean and variance are averaged over that device axis, so every device
+    normalises with the statistics of the whole global batch. ``momentum`` is flax's (the weight of the old
+    running value): PyTorch's ``momentum=0.1`` is ``0.9`` here.
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Any = None
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, use_running_average: bool | None = None) -> jnp.ndarray:
+        use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        features = x.shape[-1]
+        axes = tuple(range(x.ndim - 1))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        scale = self.param("scale", self.scale_init, (features,), jnp.float32)
+        bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+        compute = jnp.promote_types(x.dtype, jnp.float32)
+        xc = x.astype(compute)
+        if use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            # Flax initialises outside any device mapping, so collectives only run once initialised.
+            synced = self.axis_name is not None and not self.is_initializing()
+            mean = jnp.mean(xc, axes)
+            if synced:
+                mean = lax.pmean(mean, self.axis_name)
+            var = jnp.mean(jnp.square(xc - mean), axes)
+            if synced:
+                var = lax.pmean(var, self.axis_name)
+            if not self.is_initializing():
+                count = math.prod(x.shape[:-1]) * (lax.psum(1, self.axis_name) if synced else 1)
+                unbiased = var * (count / jnp.maximum(count - 1, 1))
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+        y = (xc - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype or x.dtype)

@@ -1,0 +1,23 @@
+"""One module per family; importing this package registers every architecture."""
+
+from flaxnets.models import alexnet, googlenet, lenet, nin, resnet, vgg  # noqa: F401  (registration)
+from flaxnets.models.alexnet import AlexNet, AlexNetPaper, AlexNetSmall
+from flaxnets.models.googlenet import GoogLeNet, Inception
+from flaxnets.models.lenet import LeNet5
+from flaxnets.models.nin import NiN
+from flaxnets.models.resnet import BasicBlock, Bottleneck, ResNet
+from flaxnets.models.vgg import VGG
+
+__all__ = [
+    "AlexNet",
+    "AlexNetPaper",
+    "AlexNetSmall",
+    "BasicBlock",
+    "Bottleneck",
+    "GoogLeNet",
+    "Inception",
+    "LeNet5",
+    "NiN",
+    "ResNet",
+    "VGG",
+]

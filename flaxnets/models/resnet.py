@@ -1,0 +1,174 @@
+"""ResNet-18/34/50/101/152 (He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016,
+arXiv:1512.03385), laid out as torchvision's ``resnet*`` so that parameter counts and weights carry over,
+plus the small-input variants used on CIFAR-10 and Fashion-MNIST.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Literal, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxnets.input_size import checks_input_size
+from flaxnets.layers import BatchNorm, GlobalAvgPool, MaxPool, padding
+from flaxnets.registry import ModelSpec, register
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
+
+ModuleDef = Callable[..., nn.Module]
+
+# torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# ...and its Linear layers with kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; ResNet-18 and -34."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    zero_init_last: bool = False
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x):
+        y = self.conv(self.filters, (3, 3), self.strides, padding=padding(1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.filters, (3, 3), padding=padding(1), name="conv2")(y)
+        y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_last else nn.initializers.ones, name="bn2")(y)
+        return nn.relu(y + _shortcut(self, x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4); ResNet-50/101/152.
+
+    The stride sits on the 3x3 convolution ("ResNet v1.5", as torchvision and NVIDIA's reference place it);
+    the paper puts it on the first 1x1, which costs about 0.5% top-1 on ImageNet.
+    """
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    zero_init_last: bool = False
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(self.norm(name="bn1")(self.conv(self.filters, (1, 1), name="conv1")(x)))
+        y = self.conv(self.filters, (3, 3), self.strides, padding=padding(1), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
+        y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_last else nn.initializers.ones, name="bn3")(y)
+        return nn.relu(y + _shortcut(self, x))
+
+
+def _shortcut(block, x):
+    """Identity, or a strided 1x1 projection with BatchNorm when the shape changes (the paper's option B)."""
+    out_features = block.filters * block.expansion
+    if block.strides == 1 and x.shape[-1] == out_features:
+        return x
+    x = block.conv(out_features, (1, 1), block.strides, name="downsample_conv")(x)
+    return block.norm(name="downsample_bn")(x)
+
+
+class ResNet(nn.Module):
+    """A residual network: a stem, four stages of residual blocks (64, 128, 256, 512 filters), a linear head.
+
+    ``stem="imagenet"`` is the paper's 7x7/2 convolution and 3x3/2 max-pool (224x224 input, 7x7 final
+    maps). ``stem="cifar"`` is the 3x3/1 convolution without max-pool used for 32x32 input (section 4.2 of
+    the paper uses it with narrower 16-32-64 stages; here the stages stay torchvision's, the common
+    "ResNet-18 on CIFAR" of the literature). ``zero_init_residual`` starts each residual branch's last
+    BatchNorm scale at zero, so every block begins as the identity: Goyal et al. 2017 (arXiv:1706.02677)
+    report it helps large-batch training, and torchvision notes +0.2-0.3% top-1.
+    """
+
+    stage_sizes: Sequence[int]
+    block: type[nn.Module]
+    num_classes: int = 1000
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    width: int = 64
+    zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+    bn_momentum: float = 0.9
+
+    @nn.compact
+    @checks_input_size
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+        norm = partial(
+            BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name=self.bn_axis_name,
+        )
+        if self.stem == "imagenet":
+            x = conv(self.width, (7, 7), 2, padding=padding(3), name="conv1")(x)
+            x = nn.relu(norm(name="bn1")(x))
+            x = MaxPool(3, 2, padding=1, name="maxpool")(x)
+        elif self.stem == "cifar":
+            x = conv(self.width, (3, 3), padding=padding(1), name="conv1")(x)
+            x = nn.relu(norm(name="bn1")(x))
+        else:
+            raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+        for stage, blocks in enumerate(self.stage_sizes):
+            for index in range(blocks):
+                x = self.block(
+                    filters=self.width * 2**stage,
+                    conv=conv,
+                    norm=norm,
+                    strides=2 if stage > 0 and index == 0 else 1,
+                    zero_init_last=self.zero_init_residual,
+                    name=f"layer{stage + 1}_{index}",
+                )(x)
+        x = GlobalAvgPool(name="avgpool")(x)
+        x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
+        return x.astype(jnp.float32)
+
+
+_PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
+_DEPTHS = {
+    18: ((2, 2, 2, 2), BasicBlock, 11_689_512, 1.814, 69.758),
+    34: ((3, 4, 6, 3), BasicBlock, 21_797_672, 3.664, 73.314),
+    50: ((3, 4, 6, 3), Bottleneck, 25_557_032, 4.089, 76.130),
+    101: ((3, 4, 23, 3), Bottleneck, 44_549_160, 7.801, 77.374),
+    152: ((3, 8, 36, 3), Bottleneck, 60_192_808, 11.514, 78.312),
+}
+
+for _depth, (_stages, _block, _params, _gflops, _top1) in _DEPTHS.items():
+    register(
+        ModelSpec(
+            name=f"resnet{_depth}",
+            build=partial(ResNet, stage_sizes=_stages, block=_block),
+            family="resnet",
+            paper=_PAPER,
+            input_size=224,
+            torchvision=f"resnet{_depth}",
+            params=_params,
+            gflops=_gflops,
+            top1=_top1,
+            description=f"ResNet-{_depth}, torchvision layout (v1.5 bottlenecks)",
+        )
+    )
+
+for _depth in (18, 34, 50):
+    _stages, _block = _DEPTHS[_depth][:2]
+    register(
+        ModelSpec(
+            name=f"resnet{_depth}_cifar",
+            build=partial(ResNet, stage_sizes=_stages, block=_block, stem="cifar"),
+            family="resnet",
+            paper=_PAPER,
+            input_size=32,
+            num_classes=10,
+            description=f"ResNet-{_depth} with a 3x3 stem and no max-pool, for 32x32 input",
+        )
+    )

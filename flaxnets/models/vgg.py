@@ -1,0 +1,115 @@
+"""VGG-11/13/16/19 with and without BatchNorm (Simonyan and Zisserman, "Very Deep Convolutional Networks
+for Large-Scale Image Recognition", ICLR 2015, arXiv:1409.1556), as torchvision lays them out, and VGG-16
+for 32x32 input.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from flaxnets.input_size import checks_input_size
+from flaxnets.layers import AdaptiveAvgPool, BatchNorm, MaxPool, padding
+from flaxnets.registry import ModelSpec, register
+
+__all__ = ["VGG", "CONFIGS"]
+
+# Table 1 of the paper: an int is a 3x3 convolution with that many filters, "M" a 2x2/2 max-pool.
+CONFIGS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # A
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),  # B
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),  # D
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),  # E
+}
+
+# torchvision's initialisation: kaiming_normal_(fan_out, relu) for convolutions, N(0, 0.01) for Linear.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_init = nn.initializers.normal(0.01)
+
+
+class VGG(nn.Module):
+    """Stacks of 3x3 convolutions (padding 1) and 2x2 max-pools, then two hidden dense layers.
+
+    ``config`` is a row of `CONFIGS`. With ``pool_size=(7, 7)`` (torchvision's layout) an adaptive
+    average pool maps the last feature maps to 7x7 before the 25088-wide first dense layer, so inputs
+    from 32x32 up give the same parameter count; the paper, trained at 224x224, has no such pool. With
+    ``pool_size=None`` the features are flattened as they are: at 32x32 input that is 512x1x1, the
+    CIFAR form. ``batch_norm`` inserts BatchNorm after every convolution (not in the paper, which
+    predates it; torchvision's ``vgg*_bn``). Dropout 0.5 follows each hidden dense layer, as in section 3.1.
+    """
+
+    config: Sequence[int | str]
+    num_classes: int = 1000
+    batch_norm: bool = False
+    hidden: Sequence[int] = (4096, 4096)
+    pool_size: tuple[int, int] | None = (7, 7)
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    @checks_input_size
+    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        conv_index, pool_index = 0, 0
+        for layer in self.config:
+            if layer == "M":
+                pool_index += 1
+                x = MaxPool(2, 2, name=f"pool{pool_index}")(x)
+                continue
+            conv_index += 1
+            x = nn.Conv(layer, (3, 3), padding=padding(1), kernel_init=conv_init, dtype=self.dtype,
+                        name=f"conv{conv_index}")(x)
+            if self.batch_norm:
+                x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
+                              name=f"bn{conv_index}")(x)
+            x = nn.relu(x)
+        if self.pool_size is not None:
+            x = AdaptiveAvgPool(self.pool_size, name="avgpool")(x)
+        x = x.reshape((x.shape[0], -1))
+        for index, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name=f"fc{index + 1}")(x))
+            x = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index + 1}")(x)
+        x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+        return x.astype(jnp.float32)
+
+
+_PAPER = "Simonyan and Zisserman, Very Deep Convolutional Networks, ICLR 2015 (arXiv:1409.1556)"
+# torchvision's published numbers: (params, params with BN, GFLOPS, top-1, top-1 with BN).
+_REFERENCE = {
+    "vgg11": (132_863_336, 132_868_840, 7.609, 69.020, 70.370),
+    "vgg13": (133_047_848, 133_053_736, 11.308, 69.928, 71.586),
+    "vgg16": (138_357_544, 138_365_992, 15.47, 71.592, 73.360),
+    "vgg19": (143_667_240, 143_678_248, 19.632, 72.376, 74.218),
+}
+
+for _name, (_params, _params_bn, _gflops, _top1, _top1_bn) in _REFERENCE.items():
+    for _bn in (False, True):
+        register(
+            ModelSpec(
+                name=f"{_name}_bn" if _bn else _name,
+                build=partial(VGG, config=CONFIGS[_name], batch_norm=_bn),
+                family="vgg",
+                paper=_PAPER,
+                input_size=224,
+                torchvision=f"{_name}_bn" if _bn else _name,
+                params=_params_bn if _bn else _params,
+                gflops=_gflops,
+                top1=_top1_bn if _bn else _top1,
+                description=f"VGG-{_name[3:]}{' with BatchNorm' if _bn else ''}, torchvision layout",
+            )
+        )
+
+register(
+    ModelSpec(
+        name="vgg16_cifar",
+        build=partial(VGG, config=CONFIGS["vgg16"], batch_norm=True, pool_size=None),
+        family="vgg",
+        paper=_PAPER,
+        input_size=32,
+        num_classes=10,
+        description="VGG-16 with BatchNorm for 32x32 input (512x1x1 features)",
+    )
+)

@@ -1,0 +1,137 @@
+"""The explicit table of architectures: a name resolves to a constructor and its facts, nothing else.
+
+Names are registered once (a second registration of a name is an error) and are only ever looked up
+here, never through ``getattr`` on a module, so helpers and test doubles never pose as architectures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+__all__ = ["ModelSpec", "UnknownModelError", "register", "get_spec", "list_models", "model_info", "create_model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows of one architecture.
+
+    Attributes:
+      name: registry name, e.g. ``"resnet50"``.
+      build: constructor taking ``num_classes``, ``dtype``, ``bn_axis_name`` and the model's own fields.
+      family: ``"resnet"``, ``"vgg"``...
+      paper: the publication the architecture comes from.
+      input_size: the square input side the architecture was designed for.
+      in_channels: channels of its usual input (1 for MNIST-like data, 3 for colour).
+      num_classes: classes of the dataset it is usually trained on (1000 for ImageNet, 10 for CIFAR-10).
+      torchvision: the matching ``torchvision.models`` builder, where one exists.
+      params: torchvision's parameter count at 1000 classes, where torchvision has the model.
+      gflops: torchvision's published GFLOPS (multiply-accumulates, in billions) at 224x224.
+      top1: torchvision's published ImageNet top-1 of its pretrained weights.
+      description: one line for tables and ``--help``.
+      reference_overrides: model fields under which ``params`` holds (e.g. GoogLeNet without its
+        auxiliary heads, as torchvision counts its pretrained weights).
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    family: str
+    paper: str
+    input_size: int
+    in_channels: int = 3
+    num_classes: int = 1000
+    torchvision: str | None = None
+    params: int | None = None
+    gflops: float | None = None
+    top1: float | None = None
+    description: str = ""
+    reference_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """The spec as a plain dict (without the constructor), for printing and JSON."""
+        out = dataclasses.asdict(self)
+        del out["build"]
+        return out
+
+
+class UnknownModelError(ValueError):
+    """An architecture name the registry does not hold; the message suggests close names."""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry; a name can be registered only once."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered as ``name``; an unknown name raises `UnknownModelError` with suggestions."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        pass
+    close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))}."
+    ) from None
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names matching the shell-style ``pattern`` (``"resnet*"``, ``"vgg*_bn"``), sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Paper, default input size and channels, and torchvision's reference numbers for ``name``."""
+    return get_spec(name).info()
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    dtype: Any = jnp.float32,
+    bn_axis_name: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build the architecture registered as ``name``.
+
+    Args:
+      name: a name from `list_models`.
+      num_classes: width of the returned logits.
+      dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
+      bn_axis_name: the device axis over which BatchNorm averages its statistics under
+        ``shard_map``/``pmap``; ``None`` under plain ``jit``. Models without BatchNorm accept and ignore it.
+      **overrides: fields of the model's module (e.g. ``zero_init_residual=True``, ``aux_logits=False``).
+
+    Returns:
+      An unbound ``flax.linen`` module; ``module.apply(variables, images_nhwc, train=...)`` gives logits
+      of shape ``(N, num_classes)``.
+    """
+    spec = get_spec(name)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    try:
+        return spec.build(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name, **overrides)
+    except TypeError as err:
+        probe = spec.build(num_classes=num_classes)
+        fields = sorted(
+            f.name for f in dataclasses.fields(probe) if f.init and f.name not in ("parent", "name")
+        )
+        unknown = sorted(set(overrides) - set(fields))
+        if not unknown:
+            raise
+        raise ValueError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(fields)}."
+        ) from err
