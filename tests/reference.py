@@ -1,0 +1,49 @@
+"""Independent references: PyTorch and torchvision on the CPU, when they are installed.
+
+torchvision 0.28.0 from the package registry is a CUDA build: its compiled operators do not load on the
+CPU-only torch 2.13.0, and importing it fails unless the two operator schemas it registers Python
+implementations for already exist. Defining them (and nothing else) lets every model build and run on
+CPU; detection operators stay unusable, which no test needs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+@functools.cache
+def _load():
+    try:
+        import torch
+    except ImportError as error:  # pragma: no cover - depends on the machine
+        return None, None, f"torch is not installed ({error}); install the 'parity' extra"
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - a registered op needs no shim
+    except (AttributeError, RuntimeError):
+        library = torch.library.Library("torchvision", "DEF")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _load.library = library  # keep the definitions alive
+    try:
+        import torchvision
+    except Exception as error:  # pragma: no cover - depends on the machine
+        return torch, None, f"torchvision does not import here ({type(error).__name__}: {error})"
+    return torch, torchvision, None
+
+
+def torch_or_skip():
+    """The ``torch`` module, or skip the calling test with the reason it is unavailable."""
+    torch, _, reason = _load()
+    if torch is None:
+        pytest.skip(reason)
+    return torch
+
+
+def torchvision_or_skip():
+    """``(torch, torchvision)``, or skip the calling test with the reason they are unavailable."""
+    torch, torchvision, reason = _load()
+    if torchvision is None:
+        pytest.skip(reason)
+    return torch, torchvision
