@@ -86,7 +86,7 @@ class LocalResponseNorm(nn.Module):
         before, after = self.size // 2, (self.size - 1) // 2
         window = (1,) * (x.ndim - 1) + (self.size,)
         padding = ((0, 0),) * (x.ndim - 1) + ((before, after),)
-        sums = lax.reduce_window(squares, jnp.array(0, compute), lax.add, window, (1,) * x.ndim, padding)
+        sums = lax.reduce_window(squares, np.array(0, compute), lax.add, window, (1,) * x.ndim, padding)
         alpha = self.alpha / self.size if self.convention == "torch" else self.alpha
         scale = (self.k + alpha * sums) ** -self.beta
         return (x.astype(compute) * scale).astype(x.dtype)
@@ -118,9 +118,11 @@ def _pool(x, kind, window, stride, padding, ceil_mode, count_include_pad=True):
     dims, strides = (1, *window, 1), (1, *stride, 1)
     full_pads = ((0, 0), *pads, (0, 0))
     if kind == "max":
-        init = jnp.array(-jnp.inf, x.dtype)
+        # numpy constants, not traced values: JAX then recognises the max and sum monoids and uses its
+        # differentiable reduce_window_max / reduce_window_sum instead of a generic reduction.
+        init = np.array(-np.inf, x.dtype)
         return lax.reduce_window(x, init, lax.max, dims, strides, full_pads)
-    sums = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, strides, full_pads)
+    sums = lax.reduce_window(x, np.array(0, x.dtype), lax.add, dims, strides, full_pads)
     if count_include_pad and not ceil_mode:
         return sums / (window[0] * window[1])
     # PyTorch divides by the window's overlap with the padded input (count_include_pad) or with the
@@ -132,7 +134,7 @@ def _pool(x, kind, window, stride, padding, ceil_mode, count_include_pad=True):
     else:
         ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
         count_pads = pads
-    counts = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, strides, ((0, 0), *count_pads, (0, 0)))
+    counts = lax.reduce_window(ones, np.array(0, x.dtype), lax.add, dims, strides, ((0, 0), *count_pads, (0, 0)))
     return sums / counts
 
 

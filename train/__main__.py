@@ -1,0 +1,25 @@
+"""``python -m train --arch ARCH --dataset NAME [...]``: parse the command line and train (see --help)."""
+
+import sys
+
+from train.cli import run_command
+from train.config import parse_args
+
+
+def main(argv=None) -> int:
+    def body() -> int:
+        config = parse_args(argv)
+        from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
+
+        initialize_distributed(config)
+        results = train_and_evaluate(config)
+        top5 = f", top-5 {results['eval_top5']:.2%}" if "eval_top5" in results else ""
+        print(f"done: {config.arch} on {config.dataset}, test top-1 {results['eval_top1']:.2%}{top5} "
+              f"after {results['epoch']} epochs; workdir {config.workdir}")
+        return 0
+
+    return run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

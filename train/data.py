@@ -1,0 +1,205 @@
+"""Datasets that fit in memory, as uint8 NHWC arrays plus the facts the trainer needs about them.
+
+Each source is a function in `SOURCES`; `load_dataset` checks what it returns. A source reads real files
+(or the digits set embedded in scikit-learn), verifies them, and fails with one clear sentence
+(`DataError`) when they are missing, truncated or not what they claim to be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import gzip
+import hashlib
+import importlib.util
+import os
+import struct
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "SOURCES", "load_dataset", "dataset_names"]
+
+
+class DataError(ValueError):
+    """The data cannot be used; the message says which file and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """An image-classification dataset held in host memory.
+
+    Images are uint8 ``(N, H, W, C)``; labels int32 ``(N,)``. ``mean`` and ``std`` are per channel, of the
+    training images scaled to [0, 1], computed from the data when it is loaded. ``flip`` says whether a
+    horizontal flip keeps the label (not for digits); ``crop_padding`` is the padding of the random-crop
+    augmentation in pixels.
+    """
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    flip: bool
+    crop_padding: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def describe(self) -> dict:
+        """What a checkpoint must remember to use the model without the data (prediction)."""
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "image_shape": list(self.image_shape),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "train_examples": int(len(self.train_labels)),
+            "test_examples": int(len(self.test_labels)),
+        }
+
+
+def _with_statistics(data: Dataset) -> Dataset:
+    pixels = data.train_images.reshape(-1, data.train_images.shape[-1]).astype(np.float64) / 255.0
+    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
+    return dataclasses.replace(data, mean=tuple(float(m) for m in mean), std=tuple(float(max(s, 1e-3)) for s in std))
+
+
+def load_digits(data_dir: str | None = None) -> Dataset:
+    """The 1,797 8x8 handwritten digits that ship inside scikit-learn (UCI Optical Recognition of
+    Handwritten Digits, test part), split 80/20 stratified with a fixed seed: 1,437 train, 360 test."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = sklearn_digits()
+    # Pixel values are counts 0..16 of a 4x4 block; scale them to bytes.
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int32)
+    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=360, stratify=labels,
+                                                        random_state=0)
+    return Dataset("digits", train_x, train_y, test_x, test_y, tuple(str(d) for d in range(10)),
+                   flip=False, crop_padding=1)
+
+
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+
+
+def read_idx(path: str, expected_magic: int) -> np.ndarray:
+    """Read one IDX file (gzip-compressed or not): big-endian magic, dimension sizes, then uint8 data."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist.") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path} is truncated or not a gzip file ({error}).") from None
+    if len(raw) < 8:
+        raise DataError(f"{path} is too short to be an IDX file ({len(raw)} bytes).")
+    magic = struct.unpack(">I", raw[:4])[0]
+    if magic != expected_magic:
+        raise DataError(f"{path} has IDX magic {magic}, expected {expected_magic}: not the file its name says.")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    offset, size = 4 + 4 * ndim, int(np.prod(shape))
+    if len(raw) - offset != size:
+        raise DataError(f"{path} is truncated: its header promises {size} bytes of data, it holds {len(raw) - offset}.")
+    return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
+
+
+def recorded_checksums(name: str) -> dict[str, tuple[int, str]]:
+    """File name -> (size, sha256) as tensorflow-datasets records them for ``name``'s download URLs.
+
+    Read from the installed package's ``url_checksums/NAME.txt`` (tab-separated: url, size, sha256, file
+    name) without importing tensorflow-datasets itself.
+    """
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("tensorflow-datasets is not installed; it holds the checksums the data files are checked against.")
+    path = os.path.join(spec.submodule_search_locations[0], "url_checksums", f"{name}.txt")
+    records = {}
+    with open(path) as handle:
+        for line in handle:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) >= 3:
+                file = fields[3] if len(fields) > 3 else fields[0].rsplit("/", 1)[-1]
+                records[file] = (int(fields[1]), fields[2])
+    return records
+
+
+def verify_file(path: str, size: int, sha256: str, what: str) -> None:
+    """Raise `DataError` unless ``path`` has exactly the recorded size and sha256."""
+    actual = os.path.getsize(path)
+    if actual != size:
+        raise DataError(f"{path} has {actual} bytes where {what} has {size}: truncated or another file.")
+    if _sha256(path) != sha256:
+        raise DataError(f"{path} does not match the sha256 recorded for {what}: the file is corrupt.")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_idx(name: str, data_dir: str | None, verify: bool = True) -> Dataset:
+    """MNIST or Fashion-MNIST from the four original IDX .gz files in ``data_dir``."""
+    if not data_dir:
+        raise DataError(f"--dataset {name} reads the original IDX files: pass --data-dir FOLDER holding "
+                        f"{', '.join(IDX_FILES)}.")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is not a folder.")
+    paths = [os.path.join(data_dir, f) for f in IDX_FILES]
+    missing = [f for f, p in zip(IDX_FILES, paths) if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"{data_dir} lacks {', '.join(missing)} of {name}.")
+    if verify:
+        records = recorded_checksums(name)
+        for file, path in zip(IDX_FILES, paths):
+            verify_file(path, *records[file], what=f"{name}'s {file} (tensorflow-datasets' checksum)")
+    train_x, train_y, test_x, test_y = (read_idx(p, 2051 if "images" in p else 2049) for p in paths)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise DataError(f"{data_dir}: image and label counts differ.")
+    classes = FASHION_CLASSES if name == "fashion_mnist" else tuple(str(d) for d in range(10))
+    return Dataset(name, train_x[..., None], train_y.astype(np.int32), test_x[..., None], test_y.astype(np.int32),
+                   classes, flip=name == "fashion_mnist", crop_padding=2)
+
+
+SOURCES: dict[str, Callable[[str | None], Dataset]] = {
+    "digits": load_digits,
+    "mnist": lambda data_dir: load_idx("mnist", data_dir),
+    "fashion_mnist": lambda data_dir: load_idx("fashion_mnist", data_dir),
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(SOURCES)
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    """Load ``name`` from `SOURCES`, check its arrays, and compute its per-channel mean and std."""
+    if name not in SOURCES:
+        close = difflib.get_close_matches(name, SOURCES, n=2)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise DataError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(dataset_names())}.")
+    data = SOURCES[name](data_dir)
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{name}: {split} images must be uint8 NHWC, got {images.dtype} {images.shape}.")
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= data.num_classes:
+            raise DataError(f"{name}: {split} labels must lie in 0..{data.num_classes - 1}.")
+    return _with_statistics(data)

@@ -1,0 +1,95 @@
+"""Using a trained checkpoint without training: finding it, rebuilding its model, scoring and predicting.
+
+Shared by ``python -m train.evaluate`` and ``python -m train.predict``. A checkpoint's ``meta`` item says
+which architecture, classes, input side and normalisation it was trained with, so prediction needs no
+dataset at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import flaxnets
+from train.checkpoint import CheckpointError, Checkpoints
+from train.step import Preprocess
+
+__all__ = ["locate", "load_variables", "predict_images", "read_images"]
+
+
+def locate(path: str, which: str = "latest") -> tuple[str, int]:
+    """``(workdir, step)`` for a workdir (``which``: latest, best or a step number) or a checkpoint folder."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder (give a --workdir of a run, or one of its checkpoints).")
+    if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
+        return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
+    checkpoints = Checkpoints(path, warn=lambda message: None)
+    try:
+        steps = checkpoints.steps()
+        if not steps:
+            raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/STEP).")
+        if which == "latest":
+            return path, steps[-1]
+        if which == "best":
+            best = checkpoints.manager.best_step()
+            return path, best if best is not None else steps[-1]
+        if which.isdigit() and int(which) in steps:
+            return path, int(which)
+        raise CheckpointError(f"{path} has no checkpoint {which!r}; it has latest, best and steps {steps}.")
+    finally:
+        checkpoints.close()
+
+
+def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
+    """The model variables (params and batch_stats) and the meta of checkpoint ``step``."""
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+    except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
+        raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({type(error).__name__}).") from None
+    finally:
+        manager.close()
+    state = restored["state"]
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    return variables, restored["meta"]
+
+
+def read_images(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
+    """Image files as uint8 ``(N, H, W, C)`` in the training data's size and channels (grey or RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    height, width, channels = shape
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                array = np.asarray(image, np.uint8)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} does not exist.") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise CheckpointError(f"{path} is not an image PIL can read ({error}).") from None
+        out.append(array.reshape(height, width, channels))
+    return np.stack(out)
+
+
+def predict_images(variables: dict, meta: dict, images: np.ndarray) -> np.ndarray:
+    """Class probabilities ``(N, classes)`` for uint8 images already in the training data's shape."""
+    dataset = meta["dataset"]
+    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"])
+    preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
+                            augment=False)
+
+    @jax.jit
+    def probabilities(batch):
+        return jax.nn.softmax(model.apply(variables, preprocess(batch, None, train=False), train=False))
+
+    return np.asarray(probabilities(jnp.asarray(images)))

@@ -1,0 +1,63 @@
+"""Optimizers and learning-rate schedules, all Optax, built from the config in units of steps.
+
+Weight decay is the optimizer's own: added to the gradient before momentum for SGD and Adam (PyTorch's
+``weight_decay``), decoupled for AdamW (Loshchilov and Hutter 2019). It applies to kernels only: biases
+and BatchNorm scales and offsets (1-D parameters) are not decayed, as in Goyal et al. 2017, section 5.1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.config import Config
+
+__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+
+
+def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
+    """Learning rate per step: linear warm-up from 0 over ``warmup_epochs``, then the chosen schedule."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    peak = config.lr
+    if config.schedule == "onecycle":
+        # Smith and Topin 2019: warm up to the peak, then anneal far below the start.
+        return optax.cosine_onecycle_schedule(total, peak, pct_start=max(warmup, 1) / total)
+    rest = max(total - warmup, 1)
+    if config.schedule == "constant":
+        main = optax.constant_schedule(peak)
+    elif config.schedule == "cosine":
+        main = optax.cosine_decay_schedule(peak, rest)
+    else:  # step
+        boundaries = {epoch * steps_per_epoch - warmup: config.lr_decay_factor for epoch in config.lr_decay_epochs
+                      if epoch * steps_per_epoch > warmup}
+        main = optax.piecewise_constant_schedule(peak, boundaries)
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
+
+
+def decay_mask(params) -> object:
+    """True for the parameters weight decay applies to: kernels, not biases or normalisation parameters."""
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer (with clipping and weight decay) and its schedule, for `Config.optimizer`."""
+    schedule = make_schedule(config, steps_per_epoch)
+    parts = []
+    if config.clip_grad_norm:
+        parts.append(optax.clip_by_global_norm(config.clip_grad_norm))
+    wd = config.weight_decay
+    if config.optimizer in ("sgd", "nesterov"):
+        if wd:
+            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+        parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.optimizer == "nesterov"))
+    elif config.optimizer == "adam":
+        if wd:
+            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+        parts.append(optax.adam(schedule))
+    else:  # adamw
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+    return optax.chain(*parts), schedule

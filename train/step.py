@@ -1,0 +1,170 @@
+"""The per-device training and evaluation steps: pure functions, the same under shard_map, pmap and jit.
+
+``train_step(state, batch, rng) -> (state, metrics)`` runs on one device's slice of the global batch.
+With ``axis_name`` set it averages gradients over the device axis (`lax.pmean`) and the model's
+BatchNorm layers average their statistics over it (the model is built with ``bn_axis_name``), so the
+update equals the one a single device would make on the whole global batch.
+
+Augmentation happens here, on the device: images arrive as uint8 and are cropped, flipped, resized and
+normalised inside the compiled step. The random numbers of each example come from the step's key folded
+with the example's index in the dataset, so they do not depend on how the batch is split over devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+__all__ = ["TrainState", "Preprocess", "train_step", "eval_step", "cross_entropy"]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree that Orbax saves and restores whole."""
+
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jnp.ndarray  # base key; step k uses fold_in(rng, k)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """uint8 images to model input: augmentation (train only), resize, normalisation, dtype.
+
+    ``crop_padding`` pads with black pixels and crops back at a random offset (the CIFAR recipe of He et
+    al. 2016, section 4.2); ``flip`` mirrors half of the images left-right.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: int  # output side
+    augment: bool = True
+    crop_padding: int = 0
+    flip: bool = False
+    dtype: Any = jnp.float32
+
+    def __call__(self, images: jnp.ndarray, keys: jnp.ndarray | None, *, train: bool) -> jnp.ndarray:
+        x = images.astype(jnp.float32) / 255.0
+        if train and self.augment and keys is not None:
+            x = jax.vmap(self._augment_one)(x, keys)
+        n, h, w, c = x.shape
+        if (h, w) != (self.size, self.size):
+            x = jax.image.resize(x, (n, self.size, self.size, c), "bilinear", antialias=False)
+        x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+        return x.astype(self.dtype)
+
+    def _augment_one(self, image: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
+        crop_key, flip_key = jax.random.split(key)
+        if self.crop_padding:
+            p = self.crop_padding
+            h, w, c = image.shape
+            padded = jnp.pad(image, ((p, p), (p, p), (0, 0)))
+            dy, dx = jax.random.randint(crop_key, (2,), 0, 2 * p + 1)
+            image = lax.dynamic_slice(padded, (dy, dx, 0), (h, w, c))
+        if self.flip:
+            image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
+        return image
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int, smoothing: float = 0.0) -> jnp.ndarray:
+    """Per-example cross-entropy against one-hot labels smoothed as in Szegedy et al. 2016 (section 7)."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _example_keys(rng: jnp.ndarray, step: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
+    step_key = jax.random.fold_in(rng, step)
+    return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jnp.ndarray],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    preprocess: Preprocess,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    aux_loss_weight: float = 0.0,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+    """One optimisation step on this device's ``batch`` (``image`` uint8, ``label``, ``index`` in the dataset).
+
+    Returns the new state and metric sums over the global batch (``loss_sum``, ``correct``, ``count``),
+    so they can be added across steps and divided once.
+    """
+    keys = _example_keys(state.rng, state.step, batch["index"])
+    images = preprocess(batch["image"], keys, train=True)
+    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1 << 30)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats", "aux_logits"],
+                                      rngs={"dropout": dropout_key})
+        losses = cross_entropy(logits, batch["label"], num_classes, label_smoothing)
+        loss = losses.mean()
+        for head in jax.tree_util.tree_leaves(mutated.get("aux_logits", {})):
+            loss = loss + aux_loss_weight * cross_entropy(head, batch["label"], num_classes, label_smoothing).mean()
+        return loss, (logits, losses, mutated.get("batch_stats", state.batch_stats))
+
+    grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss_sum": losses.sum(),
+        "correct": (logits.argmax(-1) == batch["label"]).sum(),
+        "count": jnp.asarray(losses.shape[0]),
+        "grad_norm": optax.global_norm(grads),
+    }
+    if axis_name is not None:
+        metrics = {k: (v if k == "grad_norm" else lax.psum(v, axis_name)) for k, v in metrics.items()}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jnp.ndarray],
+    *,
+    model: nn.Module,
+    preprocess: Preprocess,
+    num_classes: int,
+    axis_name: str | None = None,
+) -> dict[str, jnp.ndarray]:
+    """Metric sums on this device's ``batch``; examples with ``mask == 0`` (padding) count for nothing."""
+    images = preprocess(batch["image"], None, train=False)
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    losses = cross_entropy(logits, batch["label"], num_classes)
+    top5 = lax.top_k(logits, min(5, num_classes))[1]
+    metrics = {
+        "loss_sum": (losses * mask).sum(),
+        "correct": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
+        "correct5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
+        "count": mask.sum(),
+    }
+    if axis_name is not None:
+        metrics = lax.psum(metrics, axis_name)
+    return metrics
+
+
+def bind(step: Callable, **kwargs) -> Callable:
+    """The step with its static configuration fixed, leaving ``(state, batch)``."""
+    return partial(step, **kwargs)
