@@ -26,7 +26,7 @@ from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError
 from train.data import Dataset, load_dataset
 from train.optim import make_optimizer
-from train.parallel import AXIS, make_driver
+from train.parallel import AXIS, host, make_driver
 from train.report import Reporter
 
 __all__ = ["train_and_evaluate", "TrainError", "Run", "build_run", "epoch_order", "initialize_distributed"]
@@ -235,7 +235,7 @@ def evaluate(run: Run, driver, state, test_data) -> dict[str, float]:
     for indices in _eval_indices(len(run.data.test_labels), run.eval_batch_size):
         metrics = driver.evaluate(state, test_data, driver.put_indices(indices))
         sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-    sums = jax.device_get(sums)
+    sums = host(sums)
     count = float(sums["count"])
     out = {"eval_loss": float(sums["loss_sum"]) / count, "eval_top1": float(sums["correct"]) / count}
     if run.data.num_classes > 5:
@@ -358,7 +358,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
 
 def _absorb(pending: list, sums: dict | None, step: int, last_good: int | None, directory: str) -> dict:
     """Fetch the per-step metrics, stop on the first non-finite loss, and add them to the epoch's sums."""
-    values = jax.device_get(pending)
+    values = host(pending)
     first = step - len(values) + 1
     for offset, metrics in enumerate(values):
         if not np.isfinite(metrics["loss_sum"]):

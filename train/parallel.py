@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-__all__ = ["Driver", "make_driver", "AXIS"]
+__all__ = ["Driver", "make_driver", "host", "AXIS"]
 
 AXIS = "batch"
 
@@ -25,6 +25,22 @@ def _gather(data: dict[str, jnp.ndarray], indices: jnp.ndarray) -> dict[str, jnp
     """The examples at ``indices``; negative indices are padding (mask 0, any real example's pixels)."""
     safe = jnp.maximum(indices, 0)
     return {"image": data["image"][safe], "label": data["label"][safe], "index": safe, "mask": indices >= 0}
+
+
+def _mesh(devices) -> jax.sharding.Mesh:
+    # Auto axes: the steps place their collectives themselves; "Explicit" sharding-in-types (the default of
+    # make_mesh) would also differ from what pmap returns and retrace the step once.
+    return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def host(tree: Any) -> Any:
+    """Replicated device values as NumPy, also in a multi-process run (where `jax.device_get` refuses
+    arrays that span other processes' devices: every copy is equal, so the local one is read)."""
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree_util.tree_map(fetch, tree)
 
 
 class Driver:
@@ -41,13 +57,17 @@ class Driver:
         self.local_devices = jax.local_devices()
         self.traces = {"train": 0, "eval": 0}
         if kind == "shard_map":
-            self.mesh = jax.make_mesh((len(self.devices),), (AXIS,))
+            self.mesh = _mesh(self.devices)
             self.replicated = NamedSharding(self.mesh, P())
             self.split = NamedSharding(self.mesh, P(AXIS))
             self._train = jax.jit(self._shard_map(train_step, "train", with_state=True), donate_argnums=0)
             self._eval = jax.jit(self._shard_map(eval_step, "eval", with_state=False))
         elif kind == "pmap":
-            self.mesh = None
+            # pmap runs on this process's devices; inputs are placed there explicitly, since a committed
+            # single-device array is refused rather than moved.
+            self.mesh = _mesh(self.local_devices)
+            self.replicated = NamedSharding(self.mesh, P())
+            self.split = NamedSharding(self.mesh, P(AXIS))
             self._gather = jax.jit(_gather)
             self._train = jax.pmap(self._counted(train_step, "train"), axis_name=AXIS, in_axes=(None, 0),
                                    out_axes=(None, None))
@@ -82,7 +102,7 @@ class Driver:
     def put_replicated(self, tree: Any) -> Any:
         """Copy host arrays (the same in every process) to every device."""
         if self.kind == "pmap":
-            return jax.device_put(tree, self.local_devices[0])
+            return jax.device_put(jax.device_get(tree), self.replicated)
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_callback(np.shape(x), self.replicated, lambda index: np.asarray(x)[index]),
             tree)
@@ -110,7 +130,7 @@ class Driver:
 
     def _split_local(self, batch):
         n = len(self.local_devices)
-        return jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+        return jax.device_put(jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch), self.split)
 
 
 def make_driver(kind: str, train_step: Callable, eval_step: Callable) -> Driver:

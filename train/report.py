@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 import jax
 
+from train.tensorboard import ScalarWriter
+
 __all__ = ["Reporter"]
 
 
@@ -31,9 +33,8 @@ class Reporter:
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-                self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except Exception as error:  # noqa: BLE001 - TensorBoard is a convenience, never a failure
+                self._writer = ScalarWriter(os.path.join(workdir, "tensorboard"))
+            except OSError as error:  # TensorBoard is a convenience, never a failure
                 self.info(f"warning: TensorBoard logging is off ({error}).")
 
     def info(self, message: str) -> None:

@@ -131,7 +131,7 @@ def train_step(
         "loss_sum": losses.sum(),
         "correct": (logits.argmax(-1) == batch["label"]).sum(),
         "count": jnp.asarray(losses.shape[0]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     if axis_name is not None:
         metrics = {k: (v if k == "grad_norm" else lax.psum(v, axis_name)) for k, v in metrics.items()}
