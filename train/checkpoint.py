@@ -57,6 +57,19 @@ class Checkpoints:
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """``(step, meta)`` of the newest checkpoint whose meta can be read, or None when there is none.
+
+        A checkpoint whose meta cannot be read can be neither checked against the run nor resumed: it is
+        moved aside like one whose state cannot be read, and the previous one is tried.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_meta(step)
+            except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
+                self._set_aside(step, error)
+        return None
+
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
         """Restore into the structure of ``target`` (abstract or concrete arrays with shardings).
 

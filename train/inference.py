@@ -48,10 +48,19 @@ def locate(path: str, which: str = "latest") -> tuple[str, int]:
 
 def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
     """The model variables (params and batch_stats) and the meta of checkpoint ``step``."""
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                                   "meta": ocp.JsonCheckpointHandler()},
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        # Onto this process's first device, whatever devices it was saved from: restored as saved, the
+        # checkpoint of a multi-process run names other processes' devices and Orbax refuses it
+        # ("Topology mismatch detected").
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = manager.item_metadata(step)["state"]
+        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                                        getattr(metadata, "tree", metadata))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                  meta=ocp.args.JsonRestore()))
     except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
         raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({type(error).__name__}).") from None

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -271,12 +272,21 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
     total_steps = config.epochs * run.steps_per_epoch
-    reporter = Reporter(workdir, total_steps, stream=stream)
-    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, warn=reporter.info)
+    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
+                              warn=lambda message: print(message, file=stream or sys.stdout, flush=True))
     try:
-        return _train(run, workdir, checkpoints, reporter)
+        # Checked before the Reporter opens its event and metrics files: a workdir of another run is left
+        # exactly as it was. A newest checkpoint whose meta cannot be read is set aside like any unreadable one.
+        latest = checkpoints.latest_meta()
+        if latest is not None:
+            _check_compatible(latest[1], run, workdir)
+        reporter = Reporter(workdir, total_steps, stream=stream)
+        checkpoints.warn = reporter.info
+        try:
+            return _train(run, workdir, checkpoints, reporter)
+        finally:
+            reporter.close()
     finally:
-        reporter.close()
         checkpoints.close()
 
 
@@ -284,11 +294,9 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
     config = run.config
     spec = flaxnets.get_spec(config.arch)
     state = run.init_state()
-    existing = checkpoints.steps()
+    existing = checkpoints.steps()  # compatibility was checked by train_and_evaluate
     if existing:
-        _check_compatible(checkpoints.read_meta(existing[-1]), run, workdir)
-        restored = checkpoints.restore(state)
-        state, meta, saved_step = restored
+        state, meta, saved_step = checkpoints.restore(state)
         reporter.info(f"resuming from {checkpoints.directory}/{saved_step} (epoch {meta['epoch']}, step {saved_step}).")
     start_step = int(state.step)
     if jax.process_index() == 0:
@@ -310,7 +318,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
                   f"device(s) ({driver.kind}), {run.steps_per_epoch} steps per epoch, global batch {config.batch_size}.")
 
     total_steps = config.epochs * run.steps_per_epoch
-    last_good = existing[-1] if existing else None
+    last_good = saved_step if existing else None
     results: dict[str, Any] = {}
     reporter.start(start_step)
     with _SignalFlag() as stop:
