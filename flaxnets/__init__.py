@@ -8,6 +8,7 @@
 
 from flaxnets import layers, models  # noqa: F401  (models registers every architecture)
 from flaxnets.analysis import count_params, min_input_size, summary
+from flaxnets.convert import from_torch, load_pretrained, to_torch
 from flaxnets.layers import BatchNorm, LocalResponseNorm
 from flaxnets.registry import ModelSpec, UnknownModelError, create_model, get_spec, list_models, model_info
 
@@ -20,11 +21,14 @@ __all__ = [
     "UnknownModelError",
     "count_params",
     "create_model",
+    "from_torch",
     "get_spec",
     "layers",
     "list_models",
+    "load_pretrained",
     "min_input_size",
     "model_info",
     "models",
     "summary",
+    "to_torch",
 ]

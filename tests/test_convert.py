@@ -1,0 +1,446 @@
+"""flaxnets.convert: torchvision weights in and out, with numerical parity.
+
+Parity tests build each torchvision model with torchvision's own random initialisation, give every
+BatchNorm random affine parameters and running statistics (torchvision initialises them to 1, 0, 0, 1: the
+values a conversion that lost them would give too), convert, and compare on the same images:
+
+* eval mode: logits;
+* train mode (dropout off on both sides, since the two frameworks draw different masks): logits, GoogLeNet's
+  auxiliary logits, and the running statistics after one forward pass;
+* the way back: ``to_torch(from_torch(sd))`` equals ``sd`` exactly and loads strictly into torchvision.
+
+Errors are relative to the reference's scale: ``max|flax - torch| / max|torch|``, below 1e-4 in float32;
+in train mode, where torch's own float32 result is further than that from its float64 one (ResNet-101 and
+-152: BatchNorm on a small batch amplifies rounding), below twice torch's own error (`torch_float32_error`).
+Inputs are small where the architecture allows (the suite runs on two CPU cores), 224x224 for resnet18 and
+alexnet. VGG-13/19 and the BatchNorm VGG-16/19 are compared by keys and shapes only (each has ~140M
+parameters; VGG-11, VGG-11-BN and VGG-16 run fully and share all conversion code with them).
+Without torch/torchvision these tests skip with the reason; the format and error tests need numpy only.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+import flaxnets
+from flaxnets import convert
+from flaxnets.analysis import abstract_variables
+from flaxnets.models.googlenet import collect_aux_logits
+from reference import torch_or_skip, torchvision_or_skip
+
+TOLERANCE = 1e-4
+SUPPORTED = convert.supported_models()
+
+# Input side per architecture (batch of 2): small where the architecture allows it, and keeping
+# at least 2x2 final maps, so that train-mode BatchNorm sees more than two values per channel.
+SIDES = {
+    "alexnet": 63,
+    "googlenet": 64,
+    "resnet18": 64,
+    "resnet34": 64,
+    "resnet50": 64,
+    "resnet101": 64,
+    "resnet152": 64,
+    "vgg11": 32,
+    "vgg11_bn": 32,
+    "vgg16": 32,
+}
+FULL_SIZE = ("alexnet", "resnet18")
+# torchvision's own constructor arguments; GoogLeNet with its input transform on (as its ImageNet weights are
+# used) and its auxiliary heads, whose outputs are compared too.
+TORCH_KWARGS = {"googlenet": {"init_weights": True, "transform_input": True, "aux_logits": True}}
+FLAX_OVERRIDES = {"googlenet": {"transform_input": True}}
+# GoogLeNet has some 240 differently shaped operations: compiled as a whole it runs 2-3x sooner than op by
+# op. The ResNets repeat a few block shapes, so op by op is quicker than compiling 150 layers.
+JITTED = {"googlenet"}
+
+
+def apply_fn(model, arch: str, **kwargs):
+    apply = functools.partial(model.apply, **kwargs)
+    return jax.jit(apply) if arch in JITTED else apply
+
+
+def rel_err(actual, reference) -> float:
+    actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(actual - reference).max() / np.abs(reference).max())
+
+
+def torch_model(arch: str, seed: int = 0, **kwargs):
+    """torchvision's ``arch`` with its own random initialisation and random BatchNorm parameters and statistics."""
+    torch, torchvision = torchvision_or_skip()
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, flaxnets.get_spec(arch).torchvision)(**{**TORCH_KWARGS.get(arch, {}), **kwargs})
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def no_dropout(torch_module, arch: str) -> dict:
+    """Switch dropout off in the torch model; returns the flaxnets fields that do the same."""
+    torch = torch_or_skip()
+    for module in torch_module.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    fields = flaxnets.create_model(arch, num_classes=10).__dataclass_fields__
+    return {name: 0.0 for name in ("dropout", "aux_dropout") if name in fields}
+
+
+def images(side: int, seed: int = 0) -> np.ndarray:
+    """A batch of 2 NCHW images, roughly ImageNet-normalised."""
+    return np.random.default_rng(seed).standard_normal((2, 3, side, side)).astype(np.float32)
+
+
+def nhwc(x: np.ndarray) -> np.ndarray:
+    return x.transpose(0, 2, 3, 1)
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    return {key: value.detach().numpy().copy() for key, value in model.state_dict().items()}
+
+
+def random_state_dict(arch: str, seed: int = 0, **overrides) -> dict[str, np.ndarray]:
+    """A state_dict of the right keys and shapes with random values, made without torch."""
+    rng = np.random.default_rng(seed)
+    shapes = convert.torch_shapes(arch, **overrides)
+    return {key: rng.standard_normal(shape, dtype=np.float32) for key, shape in shapes.items()}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Keys and shapes: every architecture against torchvision's own state_dict, nothing allocated.
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_keys_and_shapes_match_torchvision(arch):
+    torch, torchvision = torchvision_or_skip()
+    builder = getattr(torchvision.models, flaxnets.get_spec(arch).torchvision)
+    # torchvision's GoogLeNet class has the auxiliary heads, its pretrained model not: both must convert.
+    variants = [{"aux_logits": True}, {"aux_logits": False}] if arch == "googlenet" else [{}]
+    init = {"init_weights": True} if arch == "googlenet" else {}  # GoogLeNet warns without it
+    for fields in variants:
+        with torch.device("meta"):
+            expected = builder(**fields, **init).state_dict()
+        _check_keys(expected, convert.torch_shapes(arch, **fields))
+
+
+def _check_keys(torch_state_dict, shapes):
+    expected = {k: tuple(v.shape) for k, v in torch_state_dict.items() if not k.endswith("num_batches_tracked")}
+    assert shapes == expected
+    # In torchvision's order too, but for GoogLeNet's auxiliary heads: torchvision registers them after
+    # inception5b, flaxnets (like torchvision's forward) calls them after inception4a and 4d.
+    def in_order(keys):
+        return [k for k in keys if not k.startswith(("aux1.", "aux2."))]
+
+    assert in_order(shapes) == in_order(expected)
+
+
+def test_supported_models_are_the_ones_torchvision_has():
+    assert set(SUPPORTED) == {n for n in flaxnets.list_models() if flaxnets.get_spec(n).torchvision}
+    assert {"alexnet", "googlenet", "resnet18", "resnet152", "vgg11", "vgg19_bn"} <= set(SUPPORTED)
+    assert len(SUPPORTED) == 15
+
+
+# ------------------------------------------------------------------------------------------------------
+# Numerical parity
+
+
+@pytest.mark.parametrize("arch", sorted(SIDES))
+def test_matches_torchvision(arch):
+    torch, _ = torchvision_or_skip()
+    reference = torch_model(arch).eval()
+    state_dict = state_dict_numpy(reference)
+    variables = convert.from_torch(arch, reference.state_dict())
+    x = images(SIDES[arch])
+
+    # Eval mode: running statistics, no dropout.
+    model = flaxnets.create_model(arch, num_classes=1000, **FLAX_OVERRIDES.get(arch, {}))
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    eval_err = rel_err(apply_fn(model, arch, train=False)(variables, nhwc(x)), expected)
+    report = f"\n{arch} @{SIDES[arch]}: eval {eval_err:.1e}"
+    assert eval_err < TOLERANCE, report
+
+    # Train mode (BatchNorm models; without BatchNorm and dropout it is eval mode): batch statistics, and
+    # the running statistics they update.
+    if "batch_stats" in variables:
+        fields = no_dropout(reference, arch)
+        model = flaxnets.create_model(arch, num_classes=1000, **FLAX_OVERRIDES.get(arch, {}), **fields)
+        reference.train()
+        with torch.no_grad():
+            outputs = reference(torch.from_numpy(x))
+        train = apply_fn(model, arch, train=True, mutable=["batch_stats", "aux_logits"])
+        logits, mutated = train(variables, nhwc(x))
+        torch_outputs = [outputs.logits, outputs.aux_logits1, outputs.aux_logits2] if arch == "googlenet" else [outputs]
+        train_err = max(rel_err(a, b.numpy()) for a, b in zip([logits, *collect_aux_logits(mutated)], torch_outputs))
+        assert len(collect_aux_logits(mutated)) == len(torch_outputs) - 1
+        torch_stats = convert.from_torch(arch, reference.state_dict())["batch_stats"]
+        stats_err = max_err(mutated["batch_stats"], torch_stats)
+        report += f", train {train_err:.1e}, running stats {stats_err:.1e}"
+
+    # The way back is exact and loads strictly into torchvision (restoring its weights before training).
+    back = convert.to_torch(arch, variables)
+    assert back.keys() == state_dict.keys()
+    for key, value in state_dict.items():
+        if not key.endswith("num_batches_tracked"):
+            assert back[key].dtype == torch.float32 and np.array_equal(back[key].numpy(), value), key
+    reference.load_state_dict(back, strict=True)
+
+    if "batch_stats" in variables and max(train_err, stats_err) >= TOLERANCE:
+        floor = torch_float32_error(arch, reference, x, torch_outputs[0], torch_stats)
+        report += f" (torch float32 vs float64: {floor:.1e})"
+        assert max(train_err, stats_err) < 2 * floor, report
+    print(report)
+
+
+def max_err(actual_tree, reference_tree) -> float:
+    actual, reference = flatten_dict(actual_tree), flatten_dict(reference_tree)
+    assert actual.keys() == reference.keys()
+    return max(rel_err(actual[key], reference[key]) for key in actual)
+
+
+def torch_float32_error(arch, reference, x, logits32, stats32) -> float:
+    """How far torch's own float32 train step (logits and running statistics) is from a float64 one.
+
+    ``reference`` holds the weights from before the float32 step, which gave ``logits32`` and ``stats32``.
+    Deep ResNets in train mode on a small batch amplify float32 rounding through every BatchNorm: ResNet-152's
+    torch float32 logits differ from float64 ones by ~1e-3, so no float32 implementation can match them to 1e-4.
+    Where the 1e-4 check fails, flaxnets must be as close to torch as torch's float32 is to its float64.
+    (In float64, flaxnets and torchvision agree to ~1e-8.) Leaves ``reference`` in float64.
+    """
+    torch = torch_or_skip()
+    with torch.no_grad():
+        logits64 = reference.double().train()(torch.from_numpy(x).double())
+    logits64 = getattr(logits64, "logits", logits64)
+    stats64 = convert.from_torch(arch, reference.state_dict())["batch_stats"]
+    return max(rel_err(logits32.numpy(), logits64.numpy()), max_err(stats32, stats64))
+
+
+@pytest.mark.parametrize("arch", FULL_SIZE)
+def test_matches_torchvision_at_224(arch):
+    torch, _ = torchvision_or_skip()
+    reference = torch_model(arch, seed=1).eval()
+    x = images(224, seed=1)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x)).numpy()
+    model = flaxnets.create_model(arch, num_classes=1000)
+    err = rel_err(model.apply(convert.from_torch(arch, reference.state_dict()), nhwc(x), train=False), expected)
+    print(f"\n{arch} @224: eval {err:.1e}")
+    assert err < TOLERANCE
+
+
+def test_googlenet_without_auxiliary_heads():
+    """torchvision's pretrained GoogLeNet has no auxiliary heads in its state_dict; from_torch follows it.
+    (Its forward pass is the one above: the auxiliary heads do not run in eval mode.)"""
+    torch, _ = torchvision_or_skip()
+    reference = torch_model("googlenet", aux_logits=False).eval()
+    variables = convert.from_torch("googlenet", reference.state_dict())
+    assert "aux1" not in variables["params"] and "inception4a" in variables["params"]
+    shapes = abstract_variables("googlenet", aux_logits=False)
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, {c: shapes[c] for c in variables})
+    reference.load_state_dict(convert.to_torch("googlenet", variables), strict=True)
+
+
+def test_pretrained_overrides():
+    assert convert.pretrained_overrides("googlenet") == {"transform_input": True}
+    assert convert.pretrained_overrides("resnet50") == {}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Errors: one sentence, a ValueError, naming the first key that does not fit.
+
+
+def _error(arch, state_dict) -> str:
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.from_torch(arch, state_dict)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "\n" not in message and message.endswith(".")
+    return message
+
+
+def test_missing_key_is_named():
+    state_dict = random_state_dict("resnet18")
+    del state_dict["layer2.0.bn1.running_var"], state_dict["fc.bias"]
+    message = _error("resnet18", state_dict)
+    assert "'layer2.0.bn1.running_var' is missing" in message and "2 missing" in message
+
+
+def test_unexpected_key_is_named():
+    state_dict = random_state_dict("resnet18")
+    state_dict["layer1.0.conv3.weight"] = np.zeros((64, 64, 1, 1), np.float32)
+    assert "'layer1.0.conv3.weight' is unexpected" in _error("resnet18", state_dict)
+
+
+def test_wrong_architecture_names_the_first_wrong_shape():
+    message = _error("resnet18", {k: np.zeros(s, np.float32) for k, s in convert.torch_shapes("resnet50").items()})
+    assert "'layer1.0.conv1.weight' has shape (64, 64, 1, 1) where resnet18 has (64, 64, 3, 3)" in message
+    message = _error("vgg11", {k: np.zeros(s, np.float32) for k, s in convert.torch_shapes("alexnet").items()})
+    assert "'features.0.weight'" in message
+
+
+def test_num_batches_tracked_is_optional_and_module_prefix_is_stripped():
+    state_dict = random_state_dict("resnet18")
+    with_extras = {f"module.{k}": v for k, v in state_dict.items()}
+    with_extras["module.bn1.num_batches_tracked"] = np.array(5)
+    a, b = convert.from_torch("resnet18", state_dict), convert.from_torch("resnet18", with_extras)
+    assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
+
+
+def test_wrong_variables_are_named_on_the_way_back():
+    variables = convert.from_torch("resnet18", random_state_dict("resnet18"))
+    del variables["batch_stats"]["layer1_1"]
+    with pytest.raises(convert.StateDictMismatchError, match="'batch_stats/layer1_1/bn1/mean' is missing"):
+        convert.to_torch("resnet18", variables, return_numpy=True)
+
+
+def test_architectures_without_torchvision_counterpart_are_refused():
+    with pytest.raises(ValueError, match="no torchvision counterpart.*resnet18"):
+        convert.from_torch("resnet18_cifar", {})
+    with pytest.raises(flaxnets.UnknownModelError, match="resnet18"):
+        convert.from_torch("resnet19", {})
+
+
+# ------------------------------------------------------------------------------------------------------
+# Files and fine-tuning
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_numpy_formats_round_trip(tmp_path, suffix):
+    state_dict = random_state_dict("resnet18")
+    state_dict["bn1.num_batches_tracked"] = np.array(3, np.int64)
+    convert.save_state_dict(state_dict, tmp_path / f"weights{suffix}")
+    loaded = convert.load_state_dict(tmp_path / f"weights{suffix}")
+    assert list(loaded) == list(state_dict)
+    assert all(loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v) for k, v in state_dict.items())
+
+
+def test_safetensors_agree_with_the_reference_implementation(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    arrays = {
+        "a.weight": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "b.half": np.linspace(-1, 1, 5).astype(np.float16),
+        "c.count": np.array(7, np.int64),
+        "d.flag": np.array([True, False]),
+    }
+    convert.save_state_dict(arrays, tmp_path / "ours.safetensors")
+    theirs = safetensors_numpy.load_file(tmp_path / "ours.safetensors")
+    assert theirs.keys() == arrays.keys() and all(np.array_equal(theirs[k], v) for k, v in arrays.items())
+    safetensors_numpy.save_file(arrays, tmp_path / "theirs.safetensors")
+    ours = convert.load_state_dict(tmp_path / "theirs.safetensors")
+    assert ours.keys() == arrays.keys() and all(np.array_equal(ours[k], v) for k, v in arrays.items())
+
+
+def test_unknown_suffix_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        convert.load_state_dict(tmp_path / "weights.h5")
+
+
+def test_pth_files_and_torchvision_reference_checkpoints(tmp_path):
+    torch = torch_or_skip()
+    state_dict = random_state_dict("resnet18")
+    tensors = {k: torch.from_numpy(v) for k, v in state_dict.items()}
+    tensors["fc.weight"] = tensors["fc.weight"].to(torch.bfloat16)  # numpy has no bfloat16: widened on reading
+    torch.save({"model": tensors, "epoch": 3}, tmp_path / "checkpoint.pth")  # torchvision's references/train.py
+    variables = convert.load_pretrained("resnet18", tmp_path / "checkpoint.pth")
+    expected = tensors["fc.weight"].float().numpy().T
+    assert np.array_equal(variables["params"]["fc"]["kernel"], expected)
+    convert.save_state_dict(convert.to_torch("resnet18", variables), tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert torch.equal(back["layer4.1.conv2.weight"], tensors["layer4.1.conv2.weight"])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_load_pretrained_keeps_every_tensor(tmp_path, suffix):
+    state_dict = random_state_dict("resnet18")
+    convert.save_state_dict(state_dict, tmp_path / f"resnet18{suffix}")
+    variables = convert.load_pretrained("resnet18", tmp_path / f"resnet18{suffix}")
+    expected = convert.from_torch("resnet18", state_dict)
+    assert jax.tree.all(jax.tree.map(np.array_equal, variables, expected))
+
+
+def test_load_pretrained_with_a_new_head():
+    state_dict = random_state_dict("resnet18")
+    variables = convert.load_pretrained("resnet18", state_dict, num_classes=10, rng=3)
+    converted = flatten_dict(convert.from_torch("resnet18", state_dict))
+    got = flatten_dict(variables)
+    assert got.keys() == converted.keys()
+    for key, value in got.items():
+        if key[1] == "fc":
+            assert value.shape[-1] == 10
+        else:
+            assert np.array_equal(value, converted[key]), key
+    # The new head is initialised as create_model initialises it (U(+-1/sqrt(fan_in)), zero bias).
+    kernel = np.asarray(got["params", "fc", "kernel"])
+    assert kernel.shape == (512, 10) and 0 < np.abs(kernel).max() <= 1 / np.sqrt(512)
+    assert not np.any(got["params", "fc", "bias"])
+    model = flaxnets.create_model("resnet18", num_classes=10)
+    assert model.apply(variables, np.zeros((2, 64, 64, 3), np.float32), train=False).shape == (2, 10)
+
+
+def test_load_pretrained_googlenet_fills_in_auxiliary_heads():
+    """torchvision's pretrained GoogLeNet lacks (untrained) auxiliary heads; the default model has them."""
+    state_dict = random_state_dict("googlenet", aux_logits=False)
+    variables = convert.load_pretrained("googlenet", state_dict)
+    shapes = abstract_variables("googlenet")
+    assert jax.tree.map(np.shape, variables) == jax.tree.map(np.shape, {c: shapes[c] for c in variables})
+    converted = flatten_dict(convert.from_torch("googlenet", state_dict))
+    for key, value in flatten_dict(variables).items():
+        if key[1] in ("aux1", "aux2"):
+            assert key not in converted and np.all(np.isfinite(value))
+        else:
+            assert np.array_equal(value, converted[key]), key
+    assert np.any(variables["params"]["aux2"]["fc1"]["kernel"])  # initialised, not left at zero
+    without = convert.load_pretrained("googlenet", state_dict, aux_logits=False)
+    assert "aux1" not in without["params"]
+
+
+def test_head_paths_are_the_layers_that_follow_num_classes():
+    """For one architecture of each family: the params whose shape changes with num_classes."""
+    for arch in {flaxnets.get_spec(name).family: name for name in flaxnets.list_models()}.values():
+        params = abstract_variables(arch, num_classes=7)["params"]
+        seven = flatten_dict(params)
+        eleven = flatten_dict(abstract_variables(arch, num_classes=11)["params"])
+        follows = {key for key in seven if seven[key].shape != eleven[key].shape}
+        heads = convert.head_paths(arch)
+        assert follows == {key for key in seven if any(key[: len(h)] == h for h in heads)}, arch
+        mask = flatten_dict(convert.head_mask(arch, params))
+        assert {key for key, is_head in mask.items() if is_head} == follows
+
+
+def test_works_without_torch(tmp_path):
+    """flaxnets imports no torch, and reads .safetensors/.npz and converts where torch cannot be imported."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import flaxnets
+        assert "torch" not in sys.modules, "importing flaxnets imported torch"
+        sys.modules["torch"] = None  # any `import torch` now fails
+        import numpy as np
+        from flaxnets import convert
+        sd = {{k: np.ones(s, np.float32) for k, s in convert.torch_shapes("resnet18").items()}}
+        for suffix in (".safetensors", ".npz"):
+            convert.save_state_dict(sd, r"{tmp_path}/w" + suffix)
+            variables = convert.load_pretrained("resnet18", r"{tmp_path}/w" + suffix)
+            back = convert.to_torch("resnet18", variables, return_numpy=True)
+            assert all(np.array_equal(back[k], v) for k, v in sd.items())
+        try:
+            convert.to_torch("resnet18", variables)
+        except ImportError:
+            print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
