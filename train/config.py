@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Any, Sequence
 
 __all__ = ["Config", "ConfigError", "parse_args"]
@@ -54,6 +55,8 @@ class Config:
     keep_checkpoints: int = 3
     log_every_steps: int = 20
     zero_init_residual: bool = False
+    init_from: str | None = None  # torchvision weights (.pth, .safetensors, .npz) to start from
+    freeze_backbone: bool = False  # train the class layer(s) only; needs init_from
     # Multi-host: JAX's own distributed runtime; None means a single process unless --distributed.
     distributed: bool = False
     coordinator: str | None = None
@@ -89,6 +92,10 @@ class Config:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
             raise ConfigError("--schedule step needs --lr-decay-epochs (e.g. 30,60).")
+        if self.freeze_backbone and not self.init_from:
+            raise ConfigError("--freeze-backbone needs --init-from WEIGHTS: a random backbone is not worth freezing.")
+        if self.init_from and not os.path.isfile(self.init_from):
+            raise ConfigError(f"--init-from {self.init_from} is not a file.")
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs}) must be shorter than --epochs ({self.epochs}).")
         return self
@@ -167,6 +174,8 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--keep-checkpoints", type=int)
     add("--log-every-steps", type=int)
     add("--zero-init-residual", action=argparse.BooleanOptionalAction)
+    add("--init-from", help="start from torchvision weights (.pth, .safetensors, .npz); a new head if classes differ")
+    add("--freeze-backbone", action=argparse.BooleanOptionalAction, help="with --init-from: train the head only")
     add("--distributed", action=argparse.BooleanOptionalAction,
         help="call jax.distributed.initialize() (cluster environment detected, or the three flags below)")
     add("--coordinator", help="host:port of process 0, for multi-process runs")

@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import flaxnets
 from flaxnets.models.googlenet import AUX_LOSS_WEIGHT
@@ -103,6 +105,7 @@ class Run:
     steps_per_epoch: int
     image_side: int
     eval_batch_size: int
+    overrides: dict
 
     def meta(self, epoch: int, position: int) -> dict:
         """What a checkpoint records beside the state."""
@@ -138,7 +141,40 @@ class Run:
             return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                     batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
                                     rng=jax.random.key_data(run_key))
-        return init()
+        state = init()
+        if self.config.init_from:
+            state = self._with_pretrained(state)
+        return state
+
+    def _with_pretrained(self, state: steps.TrainState) -> steps.TrainState:
+        """``state`` with the parameters and statistics of ``--init-from``, a fresh head where classes differ.
+
+        Colour weights on grey images: a first-layer kernel made for 3 input channels is summed over them,
+        which gives the same response to a grey image as the colour network gives to its RGB copy (the
+        usual way to reuse ImageNet weights on MNIST-like data).
+        """
+        from flaxnets.convert import load_pretrained
+
+        variables = load_pretrained(self.config.arch, self.config.init_from, self.data.num_classes,
+                                    rng=self.config.seed, **self.overrides)
+        for name in ("params", "batch_stats"):
+            theirs = flatten_dict(dict(variables.get(name, {})))
+            ours = flatten_dict(jax.tree_util.tree_map(jnp.shape, dict(getattr(state, name))))
+            for key, shape in ours.items():
+                given = np.shape(theirs.get(key))
+                if given == shape:
+                    continue
+                if len(shape) == 4 and given[:2] + given[3:] == shape[:2] + shape[3:] and (given[2], shape[2]) == (3, 1):
+                    theirs[key] = np.asarray(theirs[key]).sum(axis=2, keepdims=True)
+                    continue
+                raise ConfigError(
+                    f"--init-from {self.config.init_from} does not fit this run: {'/'.join(key)} is "
+                    f"{given} in the weights and {shape} here ({self.data.name} images have "
+                    f"{self.data.image_shape[-1]} channel(s) at {self.image_side}x{self.image_side}).")
+            variables[name] = unflatten_dict(theirs)
+        params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+        return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
+                             opt_state=self.tx.init(params))
 
 
 def build_run(config: Config, data: Dataset | None = None, device_count: int | None = None) -> Run:
@@ -165,8 +201,15 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding, flip=data.flip, dtype=dtype)
     tx, schedule = make_optimizer(config, steps_per_epoch)
+    if config.freeze_backbone:
+        from flaxnets.convert import head_mask
+
+        # The class layers train; every other parameter gets a zero update (and no optimizer state).
+        labels = lambda params: jax.tree_util.tree_map(lambda head: "head" if head else "frozen",
+                                                       head_mask(config.arch, params))
+        tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
-    return Run(config, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch)
+    return Run(config, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
 
 
 def _check_compatible(meta: dict, run: Run, directory: str) -> None:
