@@ -305,7 +305,7 @@ def test_init_from_rejects_weights_of_another_shape(digits, tmp_path):
 
 
 def test_bfloat16_computes_in_bf16_and_keeps_float32_state(digits):
-    run = _run(digits, dtype="bfloat16")
+    run = _run(digits, dtype="bfloat16", warmup_epochs=0)
     assert run.preprocess.dtype == jnp.bfloat16 and run.model.dtype == jnp.bfloat16
     state = run.init_state()
     after, metrics = _reference_step(run)(state, {"image": jnp.asarray(digits.train_images[:64]),
