@@ -121,8 +121,9 @@ class Run:
             "config": json.loads(self.config.to_json()),
         }
 
-    def init_state(self) -> steps.TrainState:
-        """Fresh parameters, optimizer state and the run's base key, all from ``config.seed``.
+    def init_state(self, pretrained: bool = True) -> steps.TrainState:
+        """Fresh parameters, optimizer state and the run's base key, all from ``config.seed``; with
+        ``pretrained`` and ``--init-from``, the parameters of those weights instead.
 
         Parameters are drawn with the "rbg" generator: XLA compiles threefry's unrolled rounds once per
         parameter tensor, which made ResNet-18's initialisation compile for 28 s on 2 CPU cores against
@@ -142,7 +143,7 @@ class Run:
                                     batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
                                     rng=jax.random.key_data(run_key))
         state = init()
-        if self.config.init_from:
+        if pretrained and self.config.init_from:
             state = self._with_pretrained(state)
         return state
 
@@ -293,7 +294,7 @@ def evaluate_checkpoint(run: Run, workdir: str, step: int) -> dict[str, float]:
     try:
         meta = checkpoints.read_meta(step)
         _check_compatible(meta, run, workdir)
-        state, _, _ = checkpoints.restore(run.init_state(), step=step)
+        state, _, _ = checkpoints.restore(run.init_state(pretrained=False), step=step)
     finally:
         checkpoints.close()
     driver = make_driver(run.config.parallel, steps.train_step,
@@ -336,8 +337,8 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
 def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter) -> dict[str, Any]:
     config = run.config
     spec = flaxnets.get_spec(config.arch)
-    state = run.init_state()
     existing = checkpoints.steps()  # compatibility was checked by train_and_evaluate
+    state = run.init_state(pretrained=not existing)  # a resume only needs the structure
     if existing:
         state, meta, saved_step = checkpoints.restore(state)
         reporter.info(f"resuming from {checkpoints.directory}/{saved_step} (epoch {meta['epoch']}, step {saved_step}).")
