@@ -1,0 +1,637 @@
+"""The model zoo, tested from the registry: every registered architecture gets every check.
+
+Parameter counts are exact and come from `jax.eval_shape`, so VGG's 138M parameters are never allocated;
+they are compared with counts worked out by hand below from the layer formulas, with torchvision's
+published numbers, and (when torchvision is installed) with torchvision's own models.
+
+Forward passes run at each model's smallest practical input (its minimum size, at least 32) with a batch of
+two. Compiling each model's initialisers costs minutes on two CPU cores (one random-number program per
+parameter), so the forward checks fill variables of the right structure with He-scaled uniform values
+instead, and run the models eagerly, where every distinct layer compiles once and is shared by all the
+models that have it (a ResNet's repeated blocks, the VGG family's convolutions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxnets
+from flaxnets.analysis import abstract_variables, count_params
+from flaxnets.models.googlenet import collect_aux_logits
+from flaxnets.registry import register
+from reference import torchvision_or_skip
+
+MODELS = flaxnets.list_models()
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+BATCH = 2
+
+
+@functools.cache
+def abstract(name: str, **overrides) -> dict:
+    """``model.init``'s variables as shapes, at the architecture's native input and class count."""
+    return abstract_variables(name, **overrides)
+
+
+def param_count(name: str, **overrides) -> int:
+    return count_params(abstract(name, **overrides)["params"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parameter counts by hand
+# --------------------------------------------------------------------------------------------------------
+
+
+def conv(k: int, cin: int, cout: int, bias: bool = True) -> int:
+    """A k x k convolution: one k*k*cin filter per output channel, plus a bias per output channel."""
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+def dense(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def batch_norm(c: int) -> int:
+    """BatchNorm's trainable scale and bias (its running statistics are not parameters)."""
+    return 2 * c
+
+
+def lenet5(bn: bool = False) -> int:
+    # 28x28 input padded by 2 -> 5x5 conv (6 maps, 28x28) -> pool 14x14 -> 5x5 conv (16 maps, 10x10) -> pool 5x5.
+    total = conv(5, 1, 6) + conv(5, 6, 16) + dense(16 * 5 * 5, 120) + dense(120, 84) + dense(84, 10)
+    return total + (batch_norm(6) + batch_norm(16) + batch_norm(120) + batch_norm(84) if bn else 0)
+
+
+def alexnet_paper() -> int:
+    # 227 input: conv1 11x11/4 -> 55, pool -> 27, conv2 -> 27, pool -> 13, conv3-5 -> 13, pool -> 6x6x256.
+    convs = conv(11, 3, 96) + conv(5, 96, 256) + conv(3, 256, 384) + conv(3, 384, 384) + conv(3, 384, 256)
+    return convs + dense(6 * 6 * 256, 4096) + dense(4096, 4096) + dense(4096, 1000)
+
+
+def alexnet_small() -> int:
+    # 32 input: conv1 7x7/2 -> 16, pool -> 8, conv2 -> 8, pool -> 4, conv3-5 -> 4, pool -> 2x2x192.
+    convs = conv(7, 3, 48) + conv(5, 48, 128) + conv(3, 128, 192) + conv(3, 192, 192) + conv(3, 192, 192)
+    return convs + dense(2 * 2 * 192, 512) + dense(512, 512) + dense(512, 10)
+
+
+def nin() -> int:
+    def mlpconv(k, cin, cout):  # a k x k convolution, then two 1x1 convolutions of the same width
+        return conv(k, cin, cout) + 2 * conv(1, cout, cout)
+
+    return mlpconv(11, 3, 96) + mlpconv(5, 96, 256) + mlpconv(3, 256, 384) + mlpconv(3, 384, 1000)
+
+
+# Table 1 of Simonyan and Zisserman: the widths of the 3x3 convolutions of configurations A, B, D and E.
+VGG_CONVS = {
+    "vgg11": (64, 128, 256, 256, 512, 512, 512, 512),
+    "vgg13": (64, 64, 128, 128, 256, 256, 512, 512, 512, 512),
+    "vgg16": (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512),
+    "vgg19": (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512),
+}
+
+
+def vgg(config: str, bn: bool, features: int = 512 * 7 * 7, classes: int = 1000) -> int:
+    total, cin = 0, 3
+    for width in VGG_CONVS[config]:
+        total += conv(3, cin, width) + (batch_norm(width) if bn else 0)  # torchvision keeps the bias with BN
+        cin = width
+    return total + dense(features, 4096) + dense(4096, 4096) + dense(4096, classes)
+
+
+def resnet(stages: tuple[int, ...], bottleneck: bool, stem_kernel: int = 7, classes: int = 1000) -> int:
+    def conv_bn(k, cin, cout):  # convolutions followed by BatchNorm have no bias
+        return conv(k, cin, cout, bias=False) + batch_norm(cout)
+
+    total, cin = conv_bn(stem_kernel, 3, 64), 64
+    for stage, blocks in enumerate(stages):
+        width = 64 * 2**stage
+        cout = 4 * width if bottleneck else width
+        for index in range(blocks):
+            strided = stage > 0 and index == 0
+            if bottleneck:  # 1x1 reduce, 3x3, 1x1 expand
+                total += conv_bn(1, cin, width) + conv_bn(3, width, width) + conv_bn(1, width, cout)
+            else:
+                total += conv_bn(3, cin, width) + conv_bn(3, width, width)
+            if strided or cin != cout:  # projection shortcut
+                total += conv_bn(1, cin, cout)
+            cin = cout
+    return total + dense(cin, classes)
+
+
+# Table 1 of Szegedy et al.: #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj of each Inception module.
+INCEPTION_TABLE = {
+    "3a": (64, 96, 128, 16, 32, 32),
+    "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64),
+    "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64),
+    "4d": (112, 144, 288, 32, 64, 64),
+    "4e": (256, 160, 320, 32, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128),
+    "5b": (384, 192, 384, 48, 128, 128),
+}
+
+
+def googlenet(bn: bool, wide_kernel: int, aux: bool, classes: int = 1000) -> int:
+    """torchvision: BatchNorm and no bias, 3x3 in the "5x5" branch; the paper: biases, a true 5x5."""
+
+    def unit(k, cin, cout):
+        return conv(k, cin, cout, bias=not bn) + (batch_norm(cout) if bn else 0)
+
+    total = unit(7, 3, 64) + unit(1, 64, 64) + unit(3, 64, 192)
+    cin, widths = 192, {}
+    for name, (c1, c3_reduce, c3, c5_reduce, c5, pool_proj) in INCEPTION_TABLE.items():
+        total += unit(1, cin, c1) + unit(1, cin, c3_reduce) + unit(3, c3_reduce, c3)
+        total += unit(1, cin, c5_reduce) + unit(wide_kernel, c5_reduce, c5) + unit(1, cin, pool_proj)
+        cin = widths[name] = c1 + c3 + c5 + pool_proj
+    if aux:  # on 4a and 4d: 4x4 average pool, 128@1x1, dense 128*4*4 -> 1024 -> classes
+        for name in ("4a", "4d"):
+            total += unit(1, widths[name], 128) + dense(128 * 4 * 4, 1024) + dense(1024, classes)
+    return total + dense(cin, classes)
+
+
+RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# Every registered architecture at its native input and usual class count, with its default fields.
+HAND_COUNTS = {
+    "alexnet": conv(11, 3, 64) + conv(5, 64, 192) + conv(3, 192, 384) + conv(3, 384, 256) + conv(3, 256, 256)
+    + dense(6 * 6 * 256, 4096) + dense(4096, 4096) + dense(4096, 1000),
+    "alexnet_paper": alexnet_paper(),
+    "alexnet_small": alexnet_small(),
+    "googlenet": googlenet(bn=True, wide_kernel=3, aux=True),
+    "googlenet_paper": googlenet(bn=False, wide_kernel=5, aux=True),
+    "lenet5": lenet5(),
+    "lenet5_relu": lenet5(),
+    "lenet5_bn": lenet5(bn=True),
+    "nin": nin(),
+    **{f"resnet{d}": resnet(stages, bottleneck=d >= 50) for d, stages in RESNET_STAGES.items()},
+    **{f"resnet{d}_cifar": resnet(RESNET_STAGES[d], d >= 50, stem_kernel=3, classes=10) for d in (18, 34, 50)},
+    **{config: vgg(config, bn=False) for config in VGG_CONVS},
+    **{f"{config}_bn": vgg(config, bn=True) for config in VGG_CONVS},
+    "vgg16_cifar": vgg("vgg16", bn=True, features=512, classes=10),  # 32x32 input: 512x1x1 features
+}
+
+# torchvision's published parameter counts at 1000 classes (DESIGN.md; GoogLeNet without its auxiliary heads).
+PUBLISHED = {
+    "alexnet": 61_100_840,
+    "vgg11": 132_863_336,
+    "vgg11_bn": 132_868_840,
+    "vgg13": 133_047_848,
+    "vgg13_bn": 133_053_736,
+    "vgg16": 138_357_544,
+    "vgg16_bn": 138_365_992,
+    "vgg19": 143_667_240,
+    "vgg19_bn": 143_678_248,
+    "googlenet": 6_624_904,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+}
+TORCHVISION_MODELS = [name for name in MODELS if flaxnets.get_spec(name).torchvision]
+
+
+def test_every_model_is_counted_by_hand():
+    assert set(HAND_COUNTS) == set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_parameter_count_by_hand(name):
+    assert param_count(name) == HAND_COUNTS[name]
+
+
+def test_hand_counts_agree_with_the_numbers_quoted_in_the_docs():
+    # The formulas above against the literal numbers in DESIGN.md and the docstrings.
+    assert HAND_COUNTS["lenet5"] == 61_706  # at 28x28x1 and 10 classes
+    assert HAND_COUNTS["alexnet_paper"] == 62_378_344
+    assert HAND_COUNTS["vgg13_bn"] == 133_053_736
+    assert HAND_COUNTS["googlenet"] == 13_004_888  # with the two auxiliary heads
+    assert googlenet(bn=True, wide_kernel=3, aux=False) == PUBLISHED["googlenet"]
+    for name, published in PUBLISHED.items():
+        if name != "googlenet":
+            assert HAND_COUNTS[name] == published, name
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_parameter_count_equals_torchvision_published(name):
+    spec = flaxnets.get_spec(name)
+    assert spec.params == PUBLISHED[name]
+    assert param_count(name, **spec.reference_overrides) == spec.params
+
+
+def test_published_counts_cover_every_torchvision_model():
+    assert set(TORCHVISION_MODELS) == set(PUBLISHED)
+    assert all(flaxnets.get_spec(name).params is None for name in set(MODELS) - set(PUBLISHED))
+
+
+def test_googlenet_reference_count_excludes_the_auxiliary_heads():
+    with_heads, without = param_count("googlenet"), param_count("googlenet", aux_logits=False)
+    assert (with_heads, without) == (13_004_888, 6_624_904)
+
+
+# (registry name, flaxnets overrides, torchvision keyword arguments)
+TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "googlenet"] + [
+    ("googlenet", {"aux_logits": False}, {"aux_logits": False}),
+    ("googlenet", {"aux_logits": True}, {"aux_logits": True}),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "torchvision_kwargs"), TORCHVISION_CASES,
+                         ids=[f"{n}-{o}" if o else n for n, o, _ in TORCHVISION_CASES])
+def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_kwargs):
+    torch, torchvision = torchvision_or_skip()
+    builder = flaxnets.get_spec(name).torchvision
+    if name == "googlenet":
+        # init_weights=False skips GoogLeNet's initialisation (and the warning that it will change).
+        torchvision_kwargs = {**torchvision_kwargs, "init_weights": False}
+    # On the meta device torch records shapes only: VGG's 138M parameters are not allocated.
+    with torch.device("meta"):
+        reference = torchvision.models.get_model(builder, weights=None, **torchvision_kwargs)
+    theirs = sum(p.numel() for p in reference.parameters())
+    assert param_count(name, **overrides) == theirs
+    if not overrides.get("aux_logits"):  # torchvision's published weights carry no auxiliary heads
+        assert torchvision.models.get_model_weights(builder).DEFAULT.meta["num_params"] == theirs
+
+
+# --------------------------------------------------------------------------------------------------------
+# Smallest input
+# --------------------------------------------------------------------------------------------------------
+
+
+def trace_init(model: nn.Module, side: int, channels: int) -> dict:
+    images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_min_input_size_is_tight(name):
+    spec = flaxnets.get_spec(name)
+    model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
+    smallest = flaxnets.min_input_size(name)
+    assert 1 <= smallest <= spec.input_size
+    trace_init(model, smallest, spec.in_channels)  # fits
+    with pytest.raises(ValueError, match=f"at least {smallest}x{smallest} pixels"):
+        trace_init(model, smallest - 1, spec.in_channels)
+
+
+@pytest.mark.parametrize("name", TORCHVISION_MODELS)
+def test_min_input_size_equals_torchvision_published(name):
+    _, torchvision = torchvision_or_skip()
+    weights = torchvision.models.get_model_weights(flaxnets.get_spec(name).torchvision).DEFAULT
+    assert (flaxnets.min_input_size(name),) * 2 == weights.meta["min_size"]
+
+
+def test_wrong_rank_input_is_a_clear_error():
+    model = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="NHWC"):
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                       jax.ShapeDtypeStruct((28, 28), jnp.float32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Forward passes
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def he_uniform(shape: tuple[int, ...]) -> jax.Array:
+    """Uniform weights with He's variance 2 / fan_in, so activations keep their scale through ReLU stacks.
+
+    Cached by shape: the VGG family shares its 25088x4096 classifier, which then is drawn once.
+    """
+    limit = math.sqrt(6.0 / math.prod(shape[:-1]))
+    values = np.random.default_rng(list(shape)).random(shape, dtype=np.float32)
+    values *= 2 * limit  # in place: the largest of these arrays holds 100M numbers
+    values -= limit
+    return jnp.asarray(values)
+
+
+def init_shapes(model: nn.Module, images: jax.Array) -> dict:
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
+
+
+def random_variables(shapes: dict) -> dict:
+    """Parameters and BatchNorm statistics shaped as ``model.init`` made ``shapes``, filled without compiling it.
+
+    ``init`` also returns what the model sows while initialising (GoogLeNet's auxiliary logits): that is
+    output, not state, and is left out.
+    """
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return he_uniform(leaf.shape)
+        # NumPy constants: jnp.ones would compile one small program per shape.
+        if name in ("scale", "var"):  # BatchNorm starts as the identity
+            return jnp.asarray(np.ones(leaf.shape, leaf.dtype))
+        if name in ("bias", "mean"):
+            return jnp.asarray(np.zeros(leaf.shape, leaf.dtype))
+        raise AssertionError(f"no fill for variable {jax.tree_util.keystr(path)}: teach random_variables")
+
+    state = {collection: shapes[collection] for collection in ("params", "batch_stats") if collection in shapes}
+    return jax.tree_util.tree_map_with_path(fill, state)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_weight_cache():
+    yield
+    he_uniform.cache_clear()
+
+
+def forward_side(name: str) -> int:
+    return max(flaxnets.min_input_size(name), 32)
+
+
+def random_images(name: str) -> jax.Array:
+    side, channels = forward_side(name), flaxnets.get_spec(name).in_channels
+    return jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, side, side, channels), np.float32))
+
+
+def expects_batch_norm(name: str) -> bool:
+    return name.startswith("resnet") or name.endswith("_bn") or name in ("googlenet", "vgg16_cifar")
+
+
+def expects_dropout(name: str) -> bool:
+    return flaxnets.get_spec(name).family in ("alexnet", "vgg", "nin", "googlenet")
+
+
+def is_googlenet(name: str) -> bool:
+    return flaxnets.get_spec(name).family == "googlenet"
+
+
+@dataclasses.dataclass
+class Forward:
+    """One model with variables and a batch of images; applies that several tests need are computed once.
+
+    Models run eagerly: each distinct layer compiles once and is shared by every later call and model (a
+    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ,
+    and eagerly it compiles some 400 small programs (half of all this file compiles, about 30 s on two
+    cores); it runs as one compiled program per kind of apply instead.
+    """
+
+    name: str
+    model: nn.Module
+    variables: dict
+    images: jax.Array
+    init_collections: frozenset[str]  # what ``init`` returned: variables, and anything sown while initialising
+    compiled: bool
+    _programs: dict = dataclasses.field(default_factory=dict)
+    _train: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def writes(self) -> list[str]:
+        """The collections a training step makes writable: BatchNorm statistics, GoogLeNet's auxiliary logits."""
+        return ["batch_stats", "aux_logits"] if is_googlenet(self.name) else ["batch_stats"]
+
+    def apply(self, *, train: bool, mutable=False, rngs=None):
+        if not self.compiled:
+            return self.model.apply(self.variables, self.images, train=train, mutable=mutable, rngs=rngs)
+        kind = (train, tuple(mutable or ()), rngs is not None)
+        if kind not in self._programs:
+            self._programs[kind] = jax.jit(functools.partial(self.model.apply, train=train, mutable=mutable))
+        return self._programs[kind](self.variables, self.images, rngs=rngs)
+
+    @functools.cached_property
+    def eval_logits(self) -> jax.Array:
+        return self.apply(train=False)
+
+    def train(self, seed: int) -> tuple[jax.Array, dict]:
+        """Logits and updated collections of a training apply with dropout rng ``seed``."""
+        if seed not in self._train:
+            self._train[seed] = self.apply(train=True, mutable=self.writes, rngs={"dropout": jax.random.key(seed)})
+        return self._train[seed]
+
+
+# Module scope, so that pytest runs every test of one model before building the next, and only one
+# model's variables (VGG's: 0.5 GB) are alive at a time.
+@pytest.fixture(scope="module", params=MODELS)
+def forward(request) -> Forward:
+    name = request.param
+    model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
+    images = random_images(name)
+    shapes = init_shapes(model, images)
+    return Forward(name, model, random_variables(shapes), images, frozenset(shapes), compiled=is_googlenet(name))
+
+
+def assert_logits(logits):
+    assert logits.shape == (BATCH, NUM_CLASSES)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_eval_logits(forward):
+    assert_logits(forward.eval_logits)
+
+
+def test_eval_is_deterministic_and_writes_nothing(forward):
+    # Evaluation reads the running statistics and leaves them as they were, even when allowed to write.
+    logits, state = forward.apply(train=False, mutable=forward.writes)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(forward.eval_logits))
+    if "batch_stats" in forward.variables:
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state["batch_stats"], forward.variables["batch_stats"])
+    else:
+        assert "batch_stats" not in state
+    assert collect_aux_logits(state) == []  # auxiliary heads only run in training
+
+
+def test_train_logits(forward):
+    logits, updates = forward.train(seed=1)
+    assert_logits(logits)
+    expected = {"batch_stats"} if "batch_stats" in forward.variables else set()
+    assert set(updates) == expected | ({"aux_logits"} if is_googlenet(forward.name) else set())
+
+
+def test_batch_stats_change_only_when_training(forward):
+    assert ("batch_stats" in forward.variables) == expects_batch_norm(forward.name)
+    logits, updates = forward.train(seed=1)
+    if "batch_stats" not in forward.variables:
+        # Nothing to update: train=True needs no mutable collection, and is a function of the rng alone.
+        again = forward.apply(train=True, rngs={"dropout": jax.random.key(1)})
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+        return
+    # Training moves every layer's running mean and variance...
+    old, new = forward.variables["batch_stats"], updates["batch_stats"]
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(old)
+    for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree_util.tree_leaves(new)):
+        assert not np.array_equal(np.asarray(before), np.asarray(after)), jax.tree_util.keystr(path)
+    # ...and normalises with the batch's statistics, so its logits differ from evaluation's.
+    assert not np.allclose(np.asarray(logits), np.asarray(forward.eval_logits))
+    # Training without a writable batch_stats collection is an error, not a silently frozen BatchNorm.
+    with pytest.raises(flax.errors.ModifyScopeVariableError, match="batch_stats"):
+        forward.apply(train=True, rngs={"dropout": jax.random.key(1)})
+
+
+def test_dropout_needs_and_follows_its_rng(forward):
+    first, _ = forward.train(seed=1)
+    if expects_dropout(forward.name):
+        assert not np.allclose(np.asarray(forward.train(seed=2)[0]), np.asarray(first))
+        with pytest.raises(flax.errors.InvalidRngError, match="dropout"):
+            forward.apply(train=True, mutable=forward.writes)
+    else:
+        # No dropout: training needs no rng, and its output cannot depend on one.
+        logits, _ = forward.apply(train=True, mutable=forward.writes)
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(first))
+
+
+def test_auxiliary_logits_only_when_training(forward):
+    if not is_googlenet(forward.name):
+        # Only GoogLeNet sows auxiliary outputs (initialisation runs them too, and returns what they sowed).
+        assert forward.init_collections <= {"params", "batch_stats"}
+        return
+    assert "aux_logits" in forward.init_collections
+    heads = collect_aux_logits(forward.train(seed=1)[1])
+    assert len(heads) == 2
+    for logits in heads:
+        assert_logits(logits)
+    # Evaluation runs no head: see test_eval_is_deterministic_and_writes_nothing.
+
+
+@pytest.mark.parametrize("name", ["googlenet", "googlenet_paper"])
+def test_googlenet_without_auxiliary_heads(name):
+    model = flaxnets.create_model(name, num_classes=NUM_CLASSES, aux_logits=False)
+    images = random_images(name)
+    shapes = init_shapes(model, images)
+    assert set(shapes) <= {"params", "batch_stats"}
+    assert not any(key.startswith("aux") for key in shapes["params"])
+    assert {"aux1", "aux2"} <= set(abstract(name)["params"])  # while the default has both heads
+    # Traced, not run: nothing is sown into aux_logits even in training.
+    apply = functools.partial(model.apply, train=True, mutable=["batch_stats", "aux_logits"])
+    logits, mutated = jax.eval_shape(apply, shapes, images, rngs={"dropout": jax.random.key(1)})
+    assert (logits.shape, logits.dtype) == ((BATCH, NUM_CLASSES), jnp.float32)
+    assert collect_aux_logits(mutated) == []
+
+
+@pytest.mark.parametrize("name", ["lenet5_bn", "alexnet_small"])
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
+    images = random_images(name)
+    full = flaxnets.create_model(name, num_classes=NUM_CLASSES)
+    half = flaxnets.create_model(name, num_classes=NUM_CLASSES, dtype=jnp.bfloat16)
+    shapes = init_shapes(half, images)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    variables = random_variables(init_shapes(full, images))
+    for train in (False, True):
+        kwargs = {"train": train, "mutable": ["batch_stats"], "rngs": {"dropout": jax.random.key(1)}}
+        (low, low_state), (high, _) = half.apply(variables, images, **kwargs), full.apply(variables, images, **kwargs)
+        assert_logits(low)
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(low_state)} <= {jnp.dtype(jnp.float32)}
+        # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal (it really computed in bfloat16).
+        scale = float(np.abs(np.asarray(high)).max())
+        np.testing.assert_allclose(np.asarray(low), np.asarray(high), atol=0.05 * scale, rtol=0)
+        assert not np.array_equal(np.asarray(low), np.asarray(high))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_register_refuses_a_duplicate_name():
+    spec = flaxnets.get_spec("resnet18")
+    with pytest.raises(ValueError, match="already registered"):
+        register(dataclasses.replace(spec, description="an impostor"))
+    assert flaxnets.get_spec("resnet18") is spec
+
+
+@pytest.mark.parametrize("typo", ["resnet81", "resnt18", "ResNet18"])
+def test_unknown_name_suggests_the_close_one(typo):
+    with pytest.raises(flaxnets.UnknownModelError, match="Did you mean 'resnet18'") as caught:
+        flaxnets.create_model(typo, num_classes=NUM_CLASSES)
+    assert "Known models:" in str(caught.value) and "vgg16_bn" in str(caught.value)
+    assert isinstance(caught.value, ValueError)  # callers may catch a plain ValueError
+    with pytest.raises(flaxnets.UnknownModelError):
+        flaxnets.get_spec(typo)
+
+
+def test_list_models_filters_with_a_glob():
+    assert flaxnets.list_models("vgg*_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
+    assert flaxnets.list_models("resnet*_cifar") == ["resnet18_cifar", "resnet34_cifar", "resnet50_cifar"]
+    assert flaxnets.list_models("no_such_net*") == []
+    assert MODELS == sorted(MODELS) and len(MODELS) == 26
+
+
+def test_create_model_names_the_valid_options_for_an_unknown_override():
+    with pytest.raises(ValueError, match="'zero_init_residul'") as caught:
+        flaxnets.create_model("resnet18", num_classes=NUM_CLASSES, zero_init_residul=True)
+    assert "zero_init_residual" in str(caught.value).split("options are")[1]
+    model = flaxnets.create_model("resnet18", num_classes=NUM_CLASSES, zero_init_residual=True)
+    assert model.zero_init_residual and model.num_classes == NUM_CLASSES
+
+
+@pytest.mark.parametrize("num_classes", [0, -3, True, 2.5, None])
+def test_create_model_rejects_a_bad_class_count(num_classes):
+    with pytest.raises(ValueError, match="num_classes"):
+        flaxnets.create_model("lenet5", num_classes=num_classes)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_info(name):
+    info = flaxnets.model_info(name)
+    spec = flaxnets.get_spec(name)
+    assert info["name"] == name and "build" not in info
+    assert info["paper"] and info["description"]
+    assert (info["input_size"], info["in_channels"], info["num_classes"]) == (
+        spec.input_size, spec.in_channels, spec.num_classes)
+    assert info["input_size"] >= flaxnets.min_input_size(name)
+    assert info["params"] == PUBLISHED.get(name)
+    json.dumps(info)  # plain data, ready for JSON
+
+
+# --------------------------------------------------------------------------------------------------------
+# summary and the command line
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_summary(name):
+    printed = []
+    rows = flaxnets.summary(name, print_fn=printed.append)
+    variables = abstract(name)
+    total = count_params(variables["params"])
+    assert sum(row.params for row in rows) == total
+    assert sum(row.state for row in rows) == count_params(variables.get("batch_stats", {}))
+    assert rows[-1].output_shape == (1, flaxnets.get_spec(name).num_classes)
+    text = "\n".join(printed)
+    assert f"total parameters: {total:,}" in text
+    assert all(row.path in text for row in rows)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flaxnets", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_table():
+    result = run_cli("vgg1*")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in flaxnets.list_models("vgg1*"):
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert ("= ref" in row) == (name in PUBLISHED), row
+    assert "!= ref" not in result.stdout
+
+
+@pytest.mark.parametrize("args", [("no_such_net*",), ("summary", "resnt18")], ids=["pattern", "summary"])
+def test_cli_unknown_name_is_one_sentence(args):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == ""
+    if args[0] == "summary":
+        assert "resnet18" in result.stderr
