@@ -232,15 +232,10 @@ def pool_input(hw: tuple[int, int]) -> np.ndarray:
     return normal(hw[0] * 100 + hw[1], (2, *hw, 3))
 
 
-@pytest.mark.parametrize("ceil_mode", [False, True])
-@pytest.mark.parametrize("case", POOL_GEOMETRIES, ids=pool_case_id)
-def test_max_pool_matches_torch(case, ceil_mode):
-    torch = torch_or_skip()
-    hw, window, stride, pad = case
-    x = pool_input(hw)
-    layer = MaxPool(window, stride, pad, ceil_mode)
+def assert_pool_matches(layer, x, torch_pool) -> None:
+    """``layer`` on NHWC ``x`` equals ``torch_pool()`` (NCHW), or both refuse the geometry."""
     try:
-        expected = torch.nn.functional.max_pool2d(to_nchw(x), window, stride, pad, ceil_mode=ceil_mode)
+        expected = torch_pool()
     except RuntimeError:  # torch: "Output size is too small"; here a clear error too
         with pytest.raises(InputTooSmallError):
             run(layer, x)
@@ -248,6 +243,16 @@ def test_max_pool_matches_torch(case, ceil_mode):
     got = run(layer, x)
     assert got.shape == nhwc(expected).shape
     np.testing.assert_allclose(np.asarray(got), nhwc(expected), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+@pytest.mark.parametrize("case", POOL_GEOMETRIES, ids=pool_case_id)
+def test_max_pool_matches_torch(case, ceil_mode):
+    torch = torch_or_skip()
+    hw, window, stride, pad = case
+    x = pool_input(hw)
+    assert_pool_matches(MaxPool(window, stride, pad, ceil_mode), x,
+                        lambda: torch.nn.functional.max_pool2d(to_nchw(x), window, stride, pad, ceil_mode=ceil_mode))
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])
@@ -257,18 +262,9 @@ def test_avg_pool_matches_torch(case, ceil_mode, count_include_pad):
     torch = torch_or_skip()
     hw, window, stride, pad = case
     x = pool_input(hw)
-    layer = AvgPool(window, stride, pad, ceil_mode, count_include_pad)
-    try:
-        expected = torch.nn.functional.avg_pool2d(
-            to_nchw(x), window, stride, pad, ceil_mode=ceil_mode, count_include_pad=count_include_pad
-        )
-    except RuntimeError:  # torch: "Output size is too small"; here a clear error too
-        with pytest.raises(InputTooSmallError):
-            run(layer, x)
-        return
-    got = run(layer, x)
-    assert got.shape == nhwc(expected).shape
-    np.testing.assert_allclose(np.asarray(got), nhwc(expected), atol=1e-6, rtol=0)
+    assert_pool_matches(AvgPool(window, stride, pad, ceil_mode, count_include_pad), x,
+                        lambda: torch.nn.functional.avg_pool2d(to_nchw(x), window, stride, pad, ceil_mode=ceil_mode,
+                                                               count_include_pad=count_include_pad))
 
 
 @pytest.mark.parametrize(
