@@ -4,8 +4,8 @@ Parameter counts are exact and come from `jax.eval_shape`, so VGG's 138M paramet
 they are compared with counts worked out by hand below from the layer formulas, with torchvision's
 published numbers, and (when torchvision is installed) with torchvision's own models.
 
-Forward passes run at each model's smallest practical input (its minimum size, at least 32) with a batch of
-two. Compiling each model's initialisers costs minutes on two CPU cores (one random-number program per
+Forward passes run at each model's smallest practical input (its minimum size, at least 32 pixels; see
+`forward_side`) with a batch of two. Compiling each model's initialisers costs minutes on two CPU cores (one random-number program per
 parameter), so the forward checks fill variables of the right structure with He-scaled uniform values
 instead, and run the models eagerly, where every distinct layer compiles once and is shared by all the
 models that have it (a ResNet's repeated blocks, the VGG family's convolutions).
@@ -48,6 +48,24 @@ def abstract(name: str, **overrides) -> dict:
 
 def param_count(name: str, **overrides) -> int:
     return count_params(abstract(name, **overrides)["params"])
+
+
+def init_shapes(model: nn.Module, images) -> dict:
+    """The variables ``model.init`` makes for ``images`` (an array or a `jax.ShapeDtypeStruct`), as shapes."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
+
+
+@functools.cache
+def zoo_shapes(name: str, side: int) -> dict:
+    """`init_shapes` of the registry's ``name`` as these tests build it, for a batch of images of ``side`` pixels.
+
+    Cached: the smallest-input test and the forward tests trace the same model at the same size when the
+    smallest input is 32 pixels or more.
+    """
+    model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
+    images = jax.ShapeDtypeStruct((BATCH, side, side, flaxnets.get_spec(name).in_channels), jnp.float32)
+    return init_shapes(model, images)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -214,16 +232,30 @@ def test_parameter_count_by_hand(name):
     assert param_count(name) == HAND_COUNTS[name]
 
 
-def test_hand_counts_agree_with_the_numbers_quoted_in_the_docs():
-    # The formulas above against the literal numbers in DESIGN.md and the docstrings.
-    assert HAND_COUNTS["lenet5"] == 61_706  # at 28x28x1 and 10 classes
-    assert HAND_COUNTS["alexnet_paper"] == 62_378_344
-    assert HAND_COUNTS["vgg13_bn"] == 133_053_736
-    assert HAND_COUNTS["googlenet"] == 13_004_888  # with the two auxiliary heads
-    assert googlenet(bn=True, wide_kernel=3, aux=False) == PUBLISHED["googlenet"]
+def test_hand_formulas_give_torchvision_published_counts():
+    # Checks the formulas above, independently of flaxnets.
     for name, published in PUBLISHED.items():
         if name != "googlenet":
             assert HAND_COUNTS[name] == published, name
+    assert googlenet(bn=True, wide_kernel=3, aux=False) == PUBLISHED["googlenet"]
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "count"),
+    [
+        ("vgg13_bn", {}, 133_053_736),
+        ("alexnet_paper", {}, 62_378_344),  # the number AlexNetPaper's docstring quotes
+        ("googlenet", {}, 13_004_888),  # with its two auxiliary heads
+        ("googlenet", {"aux_logits": False}, 6_624_904),  # as torchvision counts its published weights
+    ],
+)
+def test_parameter_counts_quoted_in_the_docs(name, overrides, count):
+    assert param_count(name, **overrides) == count
+
+
+def test_lenet5_count_at_mnist_size():
+    variables = abstract_variables("lenet5", (1, 28, 28, 1), num_classes=10)
+    assert count_params(variables["params"]) == 61_706
 
 
 @pytest.mark.parametrize("name", TORCHVISION_MODELS)
@@ -238,11 +270,6 @@ def test_published_counts_cover_every_torchvision_model():
     assert all(flaxnets.get_spec(name).params is None for name in set(MODELS) - set(PUBLISHED))
 
 
-def test_googlenet_reference_count_excludes_the_auxiliary_heads():
-    with_heads, without = param_count("googlenet"), param_count("googlenet", aux_logits=False)
-    assert (with_heads, without) == (13_004_888, 6_624_904)
-
-
 # (registry name, flaxnets overrides, torchvision keyword arguments)
 TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "googlenet"] + [
     ("googlenet", {"aux_logits": False}, {"aux_logits": False}),
@@ -251,7 +278,7 @@ TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "g
 
 
 @pytest.mark.parametrize(("name", "overrides", "torchvision_kwargs"), TORCHVISION_CASES,
-                         ids=[f"{n}-{o}" if o else n for n, o, _ in TORCHVISION_CASES])
+                         ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o, _ in TORCHVISION_CASES])
 def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_kwargs):
     torch, torchvision = torchvision_or_skip()
     builder = flaxnets.get_spec(name).torchvision
@@ -272,21 +299,13 @@ def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_k
 # --------------------------------------------------------------------------------------------------------
 
 
-def trace_init(model: nn.Module, side: int, channels: int) -> dict:
-    images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_min_input_size_is_tight(name):
-    spec = flaxnets.get_spec(name)
-    model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
     smallest = flaxnets.min_input_size(name)
-    assert 1 <= smallest <= spec.input_size
-    trace_init(model, smallest, spec.in_channels)  # fits
+    assert 1 <= smallest <= flaxnets.get_spec(name).input_size
+    zoo_shapes(name, smallest)  # fits
     with pytest.raises(ValueError, match=f"at least {smallest}x{smallest} pixels"):
-        trace_init(model, smallest - 1, spec.in_channels)
+        zoo_shapes(name, smallest - 1)
 
 
 @pytest.mark.parametrize("name", TORCHVISION_MODELS)
@@ -321,11 +340,6 @@ def he_uniform(shape: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(values)
 
 
-def init_shapes(model: nn.Module, images: jax.Array) -> dict:
-    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-    return jax.eval_shape(functools.partial(model.init, train=False), rngs, images)
-
-
 def random_variables(shapes: dict) -> dict:
     """Parameters and BatchNorm statistics shaped as ``model.init`` made ``shapes``, filled without compiling it.
 
@@ -355,6 +369,13 @@ def _free_weight_cache():
 
 
 def forward_side(name: str) -> int:
+    """The input side of the forward tests: the model's smallest input, and at least 32 pixels.
+
+    The CIFAR ResNets take 8: their blocks then see the 8x8 maps the ImageNet ResNets' blocks see at 32
+    (whose stem divides by four), so the layers compiled for one family serve the other.
+    """
+    if name.startswith("resnet") and name.endswith("_cifar"):
+        return max(flaxnets.min_input_size(name), 8)
     return max(flaxnets.min_input_size(name), 32)
 
 
@@ -379,10 +400,10 @@ def is_googlenet(name: str) -> bool:
 class Forward:
     """One model with variables and a batch of images; applies that several tests need are computed once.
 
-    Models run eagerly: each distinct layer compiles once and is shared by every later call and model (a
-    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ,
-    and eagerly it compiles some 400 small programs (half of all this file compiles, about 30 s on two
-    cores); it runs as one compiled program per kind of apply instead.
+    Models run eagerly: each distinct layer compiles once, and is reused by every later call and model (a
+    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ:
+    eagerly, its two forms compile some 600 small programs, half of all this file compiles; as one
+    program per kind of apply they take half the time on two cores.
     """
 
     name: str
@@ -390,9 +411,8 @@ class Forward:
     variables: dict
     images: jax.Array
     init_collections: frozenset[str]  # what ``init`` returned: variables, and anything sown while initialising
-    compiled: bool
-    _programs: dict = dataclasses.field(default_factory=dict)
     _train: dict = dataclasses.field(default_factory=dict)
+    _programs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def writes(self) -> list[str]:
@@ -400,7 +420,7 @@ class Forward:
         return ["batch_stats", "aux_logits"] if is_googlenet(self.name) else ["batch_stats"]
 
     def apply(self, *, train: bool, mutable=False, rngs=None):
-        if not self.compiled:
+        if not is_googlenet(self.name):
             return self.model.apply(self.variables, self.images, train=train, mutable=mutable, rngs=rngs)
         kind = (train, tuple(mutable or ()), rngs is not None)
         if kind not in self._programs:
@@ -424,9 +444,8 @@ class Forward:
 def forward(request) -> Forward:
     name = request.param
     model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
-    images = random_images(name)
-    shapes = init_shapes(model, images)
-    return Forward(name, model, random_variables(shapes), images, frozenset(shapes), compiled=is_googlenet(name))
+    shapes = zoo_shapes(name, forward_side(name))
+    return Forward(name, model, random_variables(shapes), random_images(name), frozenset(shapes))
 
 
 def assert_logits(logits):
@@ -527,7 +546,8 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
     variables = random_variables(init_shapes(full, images))
     for train in (False, True):
         kwargs = {"train": train, "mutable": ["batch_stats"], "rngs": {"dropout": jax.random.key(1)}}
-        (low, low_state), (high, _) = half.apply(variables, images, **kwargs), full.apply(variables, images, **kwargs)
+        low, low_state = half.apply(variables, images, **kwargs)
+        high, _ = full.apply(variables, images, **kwargs)
         assert_logits(low)
         assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(low_state)} <= {jnp.dtype(jnp.float32)}
         # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal (it really computed in bfloat16).
@@ -562,7 +582,7 @@ def test_list_models_filters_with_a_glob():
     assert flaxnets.list_models("vgg*_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
     assert flaxnets.list_models("resnet*_cifar") == ["resnet18_cifar", "resnet34_cifar", "resnet50_cifar"]
     assert flaxnets.list_models("no_such_net*") == []
-    assert MODELS == sorted(MODELS) and len(MODELS) == 26
+    assert MODELS == sorted(MODELS)
 
 
 def test_create_model_names_the_valid_options_for_an_unknown_override():
@@ -609,6 +629,14 @@ def test_summary(name):
     text = "\n".join(printed)
     assert f"total parameters: {total:,}" in text
     assert all(row.path in text for row in rows)
+
+
+def test_summary_prints_to_stdout_by_default(capsys):
+    rows = flaxnets.summary("lenet5")
+    out = capsys.readouterr().out
+    assert out.startswith("lenet5: input (1, 28, 28, 1)")
+    assert "total parameters: 61,706" in out
+    assert [row.path for row in rows] == ["conv1", "pool1", "conv2", "pool2", "fc1", "fc2", "fc3"]  # in call order
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
