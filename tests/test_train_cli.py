@@ -39,7 +39,7 @@ REF_EPOCHS = 6
 REF_STEPS = REF_EPOCHS * STEPS_PER_EPOCH
 # The one training configuration most tests share (its compiled programs are cached for the session).
 BASE = ("--arch", "lenet5_relu", "--dataset", "digits", "--batch-size", "64", "--schedule", "constant",
-        "--warmup-epochs", "0", "--lr", "0.05", "--seed", "0", "--keep-checkpoints", "10")
+        "--warmup-epochs", "0", "--lr", "0.05", "--seed", "0", "--keep-checkpoints", "10", "--no-plots")
 TIMEOUT = 300  # seconds for any one run: far above what they take, so a hang fails instead of blocking
 
 
@@ -514,7 +514,7 @@ def _bad_input_cases(root: pathlib.Path) -> dict[str, tuple[tuple, int, tuple]]:
     return {
         "unknown_arch": (("--arch", "resnt18"), 1, ("unknown model 'resnt18'", "Did you mean 'resnet18'")),
         "unknown_dataset": (("--dataset", "fashion-mnist"), 1, ("unknown dataset 'fashion-mnist'",
-                                                                 "Did you mean fashion_mnist?")),
+                                                                 "Did you mean fashion_mnist")),
         "fashion_mnist_without_data_dir": (("--dataset", "fashion_mnist"), 1, ("--data-dir",)),
         "missing_idx_files": (("--dataset", "mnist", "--data-dir", missing), 1,
                               (f"{missing} lacks t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz",)),

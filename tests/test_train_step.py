@@ -18,6 +18,7 @@ from train import loop, optim
 from train import step as steps
 from train.config import Config, ConfigError, parse_args
 from train.data import DataError, load_digits, load_idx, read_idx
+from train.feed import eval_indices, make_feed
 from train.parallel import AXIS, host, make_driver
 
 
@@ -81,8 +82,7 @@ def test_eval_scores_every_example_once_with_a_ragged_last_batch(digits):
     state = run.init_state()
     driver = make_driver("shard_map", steps.train_step,
                          steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess, num_classes=10))
-    test = driver.put_replicated({"image": digits.test_images, "label": digits.test_labels})
-    results = loop.evaluate(run, driver, driver.put_replicated(state), test)
+    results = loop.evaluate(run, make_feed(run, driver, with_train=False), driver.put_replicated(state))
     images = run.preprocess(jnp.asarray(digits.test_images), None, train=False)
     logits = run.model.clone(bn_axis_name=None).apply({"params": state.params, "batch_stats": state.batch_stats},
                                                       images, train=False)
@@ -94,7 +94,7 @@ def test_eval_scores_every_example_once_with_a_ragged_last_batch(digits):
 
 
 def test_eval_padding_indices():
-    batches = loop._eval_indices(10, 4)
+    batches = eval_indices(10, 4)
     flat = np.concatenate(batches)
     assert [len(b) for b in batches] == [4, 4, 4]
     assert sorted(flat[flat >= 0].tolist()) == list(range(10)) and (flat < 0).sum() == 2

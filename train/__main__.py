@@ -15,7 +15,7 @@ def main(argv=None) -> int:
         results = train_and_evaluate(config)
         import jax
 
-        if jax.process_index() != 0:  # only process 0 reports (DESIGN: "only process 0 writes logs")
+        if config.lr_find or jax.process_index() != 0:  # the range test printed its own report  # only process 0 reports (DESIGN: "only process 0 writes logs")
             return 0
         top5 = f", top-5 {results['eval_top5']:.2%}" if "eval_top5" in results else ""
         print(f"done: {config.arch} on {config.dataset}, test top-1 {results['eval_top1']:.2%}{top5} "

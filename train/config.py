@@ -19,6 +19,8 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("shard_map", "pmap")
+PIPELINES = ("auto", "memory", "stream")
+CROPS = ("inception", "alexnet")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,13 @@ class Config:
     parallel: str = "shard_map"
     image_size: int | None = None  # resize to this side; default: the data's, raised to the model's minimum
     augment: bool = True  # random crop with padding, plus flips where the dataset allows them
+    # auto: datasets whose training images fit in MEMORY_LIMIT_BYTES live on the devices; larger ones
+    # (ImageNet, big folders) stream through Grain with `workers` processes decoding and augmenting.
+    pipeline: str = "auto"  # auto, memory, stream
+    workers: int = 2  # Grain worker processes of the streamed pipeline (0: decode in this process)
+    crop: str = "inception"  # streamed training crop: inception (random-resized) or alexnet (224 from 256)
+    lighting: float = 0.0  # std of AlexNet's PCA colour noise (the paper uses 0.1); 0 turns it off
+    ten_crop: bool = False  # streamed evaluation: average the softmax of 4 corner + centre crops and mirrors
     seed: int = 0
     checkpoint_every_epochs: int = 1
     keep_checkpoints: int = 3
@@ -62,6 +71,13 @@ class Config:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    plots: bool = True  # curves, confusion matrix, predictions and filters in WORKDIR/plots at the end of a run
+    # --lr-find: a learning-rate range test instead of training (train.lr_find); the rate grows
+    # exponentially from lr_find_start to lr_find_end over lr_find_steps steps.
+    lr_find: bool = False
+    lr_find_steps: int = 200
+    lr_find_start: float = 1e-7
+    lr_find_end: float = 10.0
 
     def validate(self) -> "Config":
         """Raise `ConfigError` for the first setting that cannot work; returns self for chaining."""
@@ -86,8 +102,12 @@ class Config:
             raise ConfigError(f"--image-size must be positive, got {self.image_size}.")
         if not 0 < self.lr_decay_factor <= 1:
             raise ConfigError(f"--lr-decay-factor must be in (0, 1], got {self.lr_decay_factor}.")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"--workers must be a whole number, 0 or more; got {self.workers!r}.")
+        if self.lighting < 0:
+            raise ConfigError(f"--lighting cannot be negative, got {self.lighting}.")
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
-                              ("parallel", PARALLEL)):
+                              ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
@@ -96,6 +116,11 @@ class Config:
             raise ConfigError("--freeze-backbone needs --init-from WEIGHTS: a random backbone is not worth freezing.")
         if self.init_from and not os.path.isfile(self.init_from):
             raise ConfigError(f"--init-from {self.init_from} is not a file.")
+        if not isinstance(self.lr_find_steps, int) or self.lr_find_steps < 10:
+            raise ConfigError(f"--lr-find-steps must be a whole number of at least 10, got {self.lr_find_steps!r}.")
+        if not 0 < self.lr_find_start < self.lr_find_end:
+            raise ConfigError(f"--lr-find-start ({self.lr_find_start}) must be positive and below --lr-find-end "
+                              f"({self.lr_find_end}).")
         if self.warmup_epochs >= self.epochs and self.schedule != "constant":
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs}) must be shorter than --epochs ({self.epochs}).")
         return self
@@ -149,8 +174,10 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     parser.add_argument("--config", help="JSON file of settings; flags given on the command line win")
     add = parser.add_argument
     add("--arch", help="architecture name (python -m flaxnets lists them)")
-    add("--dataset", help="digits (embedded), mnist, fashion_mnist")
-    add("--data-dir", help="folder with the dataset's original files (e.g. the IDX .gz files of Fashion-MNIST)")
+    add("--dataset", help="digits (embedded), mnist, fashion_mnist, cifar10, cifar100, folder, or any "
+        "tensorflow-datasets image-classification name (imagenet2012, imagenette, ...)")
+    add("--data-dir", help="the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders "
+        "(--dataset folder), or where tensorflow-datasets keeps prepared datasets")
     add("--workdir", help="checkpoints, metrics, plots and config go here; rerun to resume")
     add("--epochs", type=int)
     add("--batch-size", type=int, help="global batch, split over all devices")
@@ -169,6 +196,11 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--parallel", choices=PARALLEL)
     add("--image-size", type=int)
     add("--augment", action=argparse.BooleanOptionalAction)
+    add("--pipeline", choices=PIPELINES, help="memory: on the devices; stream: Grain workers; auto: by size")
+    add("--workers", type=int, help="Grain worker processes for a streamed dataset")
+    add("--crop", choices=CROPS, help="streamed training crop: random-resized (inception) or 224-of-256 (alexnet)")
+    add("--lighting", type=float, help="std of AlexNet's PCA colour noise (0.1 in the paper; 0: off)")
+    add("--ten-crop", action=argparse.BooleanOptionalAction, help="streamed evaluation over ten crops")
     add("--seed", type=int)
     add("--checkpoint-every-epochs", type=int)
     add("--keep-checkpoints", type=int)
@@ -181,6 +213,12 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--coordinator", help="host:port of process 0, for multi-process runs")
     add("--num-processes", type=int)
     add("--process-id", type=int)
+    add("--plots", action=argparse.BooleanOptionalAction, help="write WORKDIR/plots/*.png at the end of the run")
+    add("--lr-find", action=argparse.BooleanOptionalAction,
+        help="instead of training, a learning-rate range test: plot of loss vs rate and a suggested --lr")
+    add("--lr-find-steps", type=int, help="steps of the range test")
+    add("--lr-find-start", type=float, help="first rate of the range test")
+    add("--lr-find-end", type=float, help="last rate of the range test (it stops earlier if the loss diverges)")
     parser.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
     parser.epilog = f"Defaults: {json.dumps({k: v for k, v in dataclasses.asdict(defaults).items() if v is not None})}"
     return parser

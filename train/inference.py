@@ -71,22 +71,34 @@ def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
     return variables, restored["meta"]
 
 
-def read_images(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
-    """Image files as uint8 ``(N, H, W, C)`` in the training data's size and channels (grey or RGB)."""
+def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None = None) -> np.ndarray:
+    """Image files as uint8 ``(N, H, W, C)`` in the training data's size and channels (grey or RGB).
+
+    A model trained on images of varying size (a streamed dataset, whose recorded shape is 0x0) sees each
+    file as evaluation did: the shorter side resized to 256/224 of ``side``, then the centre crop.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    from train.data.sources import decode_image
+    from train.data.stream import center_crop, resize_shorter
+
     height, width, channels = shape
+    if not (height and width) and not side:
+        raise CheckpointError("the checkpoint records neither an image shape nor an input side.")
     out = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-                array = np.asarray(image, np.uint8)
+            array = decode_image(path, channels)
         except FileNotFoundError:
             raise CheckpointError(f"{path} does not exist.") from None
-        except (UnidentifiedImageError, OSError) as error:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CheckpointError(f"{path} is not an image PIL can read ({error}).") from None
-        out.append(array.reshape(height, width, channels))
+        if height and width:
+            pil = Image.fromarray(array[..., 0] if channels == 1 else array)
+            array = np.asarray(pil.resize((width, height), Image.BILINEAR), np.uint8).reshape(height, width, channels)
+        else:
+            array = center_crop(resize_shorter(array, round(side * 256 / 224)), side)
+        out.append(array)
     return np.stack(out)
 
 

@@ -27,7 +27,8 @@ from flaxnets.models.googlenet import AUX_LOSS_WEIGHT
 from train import step as steps
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError
-from train.data import Dataset, load_dataset
+from train.data import Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_dataset
+from train.feed import make_feed
 from train.optim import make_optimizer
 from train.parallel import AXIS, host, make_driver
 from train.report import Reporter
@@ -75,13 +76,9 @@ def enable_compilation_cache() -> str | None:
     return folder
 
 
-def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
-    """The permutation of the training set for ``epoch``: identical in every process and on every resume."""
-    return np.random.default_rng([seed, epoch]).permutation(size).astype(np.int32)
-
-
-def image_side(config: Config, data: Dataset, arch: str) -> int:
-    """The side images are resized to: --image-size, or the data's own, raised to the model's minimum."""
+def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
+    """The side images are resized to: --image-size, or the data's own (the architecture's native input
+    size for images of varying size), raised to the model's minimum."""
     smallest = flaxnets.min_input_size(arch, in_channels=data.image_shape[-1])
     if config.image_size is not None:
         if config.image_size < smallest:
@@ -89,6 +86,8 @@ def image_side(config: Config, data: Dataset, arch: str) -> int:
                               f"{smallest}x{smallest} pixels.")
         return config.image_size
     height, width = data.image_shape[:2]
+    if height is None or width is None:
+        return max(flaxnets.get_spec(arch).input_size, smallest)
     return max(height, width, smallest)
 
 
@@ -97,7 +96,7 @@ class Run:
     """The pieces of a run that do not change while it trains (built by `build_run`)."""
 
     config: Config
-    data: Dataset
+    data: Dataset | Streamed
     model: Any
     tx: Any
     schedule: Any
@@ -180,15 +179,22 @@ class Run:
 
 def build_run(config: Config, data: Dataset | None = None, device_count: int | None = None) -> Run:
     """Check the config against the data, the architecture and the devices; build model and optimizer."""
-    data = data or load_dataset(config.dataset, config.data_dir)
     spec = flaxnets.get_spec(config.arch)
     device_count = device_count or jax.device_count()
     if config.batch_size % device_count:
         raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {device_count} devices; "
                           f"use a multiple of {device_count}.")
-    steps_per_epoch = len(data.train_labels) // config.batch_size
+    data = data or load_dataset(config.dataset, config.data_dir)
+    side = image_side(config, data, config.arch)
+    data = fit_in_memory(data, side, config.pipeline)
+    if isinstance(data, Streamed):
+        data = ensure_statistics(data, config.data_dir)
+    elif config.ten_crop:
+        raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
+                          "(--pipeline stream streams it).")
+    steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(data.train_labels)} training "
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
                           f"examples of {data.name}.")
     overrides = {}
     if config.zero_init_residual:
@@ -198,9 +204,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
                                   **overrides)
-    side = image_side(config, data, config.arch)
+    in_memory = isinstance(data, Dataset)  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
-                                  crop_padding=data.crop_padding, flip=data.flip, dtype=dtype)
+                                  crop_padding=data.crop_padding if in_memory else 0, flip=data.flip and in_memory,
+                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec)
     tx, schedule = make_optimizer(config, steps_per_epoch)
     if config.freeze_backbone:
         from flaxnets.convert import head_mask
@@ -242,13 +249,6 @@ def _save_config(run: Run, workdir: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _eval_indices(size: int, batch: int) -> list[np.ndarray]:
-    """Every example once, the last batch padded with -1 (masked out) instead of dropped."""
-    padded = np.full(math.ceil(size / batch) * batch, -1, np.int32)
-    padded[:size] = np.arange(size, dtype=np.int32)
-    return list(padded.reshape(-1, batch))
-
-
 class _SignalFlag:
     """The first SIGINT/SIGTERM asks the loop to checkpoint and stop; handlers are restored on exit."""
 
@@ -274,13 +274,9 @@ class _SignalFlag:
             signal.signal(signum, handler)
 
 
-def evaluate(run: Run, driver, state, test_data) -> dict[str, float]:
+def evaluate(run: Run, feed, state) -> dict[str, float]:
     """Loss, top-1 and top-5 over every test example."""
-    sums = None
-    for indices in _eval_indices(len(run.data.test_labels), run.eval_batch_size):
-        metrics = driver.evaluate(state, test_data, driver.put_indices(indices))
-        sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
-    sums = host(sums)
+    sums = feed.evaluate(state)
     count = float(sums["count"])
     out = {"eval_loss": float(sums["loss_sum"]) / count, "eval_top1": float(sums["correct"]) / count}
     if run.data.num_classes > 5:
@@ -300,8 +296,7 @@ def evaluate_checkpoint(run: Run, workdir: str, step: int) -> dict[str, float]:
     driver = make_driver(run.config.parallel, steps.train_step,
                          steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess,
                                     num_classes=run.data.num_classes))
-    test_data = driver.put_replicated({"image": run.data.test_images, "label": run.data.test_labels})
-    return evaluate(run, driver, driver.put_replicated(state), test_data)
+    return evaluate(run, make_feed(run, driver, with_train=False), driver.put_replicated(state))
 
 
 def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
@@ -311,6 +306,10 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
     with one sentence for the user, and `Interrupted` after checkpointing on SIGINT/SIGTERM.
     """
     enable_compilation_cache()
+    if config.lr_find:  # a range test from a copy of the initial state; the run itself is not touched
+        from train.lr_find import lr_find
+
+        return lr_find(config, stream=stream)
     run = build_run(config)
     workdir = os.path.abspath(config.workdir)
     if jax.process_index() == 0:
@@ -354,8 +353,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
                    aux_loss_weight=aux_weight),
         steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess, num_classes=run.data.num_classes),
     )
-    train_data = driver.put_replicated({"image": run.data.train_images, "label": run.data.train_labels})
-    test_data = driver.put_replicated({"image": run.data.test_images, "label": run.data.test_labels})
+    feed = make_feed(run, driver)
     state = driver.put_replicated(state)
     reporter.info(f"{config.arch} on {run.data.name}: {flaxnets.count_params(state.params):,} parameters, "
                   f"{run.image_side}x{run.image_side}x{run.data.image_shape[-1]} input, {driver.device_count} "
@@ -369,12 +367,10 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
         step = start_step
         while step < total_steps:
             epoch, position = divmod(step, run.steps_per_epoch)
-            order = epoch_order(config.seed, epoch, len(run.data.train_labels))
             pending, sums, started = [], None, time.perf_counter()
             epoch_examples = 0
-            for position in range(position, run.steps_per_epoch):
-                batch = order[position * config.batch_size:(position + 1) * config.batch_size]
-                state, metrics = driver.train(state, train_data, driver.put_indices(batch))
+            for position, inputs in enumerate(feed.batches(epoch, position), start=position):
+                state, metrics = feed.train(state, inputs)
                 pending.append(metrics)
                 step += 1
                 epoch_examples += config.batch_size
@@ -394,7 +390,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
             epoch_time = time.perf_counter() - started
             results = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
                        "train_loss": sums["loss_sum"] / sums["count"], "train_top1": sums["correct"] / sums["count"],
-                       **evaluate(run, driver, state, test_data),
+                       **evaluate(run, feed, state),
                        "images_per_sec": epoch_examples / epoch_time, "epoch_time_s": epoch_time}
             reporter.record(results)
             reporter.info(_epoch_line(results, config.epochs))
@@ -403,9 +399,25 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
                 last_good = step
     if not results:
         reporter.info(f"{workdir} already holds a run of {config.epochs} epochs (step {start_step}); scoring it.")
-        results = {"epoch": config.epochs, "step": start_step, **evaluate(run, driver, state, test_data)}
+        results = {"epoch": config.epochs, "step": start_step, **evaluate(run, feed, state)}
     results["traces"] = dict(driver.traces)
+    if config.plots and jax.process_index() == 0:
+        _write_plots(run, workdir, state, results["epoch"], reporter)
     return results
+
+
+def _write_plots(run: Run, workdir: str, state, epoch: int, reporter: Reporter) -> None:
+    """The run's plots into WORKDIR/plots (`train.plots`); a failure to plot is a warning, never the end of a run."""
+    try:
+        from train.plots import write_run_plots
+
+        variables = host({"params": state.params, "batch_stats": state.batch_stats})
+        written = write_run_plots(workdir, variables, run.meta(epoch, 0), run.data, schedule=run.schedule,
+                                  warn=reporter.info)
+        if written:
+            reporter.info(f"plots: {', '.join(os.path.relpath(path, workdir) for path in written)} in {workdir}")
+    except Exception as error:  # noqa: BLE001 - plots are never worth losing a trained model over
+        reporter.info(f"warning: no plots ({type(error).__name__}: {error}).")
 
 
 def _absorb(pending: list, sums: dict | None, step: int, last_good: int | None, directory: str) -> dict:

@@ -1,9 +1,10 @@
 """Running the per-device step over every device: `jax.shard_map` over a mesh (default) or `jax.pmap`.
 
-Both drivers take the global batch as dataset indices, gather the examples from the device-resident
-dataset, split them evenly over the devices, and return replicated state and summed metrics. In a
-multi-process run the mesh spans every process's devices; each process feeds only the rows of the
-global batch that belong to its own devices.
+Both drivers take the global batch either as dataset indices, gathering the examples from the
+device-resident dataset (`Driver.train`, `Driver.evaluate`), or as examples read by the host
+(`Driver.train_batch`, `Driver.evaluate_batch`, for streamed datasets); they split it evenly over the
+devices and return replicated state and summed metrics. In a multi-process run the mesh spans every
+process's devices; each process feeds only the rows of the global batch that belong to its own devices.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Driver:
             self.split = NamedSharding(self.mesh, P(AXIS))
             self._train = jax.jit(self._shard_map(train_step, "train", with_state=True), donate_argnums=0)
             self._eval = jax.jit(self._shard_map(eval_step, "eval", with_state=False))
+            self._train_batch = jax.jit(self._shard_map_batch(train_step, "train", with_state=True), donate_argnums=0)
+            self._eval_batch = jax.jit(self._shard_map_batch(eval_step, "eval", with_state=False))
         elif kind == "pmap":
             # pmap runs on this process's devices; inputs are placed there explicitly, since a committed
             # single-device array is refused rather than moved.
@@ -98,6 +101,11 @@ class Driver:
         return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=out_specs,
                              check_vma=False)
 
+    def _shard_map_batch(self, fn: Callable, name: str, with_state: bool) -> Callable:
+        out_specs = (P(), P()) if with_state else P()
+        return jax.shard_map(self._counted(fn, name), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
+                             check_vma=False)
+
     # -- placement -------------------------------------------------------------------------------------
     def put_replicated(self, tree: Any) -> Any:
         """Copy host arrays (the same in every process) to every device."""
@@ -117,6 +125,13 @@ class Driver:
             return indices[first:first + per_device * len(self.local_devices)]
         return jax.make_array_from_callback(indices.shape, self.split, lambda index: indices[index])
 
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        """This process's rows of a global batch read on the host, split over the devices (asynchronously)."""
+        if self.kind == "pmap":
+            return self._split_local(batch)
+        return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(self.split, np.asarray(x)),
+                                      batch)
+
     # -- steps ---------------------------------------------------------------------------------------
     def train(self, state, data, indices):
         if self.kind == "pmap":
@@ -127,6 +142,18 @@ class Driver:
         if self.kind == "pmap":
             return self._eval(state, self._split_local(self._gather(data, jnp.asarray(indices))))
         return self._eval(state, data, indices)
+
+    def train_batch(self, state, batch):
+        """A train step on a batch placed by `put_batch` (keys image, label, index)."""
+        if self.kind == "pmap":
+            return self._train(state, batch)
+        return self._train_batch(state, batch)
+
+    def evaluate_batch(self, state, batch):
+        """Eval metrics of a batch placed by `put_batch` (keys image, label, index, mask)."""
+        if self.kind == "pmap":
+            return self._eval(state, batch)
+        return self._eval_batch(state, batch)
 
     def _split_local(self, batch):
         n = len(self.local_devices)

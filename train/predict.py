@@ -28,7 +28,8 @@ def main(argv=None) -> int:
         workdir, step = locate(args.workdir, args.checkpoint)
         variables, meta = load_variables(workdir, step)
         dataset = meta["dataset"]
-        probabilities = predict_images(variables, meta, read_images(args.images, tuple(dataset["image_shape"])))
+        probabilities = predict_images(variables, meta, read_images(args.images, tuple(dataset["image_shape"]),
+                                                                     side=meta["image_side"]))
         names = dataset["class_names"]
         for path, row in zip(args.images, probabilities):
             best = row.argsort()[::-1][: args.top_k]

@@ -42,7 +42,10 @@ class Preprocess:
     """uint8 images to model input: augmentation (train only), resize, normalisation, dtype.
 
     ``crop_padding`` pads with black pixels and crops back at a random offset (the CIFAR recipe of He et
-    al. 2016, section 4.2); ``flip`` mirrors half of the images left-right.
+    al. 2016, section 4.2); ``flip`` mirrors half of the images left-right. ``lighting`` is the standard
+    deviation of AlexNet's PCA colour noise (Krizhevsky et al. 2012, section 4.1; 0.1 in the paper): each
+    training image gets ``eigvec @ (alpha * eigval)`` added to every pixel, ``alpha ~ N(0, lighting)`` per
+    image and component, with the eigen-decomposition of the training pixels' covariance at [0, 1] scale.
     """
 
     mean: tuple[float, ...]
@@ -52,6 +55,9 @@ class Preprocess:
     crop_padding: int = 0
     flip: bool = False
     dtype: Any = jnp.float32
+    lighting: float = 0.0
+    eigval: tuple[float, ...] = ()
+    eigvec: tuple[tuple[float, ...], ...] = ()
 
     def __call__(self, images: jnp.ndarray, keys: jnp.ndarray | None, *, train: bool) -> jnp.ndarray:
         x = images.astype(jnp.float32) / 255.0
@@ -65,6 +71,8 @@ class Preprocess:
 
     def _augment_one(self, image: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
         crop_key, flip_key = jax.random.split(key)
+        if self.lighting and self.eigval:
+            image = image + self.colour_noise(jax.random.fold_in(key, 2))
         if self.crop_padding:
             p = self.crop_padding
             h, w, c = image.shape
@@ -74,6 +82,12 @@ class Preprocess:
         if self.flip:
             image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
         return image
+
+
+    def colour_noise(self, key: jnp.ndarray) -> jnp.ndarray:
+        """One image's PCA colour offset, a vector of one value per channel."""
+        alpha = self.lighting * jax.random.normal(key, (len(self.eigval),))
+        return jnp.asarray(self.eigvec, jnp.float32) @ (alpha * jnp.asarray(self.eigval, jnp.float32))
 
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int, smoothing: float = 0.0) -> jnp.ndarray:
@@ -148,9 +162,21 @@ def eval_step(
     num_classes: int,
     axis_name: str | None = None,
 ) -> dict[str, jnp.ndarray]:
-    """Metric sums on this device's ``batch``; examples with ``mask == 0`` (padding) count for nothing."""
-    images = preprocess(batch["image"], None, train=False)
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, images, train=False)
+    """Metric sums on this device's ``batch``; examples with ``mask == 0`` (padding) count for nothing.
+
+    Images of shape ``(N, K, H, W, C)`` are K views of each example (ten-crop evaluation): the prediction
+    is the mean of their softmax outputs, and the loss that of the mean.
+    """
+    images = batch["image"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    if images.ndim == 5:
+        n, views = images.shape[:2]
+        logits = model.apply(variables, preprocess(images.reshape((n * views,) + images.shape[2:]), None, train=False),
+                             train=False)
+        probabilities = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, views, -1).mean(axis=1)
+        logits = jnp.log(jnp.maximum(probabilities, 1e-30))
+    else:
+        logits = model.apply(variables, preprocess(images, None, train=False), train=False)
     mask = batch["mask"].astype(jnp.float32)
     losses = cross_entropy(logits, batch["label"], num_classes)
     top5 = lax.top_k(logits, min(5, num_classes))[1]

@@ -1,24 +1,22 @@
-"""Datasets that fit in memory, as uint8 NHWC arrays plus the facts the trainer needs about them.
+"""Datasets that fit in memory, as uint8 NHWC arrays plus the facts the trainer needs about them, and the
+readers of the original MNIST-style files and of the digits embedded in scikit-learn.
 
-Each source is a function in `SOURCES`; `load_dataset` checks what it returns. A source reads real files
-(or the digits set embedded in scikit-learn), verifies them, and fails with one clear sentence
-(`DataError`) when they are missing, truncated or not what they claim to be.
+A source reads real files, verifies them, and fails with one clear sentence (`DataError`) when they are
+missing, truncated or not what they claim to be.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import gzip
 import hashlib
 import importlib.util
 import os
 import struct
-from typing import Callable
-
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "SOURCES", "load_dataset", "dataset_names"]
+__all__ = ["DataError", "Dataset", "with_statistics", "load_digits", "load_idx", "read_idx", "recorded_checksums",
+           "verify_file", "FASHION_CLASSES", "IDX_FILES"]
 
 
 class DataError(ValueError):
@@ -45,10 +43,20 @@ class Dataset:
     crop_padding: int
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    eigval: tuple[float, ...] = ()
+    eigvec: tuple[tuple[float, ...], ...] = ()
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_labels)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -62,15 +70,19 @@ class Dataset:
             "image_shape": list(self.image_shape),
             "mean": list(self.mean),
             "std": list(self.std),
+            "eigval": list(self.eigval),
+            "eigvec": [list(row) for row in self.eigvec],
             "train_examples": int(len(self.train_labels)),
             "test_examples": int(len(self.test_labels)),
         }
 
 
-def _with_statistics(data: Dataset) -> Dataset:
-    pixels = data.train_images.reshape(-1, data.train_images.shape[-1]).astype(np.float64) / 255.0
-    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
-    return dataclasses.replace(data, mean=tuple(float(m) for m in mean), std=tuple(float(max(s, 1e-3)) for s in std))
+def with_statistics(data: Dataset) -> Dataset:
+    """``data`` with the per-channel mean and std and the colour PCA of its training images (see `stats`)."""
+    from train.data.stats import pixel_statistics
+
+    stats = pixel_statistics(data.train_images)
+    return dataclasses.replace(data, **stats)
 
 
 def _package_file(package: str, *parts: str) -> str:
@@ -187,30 +199,3 @@ def load_idx(name: str, data_dir: str | None, verify: bool = True) -> Dataset:
     classes = FASHION_CLASSES if name == "fashion_mnist" else tuple(str(d) for d in range(10))
     return Dataset(name, train_x[..., None], train_y.astype(np.int32), test_x[..., None], test_y.astype(np.int32),
                    classes, flip=name == "fashion_mnist", crop_padding=2)
-
-
-SOURCES: dict[str, Callable[[str | None], Dataset]] = {
-    "digits": load_digits,
-    "mnist": lambda data_dir: load_idx("mnist", data_dir),
-    "fashion_mnist": lambda data_dir: load_idx("fashion_mnist", data_dir),
-}
-
-
-def dataset_names() -> list[str]:
-    return sorted(SOURCES)
-
-
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """Load ``name`` from `SOURCES`, check its arrays, and compute its per-channel mean and std."""
-    if name not in SOURCES:
-        close = difflib.get_close_matches(name, SOURCES, n=2)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        raise DataError(f"unknown dataset {name!r}.{hint} Known datasets: {', '.join(dataset_names())}.")
-    data = SOURCES[name](data_dir)
-    for split in ("train", "test"):
-        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise DataError(f"{name}: {split} images must be uint8 NHWC, got {images.dtype} {images.shape}.")
-        if len(labels) == 0 or labels.min() < 0 or labels.max() >= data.num_classes:
-            raise DataError(f"{name}: {split} labels must lie in 0..{data.num_classes - 1}.")
-    return _with_statistics(data)

@@ -1,0 +1,257 @@
+"""Datasets by name: the embedded digits, the original files of MNIST, Fashion-MNIST and CIFAR, any
+tensorflow-datasets image-classification dataset, and folders of images.
+
+`load_dataset` returns a `Dataset` (uint8 arrays in memory) or a `Streamed` dataset (random-access sources
+read through Grain); `fit_in_memory` decides, for a given input side, whether a streamed one is small
+enough to hold in memory, where it is shuffled and augmented on the devices.
+
+Names:
+
+- ``digits``: scikit-learn's bundled 8x8 digits, always available offline.
+- ``mnist``, ``fashion_mnist``: the four IDX .gz files in ``--data-dir`` when it holds them (checked
+  against tensorflow-datasets' SHA-256), else the tensorflow-datasets copy.
+- ``cifar10``, ``cifar100``: the original tarballs or batches in ``--data-dir`` when it holds them, else the
+  tensorflow-datasets copy.
+- ``folder``: ``--data-dir`` holds one sub-folder per class (like torchvision's ImageFolder), or ``train/``
+  and ``val/`` (or ``validation/``, ``test/``) folders that each do.
+- any other name (``imagenet2012``, ``imagenette``, ...): a tensorflow-datasets dataset prepared in
+  ``--data-dir`` (default: tensorflow-datasets' own, ``~/tensorflow_datasets``) in the ArrayRecord format;
+  ``python -m train.data prepare NAME`` prepares one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+
+import numpy as np
+
+from train.data.cifar import CIFAR, load_cifar
+from train.data.memory import (FASHION_CLASSES, IDX_FILES, DataError, Dataset, load_digits, load_idx, read_idx,
+                               recorded_checksums, verify_file, with_statistics)
+from train.data.sources import FolderSource, TfdsSource, scan_folder
+from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
+from train.data.stream import Streamed, epoch_order, materialize
+
+__all__ = ["DataError", "Dataset", "Streamed", "load_dataset", "dataset_names", "fit_in_memory",
+           "ensure_statistics", "epoch_order", "load_digits", "load_idx", "read_idx", "load_cifar", "load_tfds",
+           "load_folder", "recorded_checksums", "verify_file", "sample_in_memory", "FASHION_CLASSES",
+           "MEMORY_LIMIT_BYTES"]
+
+BUILTIN = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
+# A dataset whose training images take more than this (at the side the model sees) streams instead.
+MEMORY_LIMIT_BYTES = 2 << 30
+TEST_SPLITS = ("test", "validation", "val")
+
+
+def dataset_names() -> list[str]:
+    """The names this module reads without tensorflow-datasets' catalogue (which adds hundreds more)."""
+    return list(BUILTIN)
+
+
+def _has_files(data_dir: str | None, name: str) -> bool:
+    if not data_dir or not os.path.isdir(data_dir):
+        return False
+    present = set(os.listdir(data_dir))
+    if name in ("mnist", "fashion_mnist"):
+        return bool(present & set(IDX_FILES))
+    info = CIFAR[name]
+    markers = {info["tarball"][0], info["folder"], info["binary"][0], info["binary"][1]}
+    markers |= {f for f, _ in info["train"]}
+    return bool(present & markers)
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset | Streamed:
+    """The dataset called ``name`` (see the module docstring), checked, with its pixel statistics."""
+    if name == "digits":
+        return _checked(with_statistics(load_digits(data_dir)))
+    if name in ("mnist", "fashion_mnist") and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
+        return _checked(with_statistics(load_idx(name, data_dir)))
+    if name in CIFAR and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
+        if not os.path.isdir(data_dir):
+            raise DataError(f"--data-dir {data_dir} is not a folder.")
+        return _checked(with_statistics(load_cifar(name, data_dir)))
+    if name == "folder":
+        return load_folder(data_dir)
+    return load_tfds(name, data_dir)
+
+
+def _tfds_dir(data_dir: str) -> bool:
+    """Whether ``data_dir`` looks like a tensorflow-datasets data folder (NAME/VERSION/dataset_info.json)."""
+    if not os.path.isdir(data_dir):
+        return False
+    for entry in os.scandir(data_dir):
+        if entry.is_dir():
+            for version in os.scandir(entry.path):
+                if version.is_dir() and os.path.exists(os.path.join(version.path, "dataset_info.json")):
+                    return True
+    return False
+
+
+def _checked(data: Dataset) -> Dataset:
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{data.name}: {split} images must be uint8 NHWC, got {images.dtype} {images.shape}.")
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= data.num_classes:
+            raise DataError(f"{data.name}: {split} labels must lie in 0..{data.num_classes - 1}.")
+    return data
+
+
+def load_tfds(name: str, data_dir: str | None) -> Streamed:
+    """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow)."""
+    try:
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.core import registered
+    except ImportError:
+        raise DataError(f"--dataset {name} reads tensorflow-datasets, which is not installed.") from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (registered.DatasetNotFoundError, ValueError):  # ValueError: not even a well-formed name
+        known = sorted(set(BUILTIN) | set(registered.list_imported_builders()))
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise DataError(f"unknown dataset {name!r}: neither built in ({', '.join(BUILTIN)}) nor in "
+                        f"tensorflow-datasets' catalogue.{hint}") from None
+    features = builder.info.features
+    image_key = next((k for k in ("image", "img") if k in features), None)
+    label_key = next((k for k in ("label", "labels") if k in features), None)
+    if image_key is None or label_key is None or not hasattr(features[label_key], "names"):
+        raise DataError(f"{name} is not an image-classification dataset (features: {', '.join(features)}).")
+    where = data_dir or "tensorflow-datasets' default folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    try:
+        train = TfdsSource(name, "train", data_dir, image_key, label_key)
+    except Exception:  # tfds raises several types for "not prepared"; all mean the same to the user
+        files = {"mnist": "its four IDX .gz files", "fashion_mnist": "its four IDX .gz files",
+                 "cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}.get(name)
+        direct = f"pass --data-dir FOLDER holding {files}, or " if files and not data_dir else ""
+        raise DataError(f"{name} is not prepared in {where}: {direct}run `python -m train.data prepare {name}"
+                        f"{' --data-dir ' + data_dir if data_dir else ''}` (needs the network, or --manual-dir with "
+                        "the original files, and `pip install -e \".[prepare]\"`).") from None
+    test, test_split = None, None
+    for split in TEST_SPLITS:
+        try:
+            test, test_split = TfdsSource(name, split, data_dir, image_key, label_key), split
+            break
+        except Exception:  # noqa: BLE001 - the split does not exist; try the next name
+            continue
+    if test is None:
+        raise DataError(f"{name} in {where} has no test or validation split to evaluate on.")
+    shape = tuple(features[image_key].shape)
+    channels = shape[-1] if len(shape) == 3 and shape[-1] else 3
+    data = Streamed(name, train, test, tuple(features[label_key].names), (shape[0], shape[1], channels),
+                    flip=name not in ("mnist", "digits", "svhn_cropped", "emnist"),
+                    crop_padding={"cifar10": 4, "cifar100": 4, "mnist": 2, "fashion_mnist": 2}.get(name, 0),
+                    test_split=test_split)
+    return data
+
+
+def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0) -> Streamed:
+    """A folder of images: ``train/`` + ``val/``-style sub-folders, or one folder of classes split with a
+    fixed seed (``holdout`` of each class, at least one image, for testing)."""
+    if not data_dir:
+        raise DataError("--dataset folder needs --data-dir FOLDER with one sub-folder of images per class.")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is not a folder.")
+    test_dir = next((os.path.join(data_dir, s) for s in TEST_SPLITS if os.path.isdir(os.path.join(data_dir, s))), None)
+    if os.path.isdir(os.path.join(data_dir, "train")) and test_dir:
+        paths, labels, classes, _ = scan_folder(os.path.join(data_dir, "train"))
+        test_paths, test_labels, test_classes, _ = scan_folder(test_dir)
+        if test_classes != classes:
+            raise DataError(f"{test_dir} has classes {', '.join(test_classes)}, but {data_dir}/train has "
+                            f"{', '.join(classes)}.")
+        train, test = FolderSource(paths, labels), FolderSource(test_paths, test_labels)
+    else:
+        paths, labels, classes, _ = scan_folder(data_dir)
+        labels_array = np.asarray(labels)
+        rng = np.random.default_rng(seed)
+        held = []
+        for label in range(len(classes)):
+            members = np.flatnonzero(labels_array == label)
+            if len(members) < 2:
+                raise DataError(f"class {classes[label]!r} of {data_dir} has {len(members)} readable image(s); "
+                                "each class needs at least two (one to train on, one to test).")
+            held.extend(rng.permutation(members)[:max(1, round(holdout * len(members)))])
+        held = set(int(i) for i in held)
+        train = FolderSource([p for i, p in enumerate(paths) if i not in held],
+                             [l for i, l in enumerate(labels) if i not in held])
+        test = FolderSource([p for i, p in enumerate(paths) if i in held], [l for i, l in enumerate(labels) if i in held])
+    return Streamed("folder", train, test, classes, (None, None, 3), flip=True, test_split="held-out")
+
+
+def fit_in_memory(data: Dataset | Streamed, side: int, pipeline: str = "auto") -> Dataset | Streamed:
+    """``data`` in memory when ``pipeline`` is "memory", or "auto" and its training images at ``side`` take
+    at most `MEMORY_LIMIT_BYTES`; else the streamed dataset with its statistics (see `ensure_statistics`)."""
+    if isinstance(data, Dataset):
+        if pipeline == "stream":
+            raise DataError(f"{data.name} is read into memory; --pipeline stream applies to tensorflow-datasets "
+                            "datasets and folders.")
+        return data
+    channels = data.image_shape[-1]
+    stored = data.image_shape[:2] if data.fixed_size else (side, side)
+    size = data.train_size * stored[0] * stored[1] * channels
+    if pipeline == "memory" or (pipeline == "auto" and size <= MEMORY_LIMIT_BYTES):
+        print(f"reading {data.train_size + data.test_size:,} images of {data.name} into memory "
+              f"({size / 2**20:,.0f} MiB of training images)...", file=sys.stderr, flush=True)
+        return _checked(materialize(data, None if data.fixed_size else side))
+    return data
+
+
+def ensure_statistics(data: Streamed, data_dir: str | None, sample: int = 2000, seed: int = 0) -> Streamed:
+    """``data`` with mean, std and colour PCA: read from its stats file, or computed over ``sample`` random
+    training images (at most 256 pixels on the shorter side) and stored for the next run."""
+    import dataclasses
+
+    from train.data.stream import resize_shorter
+
+    folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    path = stats_path(folder if data.name != "folder" else data_dir, data.name)
+    stats = read_stats(path)
+    if stats is None:
+        count = min(sample, data.train_size)
+        indices = np.random.default_rng(seed).choice(data.train_size, count, replace=False)
+        print(f"computing the pixel statistics of {data.name} over {count:,} training images "
+              f"(stored in {path})...", file=sys.stderr, flush=True)
+
+        def image(index: int) -> np.ndarray:
+            pixels = data.train[index][0]
+            return resize_shorter(pixels, 256) if min(pixels.shape[:2]) > 256 else pixels
+        stats = pixel_statistics(image(int(i)) for i in indices)
+        try:
+            write_stats(path, stats, dataset=data.name, sample=count, seed=seed)
+        except OSError as error:
+            print(f"warning: cannot store the statistics in {path} ({error}); they will be computed again.",
+                  file=sys.stderr, flush=True)
+    return dataclasses.replace(data, **stats)
+
+
+def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1000, per_class: int = 1,
+                     scan_limit: int = 50) -> Dataset:
+    """A small in-memory `Dataset` for looking at a streamed one (plots): up to ``per_class`` training images
+    of each class (found among the first ``scan_limit`` x classes training examples) and the first
+    ``test_limit`` test images, all prepared as evaluation prepares them (centre crop at ``side``).
+    A `Dataset` already in memory is returned as it is."""
+    if isinstance(data, Dataset):
+        return data
+    from train.data.stream import EvalTransform
+
+    def prepared(source, index):
+        example = EvalTransform(source, side)(index)
+        return example["image"], int(example["label"])
+
+    train_images, train_labels, found = [], [], {}
+    for index in range(min(data.train_size, scan_limit * data.num_classes)):
+        _, label = data.train[index]
+        if found.get(label, 0) >= per_class:
+            continue
+        image, label = prepared(data.train, index)
+        train_images.append(image)
+        train_labels.append(label)
+        found[label] = found.get(label, 0) + 1
+        if len(found) == data.num_classes and min(found.values()) >= per_class:
+            break
+    test = [prepared(data.test, i) for i in range(min(test_limit, data.test_size))]
+    return with_statistics(Dataset(data.name, np.stack(train_images), np.asarray(train_labels, np.int32),
+                                   np.stack([t[0] for t in test]), np.asarray([t[1] for t in test], np.int32),
+                                   data.class_names, flip=data.flip, crop_padding=data.crop_padding))

@@ -1,0 +1,275 @@
+"""Datasets too large for memory: Grain over a random-access source, decoded and augmented on the host by
+worker processes, batches prefetched to the devices.
+
+The order of the examples is `epoch_order` (a pure function of seed and epoch) and the augmentation of each
+example a pure function of (seed, epoch, example index): a resumed run reads, from its checkpointed step
+on, exactly the batches an uninterrupted run would have read. No iterator state needs saving.
+
+Training crops (``crop``):
+
+- ``"inception"``: a random crop of 8-100% of the area and aspect ratio 3/4-4/3, resized to the side
+  (Szegedy et al. 2015, "Going deeper with convolutions", section 6; the ImageNet recipe of torchvision
+  and of the flax ImageNet example);
+- ``"alexnet"``: the image resized to 256x256 (shorter side to 256, centre crop), then a random 224x224
+  crop, as Krizhevsky et al. 2012 (sections 2 and 4.1); for another side both numbers scale with it.
+
+Both then flip half of the images left-right. Evaluation resizes the shorter side to 256/224 of the side
+and takes the centre crop; ``ten_crop`` takes the four corners and the centre plus their mirror images
+(Krizhevsky et al. 2012, section 4.1) and the trainer averages the ten softmax outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from train.data.memory import Dataset
+
+__all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
+           "materialize", "prefetch", "CROPS"]
+
+CROPS = ("inception", "alexnet")
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The permutation of the training set for ``epoch``: identical in every process and on every resume."""
+    return np.random.default_rng([seed, epoch]).permutation(size).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """A dataset read example by example from ``train`` and ``test`` sources (see `train.data.sources`).
+
+    ``image_shape`` has ``None`` for a side that varies between images. The statistics are those of the
+    training images at their own size (see `train.data.stats`).
+    """
+
+    name: str
+    train: Sequence
+    test: Sequence
+    class_names: tuple[str, ...]
+    image_shape: tuple[int | None, int | None, int]
+    flip: bool = True
+    crop_padding: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    eigval: tuple[float, ...] = ()
+    eigvec: tuple[tuple[float, ...], ...] = ()
+    test_split: str = "test"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test)
+
+    @property
+    def fixed_size(self) -> bool:
+        return None not in self.image_shape[:2]
+
+    def describe(self) -> dict:
+        """What a checkpoint must remember to use the model without the data (prediction)."""
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "image_shape": [s if s is not None else 0 for s in self.image_shape],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "eigval": list(self.eigval),
+            "eigvec": [list(row) for row in self.eigvec],
+            "train_examples": self.train_size,
+            "test_examples": self.test_size,
+        }
+
+
+# -- per-image geometry (numpy + PIL, in the worker processes) ---------------------------------------------
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    grey = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if grey else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR, reducing_gap=None))
+    return out[..., None] if grey else out
+
+
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
+    """Scale so the shorter side is ``side``, keeping the aspect ratio."""
+    h, w = image.shape[:2]
+    scale = side / min(h, w)
+    return _resize(image, max(side, round(h * scale)), max(side, round(w * scale)))
+
+
+def center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    out = image[top:top + side, left:left + side]
+    return out if out.shape[:2] == (side, side) else _resize(out, side, side)
+
+
+def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """A crop of random area fraction in ``scale`` and aspect ratio in ``ratio`` (log-uniform), resized to
+    ``side``; after ten misses, the centre crop of the whole image at the nearest allowed ratio."""
+    h, w = image.shape[:2]
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            return _resize(image[top:top + ch, left:left + cw], side, side)
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif aspect > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return _resize(image[top:top + ch, left:left + cw], side, side)
+
+
+def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
+    """The four corner crops and the centre crop, then the same five mirrored: ``(10, side, side, C)``."""
+    h, w = image.shape[:2]
+    corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
+    five = [image[top:top + side, left:left + side] for top, left in corners]
+    return np.stack(five + [crop[:, ::-1] for crop in five])
+
+
+def _eval_side(side: int) -> int:
+    return round(side * 256 / 224)
+
+
+@dataclasses.dataclass
+class TrainTransform:
+    """Dataset index -> augmented training example; its randomness depends on (seed, epoch, index) only."""
+
+    source: Sequence
+    side: int
+    seed: int
+    epoch: int
+    crop: str = "inception"
+    flip: bool = True
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        image, label = self.source[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index, 7])
+        if self.crop == "alexnet":
+            big = _eval_side(self.side)
+            image = center_crop(resize_shorter(image, big), big)
+            top, left = rng.integers(0, big - self.side + 1, size=2)
+            image = image[top:top + self.side, left:left + self.side]
+        else:
+            image = random_resized_crop(image, self.side, rng)
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(index)}
+
+
+@dataclasses.dataclass
+class EvalTransform:
+    """Dataset index (-1: padding) -> the centre crop (or the ten crops) of a resized test example."""
+
+    source: Sequence
+    side: int
+    ten_crop: bool = False
+
+    def __call__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        image, label = self.source[max(index, 0)]
+        image = resize_shorter(image, _eval_side(self.side))
+        image = ten_crops(image, self.side) if self.ten_crop else center_crop(image, self.side)
+        return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(max(index, 0)),
+                "mask": np.bool_(index >= 0)}
+
+
+def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -> Iterator[dict]:
+    import grain
+    from absl import flags
+
+    # Grain 0.2.18 reads one of its absl flags in mp_prefetch even when no absl app parsed them, which
+    # raises UnparsedFlagAccessError (google/grain#1355); marking them parsed leaves every default in place.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+    dataset = grain.MapDataset.source(rows.tolist()).map(transform).batch(batch, drop_remainder=True)
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers) * 2, prefetch_buffer_size=2 * batch))
+    if workers > 0:
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(iterable)
+
+
+def train_batches(data: Streamed, *, side: int, seed: int, epoch: int, start: int, steps: int, batch: int,
+                  crop: str = "inception", workers: int = 2, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict]:
+    """This process's share of the global batches ``start..steps-1`` of ``epoch``: dicts of ``image`` uint8
+    ``(batch / process_count, side, side, C)``, ``label`` and ``index`` (the example's dataset index)."""
+    order = epoch_order(seed, epoch, data.train_size)[:steps * batch].reshape(steps, batch)[start:]
+    share = batch // process_count
+    rows = order[:, process_index * share:(process_index + 1) * share].reshape(-1)
+    transform = TrainTransform(data.train, side, seed, epoch, crop, data.flip)
+    return _pipeline(rows, transform, share, workers)
+
+
+def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = False, workers: int = 2,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Every test example once, in order, the last global batch padded (``mask`` False) instead of dropped."""
+    padded = np.full(math.ceil(data.test_size / batch) * batch, -1, np.int64)
+    padded[:data.test_size] = np.arange(data.test_size)
+    share = batch // process_count
+    rows = padded.reshape(-1, batch)[:, process_index * share:(process_index + 1) * share].reshape(-1)
+    return _pipeline(rows, EvalTransform(data.test, side, ten_crop), share, workers)
+
+
+def prefetch(batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
+    """``put`` (a transfer to the devices, which returns at once) applied ``size`` batches ahead."""
+    queue: deque = deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
+def materialize(data: Streamed, side: int | None = None) -> Dataset:
+    """Read every example into memory: at its own size when all share one (MNIST, CIFAR through
+    tensorflow-datasets), else resized (shorter side) and centre-cropped to ``side``."""
+    from train.data.memory import with_statistics
+
+    def read(source):
+        images, labels = [], []
+        chunk = 4096
+        for start in range(0, len(source), chunk):
+            stop = min(start + chunk, len(source))
+            pairs = (source.read_many(range(start, stop)) if hasattr(source, "read_many")
+                     else [source[i] for i in range(start, stop)])
+            for image, label in pairs:
+                images.append(image)
+                labels.append(label)
+        for i, image in enumerate(images):
+            if side is not None and (not data.fixed_size or image.shape[:2] != (side, side)):
+                images[i] = center_crop(resize_shorter(image, side), side)
+        return np.stack(images).astype(np.uint8), np.asarray(labels, np.int32)
+
+    train_x, train_y = read(data.train)
+    test_x, test_y = read(data.test)
+    padding = data.crop_padding or max(1, train_x.shape[1] // 8)
+    return with_statistics(Dataset(data.name, train_x, train_y, test_x, test_y, data.class_names, flip=data.flip,
+                                   crop_padding=padding))
