@@ -356,3 +356,20 @@ def test_prepare_without_tensorflow_names_the_extra(capsys, monkeypatch):
 
     assert main(["prepare", "fashion_mnist"]) == 2
     assert 'pip install -e ".[prepare]"' in capsys.readouterr().err
+
+
+def test_worker_processes_produce_the_batches_the_main_process_does(tmp_path):
+    """Grain's worker processes (spawned, so they import the source afresh) give the same batches."""
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            pixels = np.random.default_rng([ord(cls), i]).integers(0, 256, (20 + i, 18, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+    data = load_folder(str(tmp_path), holdout=0.2)
+    kwargs = dict(side=12, seed=1, epoch=0, start=0, steps=2, batch=4)
+    inline = list(train_batches(data, workers=0, **kwargs))
+    spawned = list(train_batches(data, workers=1, **kwargs))
+    assert len(spawned) == 2
+    for a, b in zip(inline, spawned):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["index"], b["index"])

@@ -237,6 +237,8 @@ def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1
     from train.data.stream import EvalTransform
 
     def prepared(source, index):
+        if data.fixed_size:  # already the size the model sees
+            return source[index]
         example = EvalTransform(source, side)(index)
         return example["image"], int(example["label"])
 
@@ -252,6 +254,8 @@ def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1
         if len(found) == data.num_classes and min(found.values()) >= per_class:
             break
     test = [prepared(data.test, i) for i in range(min(test_limit, data.test_size))]
-    return with_statistics(Dataset(data.name, np.stack(train_images), np.asarray(train_labels, np.int32),
-                                   np.stack([t[0] for t in test]), np.asarray([t[1] for t in test], np.int32),
-                                   data.class_names, flip=data.flip, crop_padding=data.crop_padding))
+    train_x = np.stack(train_images)
+    test_x = np.stack([t[0] for t in test]) if test else np.zeros((0,) + train_x.shape[1:], np.uint8)
+    return with_statistics(Dataset(data.name, train_x, np.asarray(train_labels, np.int32), test_x,
+                                   np.asarray([t[1] for t in test], np.int32), data.class_names, flip=data.flip,
+                                   crop_padding=data.crop_padding))
