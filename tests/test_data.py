@@ -19,7 +19,7 @@ import flaxnets
 from train import loop
 from train import step as steps
 from train.config import Config, ConfigError
-from train.data import DataError, Dataset, Streamed, fit_in_memory, load_cifar, load_dataset, load_folder
+from train.data import DataError, Dataset, Streamed, ensure_statistics, fit_in_memory, load_cifar, load_dataset, load_folder
 from train.data.stats import pixel_statistics
 from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
 from train.feed import make_feed
@@ -147,6 +147,10 @@ def test_folder_source_reads_every_mode_and_skips_broken_files_by_name(tmp_path,
     memory = fit_in_memory(data, 24, "memory")
     assert isinstance(memory, Dataset) and memory.train_images.shape == (data.train_size, 24, 24, 3)
     assert len(memory.mean) == 3 and len(memory.eigval) == 3
+    # Streamed, its statistics are stored beside the images; that folder is not a class on the next load.
+    with_stats = ensure_statistics(data, str(tmp_path))
+    assert os.path.exists(tmp_path / "flaxnets-stats" / "folder.json") and len(with_stats.eigvec) == 3
+    assert load_folder(str(tmp_path)).class_names == ("cats", "dogs")
 
 
 def test_folder_with_train_and_val_and_a_file_truncated_after_its_header(tmp_path, capfd):

@@ -21,6 +21,7 @@ Names:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
@@ -201,8 +202,6 @@ def fit_in_memory(data: Dataset | Streamed, side: int, pipeline: str = "auto") -
 def ensure_statistics(data: Streamed, data_dir: str | None, sample: int = 2000, seed: int = 0) -> Streamed:
     """``data`` with mean, std and colour PCA: read from its stats file, or computed over ``sample`` random
     training images (at most 256 pixels on the shorter side) and stored for the next run."""
-    import dataclasses
-
     from train.data.stream import resize_shorter
 
     folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
@@ -243,7 +242,7 @@ def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1
         return example["image"], int(example["label"])
 
     train_images, train_labels, found = [], [], {}
-    for index in range(min(data.train_size, scan_limit * data.num_classes)):
+    for index in range(min(data.train_size, scan_limit * data.num_classes) if per_class > 0 else 0):
         _, label = data.train[index]
         if found.get(label, 0) >= per_class:
             continue
@@ -254,8 +253,9 @@ def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1
         if len(found) == data.num_classes and min(found.values()) >= per_class:
             break
     test = [prepared(data.test, i) for i in range(min(test_limit, data.test_size))]
-    train_x = np.stack(train_images)
-    test_x = np.stack([t[0] for t in test]) if test else np.zeros((0,) + train_x.shape[1:], np.uint8)
-    return with_statistics(Dataset(data.name, train_x, np.asarray(train_labels, np.int32), test_x,
+    shape = (side, side, data.image_shape[-1]) if not data.fixed_size else tuple(data.image_shape)
+    train_x = np.stack(train_images) if train_images else np.zeros((0,) + shape, np.uint8)
+    test_x = np.stack([t[0] for t in test]) if test else np.zeros((0,) + shape, np.uint8)
+    return dataclasses.replace(Dataset(data.name, train_x, np.asarray(train_labels, np.int32), test_x,
                                    np.asarray([t[1] for t in test], np.int32), data.class_names, flip=data.flip,
-                                   crop_padding=data.crop_padding))
+                                   crop_padding=data.crop_padding), mean=data.mean, std=data.std)

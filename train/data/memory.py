@@ -23,8 +23,35 @@ class DataError(ValueError):
     """The data cannot be used; the message says which file and why."""
 
 
+class DatasetFacts:
+    """What a dataset tells the trainer and its checkpoints, whether held in memory or streamed.
+
+    Subclasses have ``name``, ``class_names``, ``image_shape`` (``None`` for a side that varies), the
+    ``train_size`` and ``test_size``, and the statistics ``mean``, ``std``, ``eigval``, ``eigvec``.
+    """
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        """What a checkpoint must remember to use the model without the data (prediction); a varying
+        image side is recorded as 0."""
+        return {
+            "name": self.name,
+            "class_names": list(self.class_names),
+            "image_shape": [int(s) if s is not None else 0 for s in self.image_shape],
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "eigval": list(self.eigval),
+            "eigvec": [list(row) for row in self.eigvec],
+            "train_examples": int(self.train_size),
+            "test_examples": int(self.test_size),
+        }
+
+
 @dataclasses.dataclass(frozen=True)
-class Dataset:
+class Dataset(DatasetFacts):
     """An image-classification dataset held in host memory.
 
     Images are uint8 ``(N, H, W, C)``; labels int32 ``(N,)``. ``mean`` and ``std`` are per channel, of the
@@ -47,10 +74,6 @@ class Dataset:
     eigvec: tuple[tuple[float, ...], ...] = ()
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def train_size(self) -> int:
         return len(self.train_labels)
 
@@ -61,20 +84,6 @@ class Dataset:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
-
-    def describe(self) -> dict:
-        """What a checkpoint must remember to use the model without the data (prediction)."""
-        return {
-            "name": self.name,
-            "class_names": list(self.class_names),
-            "image_shape": list(self.image_shape),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "eigval": list(self.eigval),
-            "eigvec": [list(row) for row in self.eigvec],
-            "train_examples": int(len(self.train_labels)),
-            "test_examples": int(len(self.test_labels)),
-        }
 
 
 def with_statistics(data: Dataset) -> Dataset:

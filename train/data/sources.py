@@ -21,6 +21,7 @@ from train.data.memory import DataError
 
 __all__ = ["TfdsSource", "FolderSource", "scan_folder", "decode_image", "IMAGE_EXTENSIONS"]
 
+STATS_FOLDER = "flaxnets-stats"  # where `train.data.stats` keeps a folder dataset's statistics: not a class
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -104,7 +105,8 @@ def scan_folder(root: str, check: bool = True, workers: int = 8) -> tuple[list[s
     and the files that could not be read (each reported once, by name, on stderr)."""
     if not os.path.isdir(root):
         raise DataError(f"{root} is not a folder.")
-    classes = tuple(sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")))
+    classes = tuple(sorted(entry.name for entry in os.scandir(root)
+                           if entry.is_dir() and not entry.name.startswith(".") and entry.name != STATS_FOLDER))
     if not classes:
         raise DataError(f"{root} has no class sub-folders: put each class's images in a folder named after it.")
     paths, labels = [], []

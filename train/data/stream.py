@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from train.data.memory import Dataset
+from train.data.memory import Dataset, DatasetFacts
 
 __all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
            "materialize", "prefetch", "CROPS"]
@@ -41,7 +41,7 @@ def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Streamed:
+class Streamed(DatasetFacts):
     """A dataset read example by example from ``train`` and ``test`` sources (see `train.data.sources`).
 
     ``image_shape`` has ``None`` for a side that varies between images. The statistics are those of the
@@ -62,10 +62,6 @@ class Streamed:
     test_split: str = "test"
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def train_size(self) -> int:
         return len(self.train)
 
@@ -76,20 +72,6 @@ class Streamed:
     @property
     def fixed_size(self) -> bool:
         return None not in self.image_shape[:2]
-
-    def describe(self) -> dict:
-        """What a checkpoint must remember to use the model without the data (prediction)."""
-        return {
-            "name": self.name,
-            "class_names": list(self.class_names),
-            "image_shape": [s if s is not None else 0 for s in self.image_shape],
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "eigval": list(self.eigval),
-            "eigvec": [list(row) for row in self.eigvec],
-            "train_examples": self.train_size,
-            "test_examples": self.test_size,
-        }
 
 
 # -- per-image geometry (numpy + PIL, in the worker processes) ---------------------------------------------
