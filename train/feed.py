@@ -8,6 +8,7 @@ steps ``start..steps_per_epoch-1`` of an epoch in order, ``train(state, inputs)`
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Iterator
 
 import jax
@@ -94,5 +95,8 @@ def make_feed(run, driver: Driver, with_train: bool = True) -> MemoryFeed | Stre
                   eval_batch_size=run.eval_batch_size)
     if isinstance(run.data, Dataset):
         return MemoryFeed(driver, run.data, with_train=with_train, **common)
-    return StreamFeed(driver, run.data, side=run.image_side, crop=run.config.crop, workers=run.config.workers,
+    workers = run.config.workers
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1)
+    return StreamFeed(driver, run.data, side=run.image_side, crop=run.config.crop, workers=workers,
                       ten_crop=run.config.ten_crop, **common)

@@ -388,10 +388,12 @@ def write_run_plots(workdir: str, variables: dict, meta: dict, data: "Dataset | 
             read_metrics(metrics), os.path.join(out_dir, "curves.png"), schedule=schedule,
             steps_per_epoch=steps_per_epoch,
             title=f"{meta['arch']} on {dataset['name']}: training curves"))
-    if data is not None and not hasattr(data, "test_images"):  # streamed: look at the first test images
+    if data is not None and not hasattr(data, "test_images"):  # streamed: read (the first) test images
         from train.data import sample_in_memory
 
-        data = sample_in_memory(data, meta["image_side"], per_class=0)
+        # Small fixed-size images (MNIST, CIFAR through tensorflow-datasets) all; large ones the first 2,000.
+        limit = 10_000 if data.fixed_size and data.image_shape[0] <= 64 else 2_000
+        data = sample_in_memory(data, meta["image_side"], per_class=0, test_limit=limit)
     if data is not None:
         try:
             probabilities = predict_probabilities(variables, meta, data.test_images)
