@@ -10,8 +10,11 @@ where a whole one was. A checkpoint that cannot be read is moved aside to ``WORK
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
+import sys
 from typing import Any, Callable
 
 import jax
@@ -19,6 +22,21 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 __all__ = ["Checkpoints", "CheckpointError"]
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+    """When one array of a checkpoint fails to read, Orbax abandons the reads of the others; Python then
+    prints each abandoned coroutine's exception as "Exception ignored in ..." with a traceback, whenever
+    the garbage collector meets it. The failure is reported once, in one sentence, by `Checkpoints.restore`;
+    these echoes are collected here, with the hook for unraisable exceptions silenced, instead."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
 
 
 class CheckpointError(RuntimeError):
@@ -82,8 +100,9 @@ class Checkpoints:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+                with _quiet_abandoned_reads():
+                    restored = self.manager.restore(candidate, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 return restored["state"], restored["meta"], candidate
             except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
                 if step is not None:
