@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, MaxPool, padding
+from flaxnets.layers import (AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, MaxPool,
+                             conv_general_dilated, padding)
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "AUX_LOSS_WEIGHT", "collect_aux_logits"]
@@ -62,7 +63,8 @@ class ConvUnit(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                    use_bias=self.norm is None, kernel_init=_init, dtype=self.dtype, name="conv")(x)
+                    use_bias=self.norm is None, kernel_init=_init, dtype=self.dtype,
+                    conv_general_dilated=conv_general_dilated, name="conv")(x)
         if self.norm is not None:
             x = self.norm(name="bn")(x)
         return nn.relu(x)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, BatchNorm, MaxPool, padding
+from flaxnets.layers import AdaptiveAvgPool, BatchNorm, MaxPool, conv_general_dilated, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["VGG", "CONFIGS"]
@@ -61,6 +61,7 @@ class VGG(nn.Module):
                 continue
             conv_index += 1
             x = nn.Conv(layer, (3, 3), padding=padding(1), kernel_init=conv_init, dtype=self.dtype,
+                        conv_general_dilated=conv_general_dilated,
                         name=f"conv{conv_index}")(x)
             if self.batch_norm:
                 x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
