@@ -1,0 +1,409 @@
+"""What every benchmark shares: the conditions of a measurement, timing, device peaks and MFU, the
+compiled steps that are measured, and where results are written.
+
+A benchmarked step is the trainer's own `train.step.train_step` (forward, backward, SGD with momentum,
+the old state donated) or a jitted inference ``apply``, on synthetic data that already lives on the
+device, so the input pipeline is no part of the figure. Parameters are drawn with NumPy from their
+abstract shapes (He-normal kernels, unit BatchNorm scales and variances): initialising through XLA would
+compile a second program per model, which costs more than the benchmark itself on a small CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "BenchmarkError",
+    "Timing",
+    "measure",
+    "environment",
+    "PEAK_TFLOPS",
+    "peak_tflops",
+    "mfu",
+    "peak_rss_bytes",
+    "synthetic_variables",
+    "Step",
+    "build_step",
+    "RESULTS_DIR",
+    "write_results",
+    "run_cli",
+    "parse_dtype",
+    "model_for",
+    "markdown_table",
+]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class BenchmarkError(ValueError):
+    """A benchmark cannot run as asked (bad argument, too few devices); the message says why in one sentence."""
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2."""
+    from flaxnets.registry import UnknownModelError
+
+    try:
+        return body()
+    except (BenchmarkError, UnknownModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def parse_dtype(name: str) -> Any:
+    """``"float32"`` or ``"bfloat16"`` to the jax dtype."""
+    import jax.numpy as jnp
+
+    table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in table:
+        raise BenchmarkError(f"--dtype must be one of {', '.join(table)}, got {name!r}.")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call over ``repeats`` timed calls, after the warm-up calls."""
+
+    times: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+    @property
+    def max(self) -> float:
+        return max(self.times)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times)
+
+    def describe(self, unit: float = 1e3, suffix: str = "ms") -> str:
+        """``"123.4 ms (min 120.0, max 130.2, n=5)"``."""
+        return (f"{self.median * unit:.1f} {suffix} (min {self.min * unit:.1f}, max {self.max * unit:.1f}, "
+                f"n={self.repeats})")
+
+
+def measure(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
+    """Time ``call`` (which must wait for its own result, e.g. with ``block_until_ready``)."""
+    if repeats < 1:
+        raise BenchmarkError(f"--repeats must be at least 1, got {repeats}.")
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return Timing(tuple(times))
+
+
+# ------------------------------------------------------------------------------------------------------
+# conditions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def environment(devices: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The conditions of a run: device, host, load and versions, as a flat dict of strings and numbers."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    devices = list(devices) if devices is not None else jax.devices()
+    env = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "platform": devices[0].platform,
+        "device": devices[0].device_kind,
+        "device_count": len(devices),
+        "host_cpu": _cpu_model(),
+        "host_cores": os.cpu_count(),
+        "host_memory_gib": _memory_gib(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    return env
+
+
+# Dense (no structured sparsity) peak TFLOP/s of the tensor units, from the vendors' data sheets. For
+# float32 the GPU figure is TF32's: XLA lets cuBLAS/cuDNN use TF32 for float32 matmuls and convolutions
+# at JAX's default precision. On TPU, float32 at the default precision runs as bfloat16 passes, so its
+# peak is bfloat16's. Keys are matched as substrings of `jax.Device.device_kind`, most specific first.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+    "H100": {"bfloat16": 989.4, "float32": 494.7},  # SXM
+    "H200": {"bfloat16": 989.4, "float32": 494.7},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+    "TPU v4": {"bfloat16": 275.0, "float32": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5e": {"bfloat16": 197.0, "float32": 197.0},
+    "TPU v5p": {"bfloat16": 459.0, "float32": 459.0},
+    "TPU v5": {"bfloat16": 459.0, "float32": 459.0},  # v5p reports itself as "TPU v5"
+}
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The table's peak for this device and dtype name, or ``None`` for a device it does not know (a CPU)."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, peak: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over ``devices`` times the per-device ``peak`` (TFLOP/s)."""
+    if not peak or seconds_per_step <= 0:
+        return None
+    return flops_per_step / seconds_per_step / (peak * 1e12 * devices)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+# ------------------------------------------------------------------------------------------------------
+# the measured steps
+
+
+def synthetic_variables(abstract: Any, seed: int = 0) -> Any:
+    """Concrete variables for an abstract tree: He-normal kernels, ones for BatchNorm scales and running
+    variances, zeros elsewhere. Values a trained network could hold, so no denormals or overflows slow
+    or spoil a timing."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def make(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = tuple(leaf.shape)
+        if name == "kernel" and len(shape) >= 2:
+            std = math.sqrt(2.0 / max(math.prod(shape[:-1]), 1))
+            value = rng.standard_normal(shape, dtype=np.float32) * std
+        elif name in ("scale", "var"):
+            value = np.ones(shape, np.float32)
+        else:
+            value = np.zeros(shape, np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, abstract)
+
+
+@dataclasses.dataclass
+class Step:
+    """One compiled benchmark step and the data it runs on; ``run()`` executes it once and waits."""
+
+    arch: str
+    mode: str  # "train" or "infer"
+    batch: int
+    size: int
+    dtype: str
+    devices: int
+    compiled: Any
+    args: list
+    lower_s: float
+    compile_s: float
+    model: Any
+
+    def run(self) -> None:
+        """Execute one step; a train step feeds its new (donated) state into the next call."""
+        import jax
+
+        out = self.compiled(*self.args)
+        if self.mode == "train":
+            self.args[0] = out[0]
+        jax.block_until_ready(out)
+
+    def cost(self) -> dict[str, float]:
+        """XLA's cost analysis of the compiled step (``flops`` counts only the taps inside the padding)."""
+        analysis = self.compiled.cost_analysis()
+        if isinstance(analysis, (list, tuple)):
+            analysis = analysis[0] if analysis else {}
+        return dict(analysis or {})
+
+    def memory_bytes(self) -> int | None:
+        """Peak device memory of the compiled step: arguments, outputs and temporaries, less what aliases."""
+        stats = self.compiled.memory_analysis()
+        if stats is None:
+            return None
+        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+                   - stats.alias_size_in_bytes)
+
+
+def model_for(arch: str, dtype: Any, **overrides: Any):
+    """The registry's model with torchvision's reference fields (GoogLeNet without auxiliary heads)."""
+    import flaxnets
+
+    spec = flaxnets.get_spec(arch)
+    fields = {**spec.reference_overrides, **overrides}
+    return flaxnets.create_model(arch, num_classes=spec.num_classes, dtype=dtype, **fields)
+
+
+def build_step(
+    arch: str,
+    mode: str,
+    batch: int,
+    *,
+    size: int | None = None,
+    dtype: str = "float32",
+    devices: int = 1,
+    variables: Any = None,
+    compiler_options: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Step:
+    """Compile ``arch``'s train step (``mode="train"``) or inference (``"infer"``) for one batch shape.
+
+    ``size`` defaults to the architecture's native input side. With ``devices > 1`` the batch is split
+    over a mesh of the first ``devices`` devices and the state replicated; BatchNorm then normalises with
+    the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted from torchvision)
+    replace the synthetic ones. ``compiler_options`` are XLA debug options for this executable only.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import flaxnets
+    from flaxnets.analysis import abstract_variables
+    from train import step as steps
+
+    spec = flaxnets.get_spec(arch)
+    size = spec.input_size if size is None else size
+    if mode not in ("train", "infer"):
+        raise BenchmarkError(f"--mode must be 'train' or 'infer', got {mode!r}.")
+    if batch < 1:
+        raise BenchmarkError(f"--batch must be a positive integer, got {batch}.")
+    available = jax.device_count()
+    if not 1 <= devices <= available:
+        raise BenchmarkError(f"--devices {devices} asks for more devices than the {available} this machine has.")
+    if batch % devices:
+        raise BenchmarkError(f"--batch {batch} does not split evenly over {devices} devices.")
+    smallest = flaxnets.min_input_size(arch)
+    if size < smallest:
+        raise BenchmarkError(f"--size {size} is smaller than {arch}'s minimum input of {smallest}x{smallest} pixels.")
+    jdtype = parse_dtype(dtype)
+    model = model_for(arch, jdtype)
+    channels = spec.in_channels
+    if variables is None:
+        variables = synthetic_variables(abstract_variables(model, (1, size, size, channels)), seed)
+    mesh = jax.make_mesh((devices,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:devices])
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
+    key = jax.random.key(seed)
+    images = jax.random.randint(key, (batch, size, size, channels), 0, 256, jnp.int32).astype(jnp.uint8)
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, spec.num_classes, jnp.int32)
+    preprocess = steps.Preprocess(mean=(0.45,) * channels, std=(0.225,) * channels, size=size, augment=False,
+                                  dtype=jdtype)
+    if mode == "train":
+        tx = optax.sgd(1e-3, momentum=0.9)
+        params = variables["params"]
+        state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                                 rng=jax.random.key_data(jax.random.key(seed + 1)))
+        data = {"image": images, "label": labels, "index": jnp.arange(batch, dtype=jnp.int32)}
+        fn = jax.jit(steps.bind(steps.train_step, model=model, tx=tx, preprocess=preprocess,
+                                num_classes=spec.num_classes), donate_argnums=0)
+        args = [jax.device_put(state, replicated), jax.device_put(data, split)]
+    else:
+        def infer(variables, images):
+            return model.apply(variables, preprocess(images, None, train=False), train=False)
+
+        fn = jax.jit(infer)
+        args = [jax.device_put(variables, replicated), jax.device_put(images, split)]
+    start = time.perf_counter()
+    lowered = fn.lower(*args)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    compile_s = time.perf_counter() - start
+    return Step(arch, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model)
+
+
+# ------------------------------------------------------------------------------------------------------
+# results
+
+
+def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[str, Any],
+                  folder: Path | str | None = None) -> tuple[Path, Path]:
+    """Write ``rows`` as ``<name>.json`` (with the conditions) and ``<name>.csv`` (one row per line,
+    conditions repeated in each row) under ``folder`` (default `RESULTS_DIR`); return both paths."""
+    folder = Path(folder) if folder is not None else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [dict(r) for r in rows]
+    json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"
+    json_path.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    columns += [k for k in conditions if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**conditions, **row})
+    csv_path.write_text(buffer.getvalue())
+    return json_path, csv_path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A Markdown table of ``rows``; ``columns`` pairs a row key with its header."""
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e3 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)

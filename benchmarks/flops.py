@@ -1,0 +1,130 @@
+"""``python -m benchmarks.flops [--arch PATTERN]``: parameters and forward multiply-accumulates per architecture.
+
+For one image at each architecture's native input size (GoogLeNet without its auxiliary heads, as
+torchvision counts it), side by side:
+
+* ``gmacs``: the analytic count of convolutions and dense layers (`benchmarks.costs`), torchvision's
+  convention; compared with torchvision's published GFLOPS (`flaxnets.registry.ModelSpec.gflops`, which are
+  MACs), it must agree within 1%;
+* ``xla_gmacs``: XLA's cost analysis of the lowered forward pass, ``flops / 2``. It differs from the
+  analytic count for two reasons, both reported: XLA skips the taps that fall on padding
+  (``padding_gmacs``), and it also counts normalisation, activations, pooling and bias additions
+  (``elementwise_gflops``). ``xla_gmacs + padding_gmacs`` is what XLA would report without the first.
+
+Nothing is compiled: the forward pass is traced with abstract shapes and lowered, which takes well under a
+second per architecture. Results: benchmarks/results/flops.{json,csv} and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Any, Sequence
+
+from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli, write_results
+
+__all__ = ["xla_forward_flops", "flops_row", "main"]
+
+
+def xla_forward_flops(model: Any, input_shape: tuple[int, ...], variables: Any) -> float:
+    """XLA's ``flops`` for ``model.apply(variables, x, train=False)`` on ``input_shape``, from the lowering."""
+    import jax
+    import jax.numpy as jnp
+
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    lowered = jax.jit(functools.partial(model.apply, train=False)).lower(variables, images)
+    analysis = lowered.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def _percent(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return round(100.0 * (value - reference) / reference, 2)
+
+
+def flops_row(arch: str) -> dict[str, Any]:
+    """One architecture's parameters and the three counts of its forward MACs, with the deviations."""
+    import jax.numpy as jnp
+
+    import flaxnets
+    from benchmarks.common import model_for
+    from benchmarks.costs import layer_costs, totals
+    from flaxnets.analysis import abstract_variables, count_params
+
+    spec = flaxnets.get_spec(arch)
+    model = model_for(arch, jnp.float32)
+    shape = (1, spec.input_size, spec.input_size, spec.in_channels)
+    variables = abstract_variables(model, shape)
+    total = totals(layer_costs(model, shape))
+    flops = xla_forward_flops(model, shape, variables)
+    params = count_params(variables["params"])
+    gmacs, valid = total["macs"] / 1e9, total["macs_valid"] / 1e9
+    xla_gmacs = flops / 2e9
+    elementwise = (flops - 2 * total["macs_valid"] - total["bias_adds"]) / 1e9
+    return {
+        "arch": arch,
+        "input": f"{spec.input_size}x{spec.input_size}x{spec.in_channels}",
+        "params": params,
+        "torchvision_params": spec.params,
+        "gmacs": round(gmacs, 4),
+        "torchvision_gflops": spec.gflops,
+        "gmacs_vs_torchvision_pct": _percent(gmacs, spec.gflops),
+        "xla_gmacs": round(xla_gmacs, 4),
+        "xla_vs_torchvision_pct": _percent(xla_gmacs, spec.gflops),
+        "padding_gmacs": round(gmacs - valid, 4),
+        "bias_gflops": round(total["bias_adds"] / 1e9, 5),
+        "elementwise_gflops": round(elementwise, 4),
+        "xla_plus_padding_vs_torchvision_pct": _percent(xla_gmacs + gmacs - valid, spec.gflops),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="*", help="registry pattern, e.g. 'resnet*' (default: every architecture)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    return parser
+
+
+COLUMNS = (("arch", "arch"), ("input", "input"), ("params", "params"), ("gmacs", "GMACs (analytic)"),
+           ("torchvision_gflops", "torchvision GFLOPS"), ("gmacs_vs_torchvision_pct", "analytic vs tv %"),
+           ("xla_gmacs", "XLA GMACs"), ("xla_vs_torchvision_pct", "XLA vs tv %"),
+           ("padding_gmacs", "padding GMACs"), ("elementwise_gflops", "elementwise GFLOPs"),
+           ("xla_plus_padding_vs_torchvision_pct", "XLA + padding vs tv %"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.flops``."""
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        import flaxnets
+
+        archs = flaxnets.list_models(args.arch)
+        if not archs:
+            raise BenchmarkError(f"no architecture matches {args.arch!r}; see python -m flaxnets for the list.")
+        rows = [flops_row(arch) for arch in archs]
+        print(markdown_table(rows, COLUMNS))
+        checked = [r for r in rows if r["torchvision_gflops"]]
+        if checked:
+            worst = max(checked, key=lambda r: abs(r["gmacs_vs_torchvision_pct"]))
+            worst_xla = max(checked, key=lambda r: abs(r["xla_vs_torchvision_pct"]))
+            print(f"\nanalytic vs torchvision: largest deviation {worst['gmacs_vs_torchvision_pct']:+.2f}% "
+                  f"({worst['arch']}); XLA vs torchvision: largest {worst_xla['xla_vs_torchvision_pct']:+.2f}% "
+                  f"({worst_xla['arch']}), of which padding taps explain "
+                  f"{-100 * worst_xla['padding_gmacs'] / worst_xla['torchvision_gflops']:+.2f} points")
+        if not args.no_write:
+            conditions = {**environment(), "command": "python -m benchmarks.flops "
+                          + " ".join(sys.argv[1:] if argv is None else argv)}
+            paths = write_results("flops", rows, conditions)
+            print(f"wrote {paths[0]} and {paths[1]}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

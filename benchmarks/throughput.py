@@ -1,0 +1,158 @@
+"""``python -m benchmarks.throughput --arch resnet50 --batch 256 --dtype bfloat16 [--mode train|infer] [--devices N]``
+
+Images per second and milliseconds per step of a train step or of inference, on synthetic data that lives
+on the device (the input pipeline is not in the figure). Compilation is timed apart from the steps; after
+``--warmup`` calls, each of ``--repeats`` timed calls runs ``--steps`` steps and waits for the result
+(``block_until_ready``); the median and the min-max over repeats are reported.
+
+Also reported: peak device memory from the compiled executable's memory analysis (arguments, outputs and
+temporaries), the process's peak RSS (the memory actually touched on a CPU), achieved TFLOP/s and MFU.
+Model FLOPs are the analytic count of `benchmarks.costs` (torchvision's convention, 2 FLOPs per MAC):
+forward for inference, three times forward for a train step (the backward pass costs two forwards); XLA's
+own count of the compiled step, which skips padding taps and adds the elementwise work, is in the JSON.
+MFU divides the achieved rate by the device's peak from `benchmarks.common.PEAK_TFLOPS` (``--peak-tflops``
+overrides it; a CPU has no entry, so its MFU is left empty unless given).
+
+``--all`` runs every registered architecture at the input size and class count it is meant for.
+Results: benchmarks/results/throughput_<tag>.{json,csv}; the tables in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from typing import Any, Sequence
+
+from benchmarks.common import (BenchmarkError, environment, markdown_table, measure, mfu, peak_rss_bytes,
+                               peak_tflops, run_cli, write_results)
+
+__all__ = ["model_flops", "throughput_row", "main"]
+
+
+def model_flops(arch: str, mode: str, batch: int, size: int | None = None) -> float:
+    """Analytic FLOPs of one step: ``2 * MACs * batch`` for inference, three times that for training."""
+    import jax.numpy as jnp
+
+    import flaxnets
+    from benchmarks.common import model_for
+    from benchmarks.costs import layer_costs, totals
+
+    spec = flaxnets.get_spec(arch)
+    size = spec.input_size if size is None else size
+    macs = totals(layer_costs(model_for(arch, jnp.float32), (1, size, size, spec.in_channels)))["macs"]
+    return 2.0 * macs * batch * (3 if mode == "train" else 1)
+
+
+def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
+                   devices: int = 1, repeats: int = 5, warmup: int = 2, steps: int = 1,
+                   peak: float | None = None, log=print) -> dict[str, Any]:
+    """Compile and time one configuration; return its result row (every number with its conditions)."""
+    import jax
+
+    from benchmarks.common import build_step
+
+    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices)
+    log(f"{arch} {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
+
+    def call():
+        for _ in range(steps):
+            step.run()
+
+    timing = measure(call, repeats, warmup)
+    per_step = [t / steps for t in timing.times]
+    median = statistics.median(per_step)
+    flops = model_flops(arch, mode, batch, step.size)
+    device = jax.devices()[0]
+    peak = peak if peak is not None else peak_tflops(device.device_kind, dtype)
+    cost = step.cost()
+    row = {
+        "arch": arch, "mode": mode, "batch": batch, "size": step.size, "dtype": dtype, "devices": devices,
+        "device": device.device_kind,
+        "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
+        "ms_per_step": round(median * 1e3, 3), "ms_min": round(min(per_step) * 1e3, 3),
+        "ms_max": round(max(per_step) * 1e3, 3),
+        "images_per_s": round(batch / median, 2), "images_per_s_min": round(batch / max(per_step), 2),
+        "images_per_s_max": round(batch / min(per_step), 2),
+        "compile_s": round(step.compile_s, 2), "lower_s": round(step.lower_s, 2),
+        "memory_bytes": step.memory_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+        "model_gflops_per_step": round(flops / 1e9, 3),
+        "xla_gflops_per_step": round(cost["flops"] / 1e9, 3) if "flops" in cost else None,
+        "tflops": round(flops / median / 1e12, 4),
+        "peak_tflops": peak,
+        "load_average": round(os.getloadavg()[0], 2),
+        "mfu": (lambda u: round(u, 4) if u is not None else None)(mfu(flops, median, peak, devices)),
+    }
+    log(f"  {row['ms_per_step']:.1f} ms/step (min {row['ms_min']:.1f}, max {row['ms_max']:.1f}, n={repeats}), "
+        f"{row['images_per_s']:.1f} images/s, {row['tflops']:.3f} TFLOP/s"
+        + (f", MFU {row['mfu']:.1%}" if row["mfu"] is not None else "")
+        + (f", memory {row['memory_bytes'] / 2**20:,.0f} MiB" if row["memory_bytes"] else ""))
+    jax.clear_caches()
+    return row
+
+
+COLUMNS = (("arch", "arch"), ("mode", "mode"), ("batch", "batch"), ("size", "input"), ("dtype", "dtype"),
+           ("images_per_s", "images/s"), ("ms_per_step", "ms/step"), ("ms_min", "min"), ("ms_max", "max"),
+           ("compile_s", "compile s"), ("memory_bytes", "memory B"), ("tflops", "TFLOP/s"), ("mfu", "MFU"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
+    parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
+    parser.add_argument("--all", action="store_true", help="every registered architecture at its native size")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="global batch (default 256 on an accelerator, 16 on a CPU)")
+    parser.add_argument("--size", type=int, default=None, help="input side (default: each architecture's own)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--mode", choices=("train", "infer", "both"), default="train")
+    parser.add_argument("--devices", type=int, default=1, help="data-parallel over the first N devices")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, per device")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: from the arguments)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.throughput``."""
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        for name in ("repeats", "steps", "devices"):
+            if getattr(args, name) < 1:
+                raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+        if args.warmup < 0:
+            raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}.")
+        if args.batch is not None and args.batch < 1:
+            raise BenchmarkError(f"--batch must be a positive integer, got {args.batch}.")
+        if args.peak_tflops is not None and args.peak_tflops <= 0:
+            raise BenchmarkError(f"--peak-tflops must be positive, got {args.peak_tflops}.")
+        import flaxnets
+
+        archs = flaxnets.list_models() if args.all else [a for a in args.arch.split(",") if a]
+        for arch in archs:
+            flaxnets.get_spec(arch)  # an unknown name fails before anything compiles
+        import jax
+
+        batch = args.batch or (16 if jax.devices()[0].platform == "cpu" else 256)
+        modes = ("train", "infer") if args.mode == "both" else (args.mode,)
+        rows = [throughput_row(arch, mode, batch, size=args.size, dtype=args.dtype, devices=args.devices,
+                               repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops)
+                for arch in archs for mode in modes]
+        print(markdown_table(rows, COLUMNS))
+        if not args.no_write:
+            tag = args.tag or f"{'all' if args.all else '_'.join(archs)}_{args.mode}_b{batch}_{args.dtype}"
+            conditions = {**environment(jax.devices()[:args.devices]), "command": "python -m benchmarks.throughput "
+                          + " ".join(sys.argv[1:] if argv is None else argv)}
+            paths = write_results(f"throughput_{tag}", rows, conditions)
+            print(f"wrote {paths[0]} and {paths[1]}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The benchmark commands: cost counts against XLA's, result rows, per-layer tables, MFU and CLI errors.
+
+All of it runs on small models (LeNet-5, the 32x32 AlexNet) or with abstract shapes, so the file takes
+seconds, not minutes: the measurements themselves live in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import common, costs, flops, profile, throughput, vs_torch
+from flaxnets.analysis import abstract_variables, count_params, trace_layers
+
+
+def _xla_flops(module, input_shape) -> float:
+    images = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+    variables = jax.eval_shape(module.init, jax.random.key(0), images)
+    return float(jax.jit(module.apply).lower(variables, images).cost_analysis()["flops"])
+
+
+@pytest.mark.parametrize("size,kernel,stride,pad,expected", [(8, 3, 1, 1, 22), (8, 3, 2, 1, 11), (28, 5, 1, 2, 134),
+                                                             (10, 3, 1, 0, 24)])
+def test_valid_taps_counts_only_taps_inside_the_input(size, kernel, stride, pad, expected):
+    out = (size + 2 * pad - kernel) // stride + 1
+    assert costs.valid_taps(size, out, kernel, stride, pad) == expected
+
+
+@pytest.mark.parametrize("arch,shape", [("lenet5", (2, 28, 28, 1)), ("alexnet_small", (1, 32, 32, 3)),
+                                        ("resnet18_cifar", (1, 8, 8, 3))])
+def test_analytic_macs_equal_xla_for_every_conv_and_dense_layer(arch, shape):
+    """XLA's flops of each convolution and dense layer, lowered alone, are 2 * valid MACs + bias adds."""
+    rows, _, _ = trace_layers(arch, shape)
+    table = {c.path: c for c in costs.layer_costs(arch, shape)}
+    checked = 0
+    for row in rows:
+        if row.kind not in ("Conv", "Dense"):
+            continue
+        cost = table[row.path]
+        assert _xla_flops(row.module.clone(parent=None), row.input_shape) == 2 * cost.macs_valid + cost.bias_adds
+        assert cost.macs >= cost.macs_valid > 0
+        checked += 1
+    assert checked >= 3
+
+
+def test_whole_model_xla_count_is_analytic_plus_elementwise_work():
+    row = flops.flops_row("lenet5")
+    assert row["params"] == 61_706
+    assert 0 <= row["elementwise_gflops"] < 0.1 * row["xla_gmacs"] * 2
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "alexnet"])
+def test_analytic_count_matches_torchvision_within_one_percent(arch):
+    row = flops.flops_row(arch)
+    assert row["params"] == row["torchvision_params"]
+    assert abs(row["gmacs_vs_torchvision_pct"]) < 1.0
+    # XLA leaves out the padding taps; with them added back it agrees too.
+    assert abs(row["xla_plus_padding_vs_torchvision_pct"]) < 1.0
+
+
+def test_per_layer_table_sums_to_the_totals():
+    rows = profile.profile_rows("alexnet_small", batch=2)
+    model_params = count_params(abstract_variables("alexnet_small")["params"])
+    assert sum(r["params"] for r in rows) == model_params
+    whole = costs.totals(costs.layer_costs("alexnet_small", (2, 32, 32, 3)))
+    assert sum(r["macs"] for r in rows) == whole["macs"]
+    for key in ("params_pct", "macs_pct", "activation_pct"):
+        assert sum(r[key] for r in rows) == pytest.approx(100.0, abs=0.05 * len(rows))
+    kinds = {k["kind"]: k for k in profile.by_kind(rows)}
+    assert kinds["Conv"]["macs"] + kinds["Dense"]["macs"] == whole["macs"]
+    memory = profile.memory_estimate(rows)
+    assert memory["weight_bytes"] == model_params * 4
+    assert memory["weight_bytes"] < memory["predict_bytes"] < memory["train_bytes"]
+
+
+def test_alexnet_weights_sit_in_the_dense_layers_and_work_in_the_convolutions():
+    kinds = {k["kind"]: k for k in profile.by_kind(profile.profile_rows("alexnet"))}
+    assert kinds["Dense"]["params_pct"] > 90 and kinds["Conv"]["macs_pct"] > 90
+
+
+def test_mfu_arithmetic():
+    assert common.mfu(4e12, 2.0, 4.0) == pytest.approx(0.5)  # 2 TFLOP/s achieved of 4
+    assert common.mfu(4e12, 2.0, 1.0, devices=4) == pytest.approx(0.5)
+    assert common.mfu(1e12, 1.0, None) is None
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == pytest.approx(989.4)
+    assert common.peak_tflops("NVIDIA H100 PCIe", "bfloat16") == pytest.approx(756.0)
+    assert common.peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == pytest.approx(156.0)
+    assert common.peak_tflops("TPU v5 lite", "bfloat16") == pytest.approx(197.0)
+    assert common.peak_tflops("cpu", "float32") is None
+    assert throughput.model_flops("lenet5", "train", 4) == 3 * throughput.model_flops("lenet5", "infer", 4)
+
+
+def test_timing_reports_median_and_spread():
+    timing = common.Timing((3.0, 1.0, 2.0))
+    assert (timing.median, timing.min, timing.max, timing.repeats) == (2.0, 1.0, 3.0, 3)
+
+
+def test_lenet5_throughput_row_is_well_formed(tmp_path):
+    row = throughput.throughput_row("lenet5", "infer", 8, repeats=1, warmup=1, peak=1.0, log=lambda *_: None)
+    assert (row["arch"], row["mode"], row["batch"], row["size"], row["dtype"]) == ("lenet5", "infer", 8, 28, "float32")
+    assert row["ms_min"] <= row["ms_per_step"] <= row["ms_max"] and row["ms_per_step"] > 0
+    assert row["images_per_s"] == pytest.approx(8 / (row["ms_per_step"] / 1e3), rel=1e-3)
+    assert row["compile_s"] > 0 and row["memory_bytes"] > 0 and row["peak_rss_bytes"] > 0
+    assert row["mfu"] == pytest.approx(row["tflops"] / 1.0, rel=1e-2, abs=1e-4)
+    assert row["xla_gflops_per_step"] > 0
+    json_path, csv_path = common.write_results("lenet", [row], {"device": "cpu"}, folder=tmp_path)
+    assert json.loads(json_path.read_text())["rows"][0]["arch"] == "lenet5"
+    [parsed] = list(csv.DictReader(csv_path.open()))
+    assert parsed["device"] == "cpu" and float(parsed["images_per_s"]) == row["images_per_s"]
+
+
+@pytest.mark.parametrize("module,argv,needle", [
+    (throughput, ["--arch", "resnet5O"], "unknown model"),
+    (throughput, ["--arch", "lenet5", "--batch", "0"], "--batch"),
+    (throughput, ["--arch", "lenet5", "--devices", "999"], "--devices"),
+    (flops, ["--arch", "nothing*"], "no architecture"),
+    (profile, ["--arch", "alexnet", "--size", "8"], "minimum input"),
+    (vs_torch, ["--arch", "lenet5"], "torchvision has no lenet5"),
+])
+def test_bad_arguments_get_one_sentence_and_exit_2(module, argv, needle, capsys):
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_vs_torch_keeps_the_maths_of_torchvision():
+    torch, torchvision, reason = vs_torch.load_torch()
+    if reason:
+        pytest.skip(reason)
+    row = vs_torch.compare("resnet18", "infer", 2, 32, repeats=1, warmup=0, log=lambda *_: None)
+    assert row["rel_err"] < 1e-4
+    assert row["torch_ms"] > 0 and row["flax_ms"] > 0 and row["speed"] == pytest.approx(
+        row["torch_ms"] / row["flax_ms"], rel=0.01)
+
+
+@pytest.mark.parametrize("kwargs", [dict(window=3, stride=2, padding=1), dict(window=3, stride=2, ceil_mode=True),
+                                    dict(window=3, stride=1, padding=1, ceil_mode=True), dict(window=2, stride=2)])
+def test_max_pool_gradient_equals_select_and_scatter(kwargs):
+    """The max-pool gradient rewritten for speed on CPU routes each window's gradient to its first maximum,
+    exactly as XLA's select-and-scatter does, ties included (ReLU outputs are full of tied zeros)."""
+    from flaxnets import layers
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(rng.standard_normal((2, 9, 10, 3)), 0).astype(np.float32))
+    pool = layers.MaxPool(**kwargs)
+    y, vjp = jax.vjp(lambda v: pool.apply({}, v), x)
+    cotangent = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
+    original = layers._max_pool
+    try:
+        layers._max_pool = layers._max_pool_reference  # reduce_window, differentiated by select-and-scatter
+        y_ref, vjp_ref = jax.vjp(lambda v: pool.apply({}, v), x)
+    finally:
+        layers._max_pool = original
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride,pad,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, "VALID", 5)])
+def test_conv_kernel_gradient_on_cpu_equals_xla(stride, pad, kernel):
+    """The im2col kernel gradient that replaces XLA's on CPU gives the same gradients to float32 rounding."""
+    import flax.linen as nn
+
+    from flaxnets import layers
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 32)).astype(np.float32))
+    padding = layers.padding(pad) if isinstance(pad, int) else pad
+    fast = nn.Conv(16, (kernel, kernel), stride, padding=padding, conv_general_dilated=layers.conv_general_dilated)
+    plain = nn.Conv(16, (kernel, kernel), stride, padding=padding)
+    variables = plain.init(jax.random.key(0), x)
+
+    def grads(module):
+        return jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
+
+    (fast_v, fast_x), (plain_v, plain_x) = grads(fast), grads(plain)
+    np.testing.assert_array_equal(fast.apply(variables, x), plain.apply(variables, x))
+    np.testing.assert_array_equal(fast_x, plain_x)
+    kernel_ref = plain_v["params"]["kernel"]
+    np.testing.assert_allclose(fast_v["params"]["kernel"], kernel_ref, rtol=0, atol=1e-5 * float(jnp.abs(kernel_ref).max()))
