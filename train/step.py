@@ -145,10 +145,9 @@ def train_step(
         "loss_sum": losses.sum(),
         "correct": (logits.argmax(-1) == batch["label"]).sum(),
         "count": jnp.asarray(losses.shape[0]),
-        "grad_norm": optax.tree.norm(grads),
     }
     if axis_name is not None:
-        metrics = {k: (v if k == "grad_norm" else lax.psum(v, axis_name)) for k, v in metrics.items()}
+        metrics = {k: lax.psum(v, axis_name) for k, v in metrics.items()}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
