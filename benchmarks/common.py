@@ -53,8 +53,16 @@ class BenchmarkError(ValueError):
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2."""
+    """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2.
+
+    JAX's CPU backend is first given Eigen's convolutions and YNNPACK's reductions, as the trainer does
+    (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training runs; ``XLA_FLAGS`` naming
+    the option overrides it.
+    """
+    from flaxnets.cpu import prefer_eigen
     from flaxnets.registry import UnknownModelError
+
+    prefer_eigen()
 
     try:
         return body()
@@ -167,6 +175,10 @@ def environment(devices: Sequence[Any] | None = None) -> dict[str, Any]:
         "optax": optax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    if env["platform"] == "cpu":
+        from flaxnets.cpu import ynnpack_convolutions
+
+        env["cpu_convolutions"] = "ynnpack" if ynnpack_convolutions() else "eigen"
     return env
 
 

@@ -6,7 +6,7 @@
 >>> logits = model.apply(variables, jnp.zeros((8, 32, 32, 3)), train=False)   # (8, 10)
 """
 
-from flaxnets import layers, models  # noqa: F401  (models registers every architecture)
+from flaxnets import cpu, layers, models  # noqa: F401  (models registers every architecture)
 from flaxnets.analysis import count_params, min_input_size, summary
 from flaxnets.convert import from_torch, load_pretrained, to_torch
 from flaxnets.layers import BatchNorm, LocalResponseNorm
@@ -20,6 +20,7 @@ __all__ = [
     "ModelSpec",
     "UnknownModelError",
     "count_params",
+    "cpu",
     "create_model",
     "from_torch",
     "get_spec",

@@ -381,31 +381,3 @@ def test_batch_norm_keeps_float32_statistics_for_bfloat16_compute():
     assert y.dtype == jnp.bfloat16
     for leaf in jax.tree_util.tree_leaves((variables, updates)):
         assert leaf.dtype == jnp.float32
-
-
-def test_xla_gradients_switch_allows_forward_mode_and_matches_the_cpu_gradients(monkeypatch):
-    """The CPU-only hand-written gradients are custom_vjp functions (no jvp); FLAXNETS_XLA_GRADIENTS=1 turns
-    them off, and both give the same reverse-mode gradient."""
-    from functools import partial
-
-    import flax.linen as nn
-
-    from flaxnets.layers import MaxPool, conv_general_dilated
-
-    class Tiny(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.Conv(32, (3, 3), conv_general_dilated=conv_general_dilated)(x)
-            x = MaxPool(3, 2, padding=1)(nn.relu(x))
-            return nn.Conv(8, (3, 3), conv_general_dilated=conv_general_dilated)(x).sum()
-
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 32))
-    params = Tiny().init(jax.random.key(1), x)
-    loss = partial(Tiny().apply, x=x)
-    fast = jax.grad(loss)(params)
-    monkeypatch.setenv("FLAXNETS_XLA_GRADIENTS", "1")
-    plain = jax.grad(loss)(params)
-    for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    _, tangent = jax.jvp(loss, (params,), (jax.tree_util.tree_map(jnp.ones_like, params),))
-    assert np.isfinite(float(tangent))

@@ -9,6 +9,9 @@ from train.config import parse_args
 def main(argv=None) -> int:
     def body() -> int:
         config = parse_args(argv)
+        from flaxnets.cpu import prefer_eigen
+
+        prefer_eigen()  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
         from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
 
         initialize_distributed(config)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, LocalResponseNorm, MaxPool, conv_general_dilated, padding
+from flaxnets.layers import AdaptiveAvgPool, Conv, Dense, LocalResponseNorm, MaxPool, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["AlexNet", "AlexNetPaper", "AlexNetSmall"]
@@ -24,8 +24,8 @@ def _classifier(module: nn.Module, x: jnp.ndarray, hidden: tuple[int, ...], drop
     x = x.reshape((x.shape[0], -1))
     for index, width in enumerate(hidden):
         x = nn.Dropout(dropout, deterministic=not train, name=f"dropout{index + 1}")(x)
-        x = nn.relu(nn.Dense(width, dtype=module.dtype, name=f"fc{index + 1}")(x))
-    x = nn.Dense(module.num_classes, dtype=module.dtype, name=f"fc{len(hidden) + 1}")(x)
+        x = nn.relu(Dense(width, dtype=module.dtype, name=f"fc{index + 1}")(x))
+    x = Dense(module.num_classes, dtype=module.dtype, name=f"fc{len(hidden) + 1}")(x)
     return x.astype(jnp.float32)
 
 
@@ -47,7 +47,7 @@ class AlexNet(nn.Module):
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(nn.Conv, dtype=self.dtype, conv_general_dilated=conv_general_dilated)
+        conv = partial(Conv, dtype=self.dtype)
         x = nn.relu(conv(64, (11, 11), 4, padding=padding(2), name="conv1")(x))
         x = MaxPool(3, 2, name="pool1")(x)
         x = nn.relu(conv(192, (5, 5), padding=padding(2), name="conv2")(x))
@@ -87,7 +87,7 @@ class AlexNetPaper(nn.Module):
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         one = nn.initializers.ones if self.bias_one else nn.initializers.zeros
         gauss = nn.initializers.normal(0.01)  # section 5: weights from N(0, 0.01^2)
-        conv = partial(nn.Conv, dtype=self.dtype, kernel_init=gauss, conv_general_dilated=conv_general_dilated)
+        conv = partial(Conv, dtype=self.dtype, kernel_init=gauss)
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(96, (11, 11), 4, padding="VALID", name="conv1")(x))
         x = MaxPool(3, 2, name="pool1")(lrn(name="lrn1")(x))
@@ -99,9 +99,9 @@ class AlexNetPaper(nn.Module):
         x = MaxPool(3, 2, name="pool5")(x)
         x = x.reshape((x.shape[0], -1))
         for index in (1, 2):
-            x = nn.Dense(4096, dtype=self.dtype, kernel_init=gauss, bias_init=one, name=f"fc{index}")(x)
+            x = Dense(4096, dtype=self.dtype, kernel_init=gauss, bias_init=one, name=f"fc{index}")(x)
             x = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index}")(nn.relu(x))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=gauss, name="fc3")(x)
+        x = Dense(self.num_classes, dtype=self.dtype, kernel_init=gauss, name="fc3")(x)
         return x.astype(jnp.float32)
 
 
@@ -122,7 +122,7 @@ class AlexNetSmall(nn.Module):
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(nn.Conv, dtype=self.dtype, conv_general_dilated=conv_general_dilated)
+        conv = partial(Conv, dtype=self.dtype)
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(48, (7, 7), 2, padding=padding(3), name="conv1")(x))
         x = MaxPool(3, 2, padding=1, name="pool1")(lrn(name="lrn1")(x))

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import (AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, MaxPool,
-                             conv_general_dilated, padding)
+from flaxnets.layers import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv, Dense, GlobalAvgPool, LocalResponseNorm,
+                             MaxPool, padding)
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "AUX_LOSS_WEIGHT", "collect_aux_logits"]
@@ -62,9 +62,8 @@ class ConvUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                    use_bias=self.norm is None, kernel_init=_init, dtype=self.dtype,
-                    conv_general_dilated=conv_general_dilated, name="conv")(x)
+        x = Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
+                 use_bias=self.norm is None, kernel_init=_init, dtype=self.dtype, name="conv")(x)
         if self.norm is not None:
             x = self.norm(name="bn")(x)
         return nn.relu(x)
@@ -107,9 +106,9 @@ class AuxClassifier(nn.Module):
             x = AdaptiveAvgPool(4, name="pool")(x)
         x = self.unit(128, 1, name="conv")(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(nn.Dense(1024, kernel_init=_init, dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(Dense(1024, kernel_init=_init, dtype=self.dtype, name="fc1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        logits = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc2")(x)
+        logits = Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc2")(x)
         self.sow("aux_logits", "logits", logits.astype(jnp.float32))
 
 
@@ -182,7 +181,7 @@ class GoogLeNet(nn.Module):
         # The paper's 7x7/1 average pool equals a global one at 224x224 and generalises to other sizes.
         x = GlobalAvgPool(name="avgpool")(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc")(x)
+        x = Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)
 
 

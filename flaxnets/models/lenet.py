@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AvgPool, BatchNorm, MaxPool, padding
+from flaxnets.layers import AvgPool, BatchNorm, Conv, Dense, MaxPool, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["LeNet5"]
@@ -49,14 +49,14 @@ class LeNet5(nn.Module):
                 y = norm(name=f"bn{index}")(y)
             return act(y)
 
-        x = block(nn.Conv(6, (5, 5), padding=padding(2), dtype=self.dtype, name="conv1"), x, 1)
+        x = block(Conv(6, (5, 5), padding=padding(2), dtype=self.dtype, name="conv1"), x, 1)
         x = pool(2, 2, name="pool1")(x)
-        x = block(nn.Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="conv2"), x, 2)
+        x = block(Conv(16, (5, 5), padding="VALID", dtype=self.dtype, name="conv2"), x, 2)
         x = pool(2, 2, name="pool2")(x)
         x = x.reshape((x.shape[0], -1))
-        x = block(nn.Dense(120, dtype=self.dtype, name="fc1"), x, 3)
-        x = block(nn.Dense(84, dtype=self.dtype, name="fc2"), x, 4)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x)
+        x = block(Dense(120, dtype=self.dtype, name="fc1"), x, 3)
+        x = block(Dense(84, dtype=self.dtype, name="fc2"), x, 4)
+        x = Dense(self.num_classes, dtype=self.dtype, name="fc3")(x)
         return x.astype(jnp.float32)
 
 

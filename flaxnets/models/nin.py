@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import GlobalAvgPool, MaxPool, padding
+from flaxnets.layers import Conv, GlobalAvgPool, MaxPool, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["NiN", "NiNBlock"]
@@ -30,10 +30,10 @@ class NiNBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                            dtype=self.dtype, name="conv")(x))
-        x = nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype, name="mlp1")(x))
-        return nn.relu(nn.Conv(self.features, (1, 1), dtype=self.dtype, name="mlp2")(x))
+        x = nn.relu(Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
+                         dtype=self.dtype, name="conv")(x))
+        x = nn.relu(Conv(self.features, (1, 1), dtype=self.dtype, name="mlp1")(x))
+        return nn.relu(Conv(self.features, (1, 1), dtype=self.dtype, name="mlp2")(x))
 
 
 class NiN(nn.Module):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import BatchNorm, GlobalAvgPool, MaxPool, conv_general_dilated, padding
+from flaxnets.layers import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -101,8 +101,7 @@ class ResNet(nn.Module):
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                       conv_general_dilated=conv_general_dilated)
+        conv = partial(Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
         norm = partial(
             BatchNorm,
             use_running_average=not train,
@@ -131,7 +130,7 @@ class ResNet(nn.Module):
                     name=f"layer{stage + 1}_{index}",
                 )(x)
         x = GlobalAvgPool(name="avgpool")(x)
-        x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
+        x = Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
         return x.astype(jnp.float32)
 
 

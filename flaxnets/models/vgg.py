@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, BatchNorm, MaxPool, conv_general_dilated, padding
+from flaxnets.layers import AdaptiveAvgPool, BatchNorm, Conv, Dense, MaxPool, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["VGG", "CONFIGS"]
@@ -60,9 +60,8 @@ class VGG(nn.Module):
                 x = MaxPool(2, 2, name=f"pool{pool_index}")(x)
                 continue
             conv_index += 1
-            x = nn.Conv(layer, (3, 3), padding=padding(1), kernel_init=conv_init, dtype=self.dtype,
-                        conv_general_dilated=conv_general_dilated,
-                        name=f"conv{conv_index}")(x)
+            x = Conv(layer, (3, 3), padding=padding(1), kernel_init=conv_init, dtype=self.dtype,
+                     name=f"conv{conv_index}")(x)
             if self.batch_norm:
                 x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
                               name=f"bn{conv_index}")(x)
@@ -71,9 +70,9 @@ class VGG(nn.Module):
             x = AdaptiveAvgPool(self.pool_size, name="avgpool")(x)
         x = x.reshape((x.shape[0], -1))
         for index, width in enumerate(self.hidden):
-            x = nn.relu(nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name=f"fc{index + 1}")(x))
+            x = nn.relu(Dense(width, kernel_init=dense_init, dtype=self.dtype, name=f"fc{index + 1}")(x))
             x = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index + 1}")(x)
-        x = nn.Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
+        x = Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
         return x.astype(jnp.float32)
 
 
