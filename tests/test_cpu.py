@@ -132,13 +132,14 @@ class _Tiny(nn.Module):
         x = nn.relu(Conv(32, (3, 3), padding=padding(1))(x))
         x = MaxPool(3, 2, padding=1)(x)
         x = Conv(40, (3, 3), padding=padding(1))(x)
+        x = Conv(36, (1, 1), strides=2)(x)
         return Dense(10)(x.reshape(x.shape[0], -1))
 
 
 @pytest.mark.parametrize("flags", [EIGEN, YNNPACK], ids=["eigen", "ynnpack"])
 def test_cpu_gradients_equal_xla_gradients_with_either_library(monkeypatch, flags):
-    """With YNNPACK the convolutions' kernel gradient is the im2col product; with Eigen, XLA's own (so the
-    convolution alone is differentiable forward too). Either way the gradients are XLA's, and
+    """With YNNPACK the convolutions' kernel gradient is the im2col product; with Eigen, XLA's own (so a
+    3x3 convolution alone is differentiable forward too) except for 1x1 kernels. Either way the gradients are XLA's, and
     FLAXNETS_XLA_GRADIENTS=1 makes everything forward-differentiable. The option only steers tracing here:
     the process keeps the library it started with."""
     monkeypatch.setenv("XLA_FLAGS", flags)
@@ -152,6 +153,10 @@ def test_cpu_gradients_equal_xla_gradients_with_either_library(monkeypatch, flag
     conv_params = Conv(40, (3, 3), padding=padding(1), use_bias=False).init(jax.random.key(2), x)
     conv_jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(conv(p))))(conv_params))
     assert ("dot_general" in conv_jaxpr) is (flags == YNNPACK)  # the im2col kernel gradient
+    # A 1x1 convolution's kernel gradient is the activations-by-gradient product with either library.
+    pointwise = Conv(40, (1, 1), use_bias=False)
+    pointwise_params = pointwise.init(jax.random.key(3), x)
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(pointwise.apply(p, x))))(pointwise_params))
     if flags == EIGEN:
         jax.jvp(lambda p: jnp.sum(conv(p)), (conv_params,), (conv_params,))
     monkeypatch.setenv("FLAXNETS_XLA_GRADIENTS", "1")
