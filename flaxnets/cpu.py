@@ -11,8 +11,8 @@ take, XLA runs itself, with Eigen for convolutions and dot products. Measured on
   against 162 ms; a bias gradient over 32x55x55x64, 0.8 ms against 20 ms.
 
 So `prefer_eigen` sets the option to ``reduce``: YNNPACK for reductions, Eigen for the rest. Against
-YNNPACK for everything, that took ResNet-18's train step from 0.58x PyTorch's speed to 0.92-1.05x and
-VGG-11's from 0.98x to 1.17-1.30x. Two things
+YNNPACK for everything, that took ResNet-18's train step from 0.58x PyTorch's speed to 0.92-1.13x and
+VGG-11's from 0.98x to 1.10-1.30x (three runs). Two things
 YNNPACK did well and Eigen does not are done another way in `flaxnets.layers`: a dense layer's input
 gradient (`dot_general`) and max pooling (`MaxPool`, which also keeps YNNPACK's reduction fusion away
 from the pooling and the dense layers behind it).
