@@ -12,9 +12,9 @@ take, XLA runs itself, with Eigen for convolutions and dot products. Measured on
 
 So `prefer_eigen` sets the option to ``reduce``: YNNPACK for reductions, Eigen for the rest. Against
 YNNPACK for everything, that took ResNet-18's train step from 0.58x PyTorch's speed to 0.92-1.13x and
-VGG-11's from 0.98x to 1.10-1.30x (three runs). Two things
-YNNPACK did well and Eigen does not are done another way in `flaxnets.layers`: a dense layer's input
-gradient (`dot_general`) and max pooling (`MaxPool`, which also keeps YNNPACK's reduction fusion away
+VGG-11's from 0.98x to 1.10-1.30x (three runs). What YNNPACK did well and Eigen does not is done
+another way in `flaxnets.layers`: a dense layer's input gradient (`dot_general`), 1x1 kernel gradients
+(`conv_general_dilated`) and max pooling (`MaxPool`, which also keeps YNNPACK's reduction fusion away
 from the pooling and the dense layers behind it).
 
 The option is read once, when JAX starts its CPU backend, so it has to be in ``XLA_FLAGS`` before then:
