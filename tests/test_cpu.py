@@ -165,3 +165,28 @@ def test_cpu_gradients_equal_xla_gradients_with_either_library(monkeypatch, flag
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     _, tangent = jax.jvp(loss, (params,), (jax.tree_util.tree_map(jnp.ones_like, params),))
     assert np.isfinite(float(tangent))
+
+
+def test_max_pool_winner_is_the_same_from_either_branch():
+    """The forward pass passes the winning taps through a conditional (so XLA stores them once); its
+    second branch, taken only when the first output is NaN, recomputes them and must agree."""
+    from flaxnets.layers import _max_and_winner, _max_pool_forward
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    x = x.at[0, 1:4, 1:4, 0].set(0.0)  # a window of ties: the first tap wins
+    window, stride, pads = (3, 3), (2, 2), ((1, 1), (1, 1))
+    expected = _max_and_winner(x, window, stride, pads)[1]
+    _, (winner, _, _) = _max_pool_forward(x, window, stride, pads)
+    np.testing.assert_array_equal(winner, expected)
+    poisoned = x.at[0, 0, 0, 0].set(jnp.nan)  # the corner output is NaN: the recomputing branch runs
+    _, (winner, _, _) = jax.jit(_max_pool_forward, static_argnums=(1, 2, 3))(poisoned, window, stride, pads)
+    np.testing.assert_array_equal(winner, _max_and_winner(poisoned, window, stride, pads)[1])
+
+
+def test_max_pool_gradient_stores_the_winners_once():
+    """Without the conditional, XLA fused the winner computation into each of the backward pass's nine
+    reads: GoogLeNet's stride-1 pooling gradient ran 10-16x slower (`benchmarks/RESULTS.md`)."""
+    x = jnp.ones((2, 8, 8, 4))
+    pool = MaxPool(3, 1, padding=1)
+    text = jax.jit(lambda x: jax.grad(lambda v: jnp.sum(pool(v) ** 2))(x)).lower(x).compile().as_text()
+    assert "conditional(" in text
