@@ -190,3 +190,33 @@ def test_max_pool_gradient_stores_the_winners_once():
     pool = MaxPool(3, 1, padding=1)
     text = jax.jit(lambda x: jax.grad(lambda v: jnp.sum(pool(v) ** 2))(x)).lower(x).compile().as_text()
     assert "conditional(" in text
+
+
+def test_stored_input_is_the_input_and_passes_gradients_through():
+    from flaxnets.layers import _stored
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    probe = jax.random.normal(jax.random.key(1), x.shape)
+    for value in (x, x.at[0, 0, 0, 0].set(jnp.nan)):  # NaN in the corner: the rounding branch runs
+        out, vjp = jax.vjp(jax.jit(_stored), value)
+        np.testing.assert_array_equal(out, value)
+        np.testing.assert_array_equal(vjp(probe)[0], probe)
+    half = x.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(jax.vjp(_stored, half)[0], half)
+
+
+def test_conv_input_is_stored_only_under_differentiation():
+    """The kernel gradient reads the convolution's input from a conditional's output, so XLA cannot
+    rebuild the input's elementwise chain inside its transposed copy; inference has no conditional."""
+    layer = nn.Sequential([Conv(8, (3, 3), padding=padding(1)), nn.relu, Conv(8, (3, 3), padding=padding(1))])
+    x = jnp.ones((2, 6, 6, 4))
+    variables = layer.init(jax.random.key(0), x)
+
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x) ** 2)
+
+    train = jax.jit(jax.grad(loss)).lower(variables["params"], x).compile().as_text()
+    infer = jax.jit(layer.apply).lower(variables, x).compile().as_text()
+    # One conditional: the second layer's input depends on the parameters, the image does not.
+    assert train.count("conditional(") == 1
+    assert "conditional(" not in infer
