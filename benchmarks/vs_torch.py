@@ -3,8 +3,11 @@
 The same architecture, weights and batch run in torchvision (eager PyTorch on the CPU) and in flaxnets
 (one jitted XLA executable), in one process, alternating call by call, so that both see the same machine
 load; the figure is the ratio of their medians (``speed = torch time / flaxnets time``, above 1 when
-flaxnets is faster). A train step is forward, cross-entropy, backward and SGD with momentum on both
-sides (flaxnets runs the trainer's own `train.step.train_step`, old state donated); inference is
+flaxnets is faster), with the median and range of the ratios of each repeat's back-to-back pair
+(``speed_pairs_*``), which shows how far the machine's own drift moves it. A train step is forward,
+cross-entropy, backward and SGD with momentum on both sides (flaxnets runs the trainer's own
+`train.step.train_step`, old state donated, which also normalises the uint8 batch, augmentation off;
+PyTorch gets the batch already normalised); inference is
 ``model.eval()`` under ``torch.inference_mode()`` against a jitted ``apply(train=False)``.
 
 The weights are torchvision's random initialisation converted with `flaxnets.convert.from_torch`, and
@@ -117,19 +120,24 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
         log(f"  repeat {index + 1}/{repeats}: torch {torch_times[-1] * 1e3:.0f} ms, "
             f"flaxnets {flax_times[-1] * 1e3:.0f} ms")
     t, f = Timing(tuple(torch_times)), Timing(tuple(flax_times))
+    # Each repeat's two calls ran back to back, so their ratio is paired against the machine's drift.
+    pairs = sorted(a / b for a, b in zip(torch_times, flax_times))
     row = {
         "arch": arch, "mode": mode, "batch": batch, "size": size, "repeats": repeats,
         "torch_ms": round(t.median * 1e3, 1), "torch_min_ms": round(t.min * 1e3, 1),
         "torch_max_ms": round(t.max * 1e3, 1),
         "flax_ms": round(f.median * 1e3, 1), "flax_min_ms": round(f.min * 1e3, 1), "flax_max_ms": round(f.max * 1e3, 1),
         "speed": round(t.median / f.median, 3),
+        "speed_pairs_median": round(float(np.median(pairs)), 3),
+        "speed_pairs_min": round(pairs[0], 3), "speed_pairs_max": round(pairs[-1], 3),
         "flax_compile_s": round(step.compile_s, 1),
         "rel_err": rel_err,
         "torch_threads": torch.get_num_threads(),
         "load_average": round(os.getloadavg()[0], 2),  # other processes share the CPU: state how many
         "compiler_options": ",".join(f"{k}={v}" for k, v in (compiler_options or {}).items()),
     }
-    log(f"{arch} {mode}: torch {t.describe()}, flaxnets {f.describe()}: speed {row['speed']:.2f}x PyTorch"
+    log(f"{arch} {mode}: torch {t.describe()}, flaxnets {f.describe()}: speed {row['speed']:.2f}x PyTorch "
+        f"(repeat by repeat {row['speed_pairs_min']:.2f}-{row['speed_pairs_max']:.2f}x)"
         + (f", logits rel. error {rel_err:.1e}" if rel_err is not None else ""))
     jax.clear_caches()
     return row
@@ -187,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for arch in archs for mode in modes]
         conditions = {**environment(), "torch": torch.__version__, "command": "python -m benchmarks.vs_torch "
                       + " ".join(sys.argv[1:] if argv is None else argv)}
-        print(f"{'arch':<10} {'mode':<6} {'torch ms':>10} {'flax ms':>10} {'speed':>7}")
+        print(f"{'arch':<10} {'mode':<6} {'torch ms':>10} {'flax ms':>10} {'speed':>7} {'by repeat':>12}")
         for r in rows:
-            print(f"{r['arch']:<10} {r['mode']:<6} {r['torch_ms']:>10.0f} {r['flax_ms']:>10.0f} {r['speed']:>6.2f}x")
+            print(f"{r['arch']:<10} {r['mode']:<6} {r['torch_ms']:>10.0f} {r['flax_ms']:>10.0f} {r['speed']:>6.2f}x "
+                  f"{r['speed_pairs_min']:>6.2f}-{r['speed_pairs_max']:.2f}x")
         if not args.no_write:
             name = f"vs_torch_b{args.batch}_s{args.size}" + (f"_{args.tag}" if args.tag else "")
             paths = write_results(name, rows, conditions)

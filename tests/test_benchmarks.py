@@ -132,10 +132,11 @@ def test_vs_torch_keeps_the_maths_of_torchvision():
     torch, torchvision, reason = vs_torch.load_torch()
     if reason:
         pytest.skip(reason)
-    row = vs_torch.compare("resnet18", "infer", 2, 32, repeats=1, warmup=0, log=lambda *_: None)
+    row = vs_torch.compare("resnet18", "infer", 2, 32, repeats=3, warmup=0, log=lambda *_: None)
     assert row["rel_err"] < 1e-4
     assert row["torch_ms"] > 0 and row["flax_ms"] > 0 and row["speed"] == pytest.approx(
         row["torch_ms"] / row["flax_ms"], rel=0.01)
+    assert 0 < row["speed_pairs_min"] <= row["speed_pairs_median"] <= row["speed_pairs_max"]
 
 
 @pytest.mark.parametrize("kwargs", [dict(window=3, stride=2, padding=1), dict(window=3, stride=2, ceil_mode=True),
