@@ -17,6 +17,12 @@ another way in `flaxnets.layers`: a dense layer's input gradient (`dot_general`)
 (`conv_general_dilated`) and max pooling (`MaxPool`, which also keeps YNNPACK's reduction fusion away
 from the pooling and the dense layers behind it).
 
+Whichever library runs, XLA's CPU compiler also needs three fences, since it drops
+`lax.optimization_barrier` before fusion and copy insertion: max pooling stores its winning taps and
+convolutions their inputs once for the backward pass (`flaxnets.layers`), instead of having fusion
+rebuild them at every read, and the trainer's step ties the gradients together so that parameters are
+updated in place without copies (`train.step`).
+
 The option is read once, when JAX starts its CPU backend, so it has to be in ``XLA_FLAGS`` before then:
 `prefer_eigen` puts it there (``python -m train`` and the benchmarks call it first thing) and leaves the
 variable alone when it already names the option, so a user's own choice wins. Code traced later reads
