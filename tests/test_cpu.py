@@ -220,3 +220,12 @@ def test_conv_input_is_stored_only_under_differentiation():
     # One conditional: the second layer's input depends on the parameters, the image does not.
     assert train.count("conditional(") == 1
     assert "conditional(" not in infer
+
+
+def test_cpu_gradients_accept_an_empty_batch():
+    """The stored-once fences index their first element; an empty batch must still differentiate."""
+    layer = nn.Sequential([Conv(4, (3, 3), padding=padding(1)), nn.relu, MaxPool(2), Conv(4, (3, 3))])
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, jnp.zeros((0, 8, 8, 3)))))(variables["params"])
+    for leaf in jax.tree_util.tree_leaves(grads):
+        np.testing.assert_array_equal(leaf, np.zeros_like(leaf))

@@ -336,6 +336,8 @@ def test_gradients_tied_together_are_unchanged_to_the_bit():
                                           np.signbit(np.asarray(expected, np.float32)))
             np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
     assert steps._after_every_gradient({}) == {}
+    empty = steps._after_every_gradient({"a": jnp.zeros((0, 3)), "b": jnp.ones(2)})
+    assert empty["a"].shape == (0, 3) and (np.asarray(empty["b"]) == 1.0).all()
 
 
 def test_train_step_updates_parameters_without_copying_them(digits, monkeypatch):

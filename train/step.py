@@ -118,7 +118,7 @@ def _after_every_gradient(grads: Any) -> Any:
     (medians of 12). The value goes through a conditional so that no branch multiplies a non-finite
     number by zero.
     """
-    leaves = jax.tree_util.tree_leaves(grads)
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(grads) if leaf.size]
     if not leaves:
         return grads
     firsts = jnp.stack([leaf.reshape(-1)[0].astype(jnp.float32) for leaf in leaves])
