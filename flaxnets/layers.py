@@ -192,6 +192,21 @@ def _max_pool(x, window, stride, pads):
     return reduce(lax.max, _window_views(x, window, stride, pads)[1])
 
 
+def _stored_once(witness, keep, recompute, *operands):
+    """``keep(*operands)``, passed through a conditional so that XLA's CPU fusion stores the result once.
+
+    XLA's CPU fusion copies a cheap elementwise chain into every consumer that reads its result, and it
+    drops `lax.optimization_barrier` before fusing; a conditional is an edge it does not fuse across.
+    ``recompute(*operands)`` is the other branch and must give the same array, so the result never
+    depends on the predicate, which only has to be opaque to the compiler: the first element of the
+    floating-point ``witness`` equals itself (false only when it is NaN). Empty arrays pass straight.
+    """
+    if not witness.size:
+        return keep(*operands)
+    corner = witness[(0,) * witness.ndim]
+    return lax.cond(corner == corner, keep, recompute, *operands)
+
+
 def _max_and_winner(x, window, stride, pads):
     padded_shape, views = _window_views(x, window, stride, pads)
     best, winner = views[0], jnp.zeros(views[0].shape, jnp.int8 if len(views) < 128 else jnp.int32)
@@ -204,16 +219,11 @@ def _max_and_winner(x, window, stride, pads):
 
 def _max_pool_forward(x, window, stride, pads):
     best, winner, padded_shape = _max_and_winner(x, window, stride, pads)
-    # The backward pass reads each winner once per window tap. XLA's CPU fusion would copy the cheap
-    # compare-and-select chain that makes `winner` into every one of those reads, and it drops
-    # `lax.optimization_barrier` before fusing; a conditional is an edge it does not fuse across, so
-    # `winner` is passed through one and stored once. Both branches give the same array (the second
-    # recomputes it), so the result does not depend on the predicate, which only has to be opaque to the
-    # compiler. GoogLeNet's 3x3 stride-1 pooling (32x28x28x192), forward and backward: 157 ms -> 12 ms.
-    if best.size:  # an empty batch has nothing to store
-        corner = best[(0,) * best.ndim]
-        winner = lax.cond(corner == corner, lambda w, v: w,
-                          lambda w, v: _max_and_winner(v, window, stride, pads)[1], winner, x)
+    # The backward pass reads each winner once per window tap; unstored, XLA's CPU fusion would rebuild
+    # the compare-and-select chain in every one of those reads. GoogLeNet's 3x3 stride-1 pooling
+    # (32x28x28x192), forward and backward: 157 ms -> 12 ms.
+    winner = _stored_once(best, lambda w, v: w, lambda w, v: _max_and_winner(v, window, stride, pads)[1],
+                          winner, x)
     return best, (winner, x.shape, padded_shape)
 
 
@@ -301,15 +311,11 @@ def _stored_forward(x):
     # CPU fusion rebuilds that input inside the copy from whatever cheap elementwise chain made it (in a
     # ResNet, BatchNorm, ReLU and the residual sums of every earlier block of the stage), in the copy's
     # transposed order: 63 ms for one 32x56x56x64 input of ResNet-18 where the copy alone takes 3 ms.
-    # As for `_max_pool_forward`'s winners, a conditional is the edge fusion does not cross; the second
-    # branch is an exact identity (rounding to the dtype's own precision), so either branch gives ``x``.
-    # Only the differentiated forward pass has it: inference and the primal function are untouched.
-    if not x.size:
-        return x, None
+    # `_stored_once` stores it; its second branch is an exact identity (rounding to the dtype's own
+    # precision). Only the differentiated forward pass has it: inference and the primal function are
+    # untouched.
     info = jnp.finfo(x.dtype)
-    corner = x[(0,) * x.ndim]
-    same = lax.cond(corner == corner, lambda v: v, lambda v: lax.reduce_precision(v, info.nexp, info.nmant), x)
-    return same, None
+    return _stored_once(x, lambda v: v, lambda v: lax.reduce_precision(v, info.nexp, info.nmant), x), None
 
 
 def _stored_backward(_, g):
