@@ -10,33 +10,69 @@ where a whole one was. A checkpoint that cannot be read is moved aside to ``WORK
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import gc
 import os
 import shutil
-import sys
+import warnings
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["Checkpoints", "CheckpointError"]
+__all__ = ["Checkpoints", "CheckpointError", "drained_event_loops"]
+
+
+_DRAIN_TIMEOUT_S = 60.0
+
+
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first waits for the tasks still pending on it.
+
+    Orbax reads a checkpoint's arrays as concurrent tasks and closes its loop as soon as the first read
+    fails. The other reads are then abandoned mid-flight, and each echoes to stderr later: a task
+    destroyed while pending, an exception never retrieved, or TensorStore's completion callback calling
+    into the closed loop ("Event loop is closed", printed from TensorStore's thread with a traceback).
+    Waiting for them (at most ``_DRAIN_TIMEOUT_S``; local reads take milliseconds) retrieves their
+    outcomes, so the one failure is reported once, by `Checkpoints.restore`. A callback that still
+    arrives after close, from a read that outlived the wait, is dropped.
+    """
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = asyncio.all_tasks(self)
+            if pending:
+                drained = asyncio.gather(*pending, return_exceptions=True)
+                with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                    self.run_until_complete(asyncio.wait_for(drained, _DRAIN_TIMEOUT_S))
+        super().close()
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if self.is_closed():
+            handle = asyncio.Handle(callback, args, self, context)
+            handle.cancel()
+            return handle
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    _loop_factory = _DrainingEventLoop
 
 
 @contextlib.contextmanager
-def _quiet_abandoned_reads():
-    """When one array of a checkpoint fails to read, Orbax abandons the reads of the others; Python then
-    prints each abandoned coroutine's exception as "Exception ignored in ..." with a traceback, whenever
-    the garbage collector meets it. The failure is reported once, in one sentence, by `Checkpoints.restore`;
-    these echoes are collected here, with the hook for unraisable exceptions silenced, instead."""
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: None
+def drained_event_loops():
+    """Event loops created inside this block (by Orbax, on any thread) are `_DrainingEventLoop`s."""
+    with warnings.catch_warnings():  # the policy API is deprecated from Python 3.14 on, not yet removed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(_DrainingPolicy())
     try:
         yield
     finally:
-        gc.collect()
-        sys.unraisablehook = previous
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(previous)
 
 
 class CheckpointError(RuntimeError):
@@ -73,7 +109,8 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        with drained_event_loops():
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def latest_meta(self) -> tuple[int, dict] | None:
         """``(step, meta)`` of the newest checkpoint whose meta can be read, or None when there is none.
@@ -100,7 +137,7 @@ class Checkpoints:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
         for candidate in candidates:
             try:
-                with _quiet_abandoned_reads():
+                with drained_event_loops():
                     restored = self.manager.restore(candidate, args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
                 return restored["state"], restored["meta"], candidate

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import flaxnets
-from train.checkpoint import CheckpointError, Checkpoints
+from train.checkpoint import CheckpointError, Checkpoints, drained_event_loops
 from train.step import Preprocess
 
 __all__ = ["locate", "load_variables", "predict_images", "read_images"]
@@ -60,8 +60,9 @@ def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
         metadata = manager.item_metadata(step)["state"]
         target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                                         getattr(metadata, "tree", metadata))
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                 meta=ocp.args.JsonRestore()))
+        with drained_event_loops():
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     meta=ocp.args.JsonRestore()))
     except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
         raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({type(error).__name__}).") from None
     finally:
