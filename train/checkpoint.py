@@ -56,23 +56,26 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
         return super().call_soon_threadsafe(callback, *args, context=context)
 
 
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-    _loop_factory = _DrainingEventLoop
-
-
 @contextlib.contextmanager
 def drained_event_loops():
-    """Event loops created inside this block (by Orbax, on any thread) are `_DrainingEventLoop`s."""
-    with warnings.catch_warnings():  # the policy API is deprecated from Python 3.14 on, not yet removed
+    """Event loops created inside this block (by Orbax, on any thread) are `_DrainingEventLoop`s.
+
+    Through the event loop policy, which Python deprecates from 3.14 and plans to remove in 3.16; where
+    it is gone the block changes nothing, and only the echoes described above come back.
+    """
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        previous = asyncio.get_event_loop_policy()
-        asyncio.set_event_loop_policy(_DrainingPolicy())
+        base = getattr(asyncio, "DefaultEventLoopPolicy", None)
+        previous = asyncio.get_event_loop_policy() if base is not None else None
+        if base is not None:
+            asyncio.set_event_loop_policy(type("_DrainingPolicy", (base,), {"_loop_factory": _DrainingEventLoop})())
     try:
         yield
     finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            asyncio.set_event_loop_policy(previous)
+        if previous is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                asyncio.set_event_loop_policy(previous)
 
 
 class CheckpointError(RuntimeError):
