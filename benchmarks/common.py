@@ -43,6 +43,8 @@ __all__ = [
     "parse_dtype",
     "model_for",
     "markdown_table",
+    "KERNELS",
+    "add_kernels_option",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -264,6 +266,7 @@ class Step:
     lower_s: float
     compile_s: float
     model: Any
+    cpu_kernels: bool
 
     def run(self) -> None:
         """Execute one step; a train step feeds its new (donated) state into the next call."""
@@ -290,6 +293,17 @@ class Step:
                    - stats.alias_size_in_bytes)
 
 
+# --kernels: flaxnets.cpu's kernel set and gradient fence, plain JAX, or the first exactly on a CPU backend.
+KERNELS = {"auto": None, "cpu": True, "plain": False}
+
+
+def add_kernels_option(parser: Any) -> None:
+    """``--kernels auto|cpu|plain``; ``KERNELS[args.kernels]`` is `build_step`'s ``cpu_kernels``."""
+    parser.add_argument("--kernels", choices=tuple(KERNELS), default="auto",
+                        help="flaxnets.cpu's kernel set and gradient fence ('cpu'), plain JAX ('plain'), or 'cpu' "
+                             "exactly when JAX runs on the CPU ('auto', as python -m train does)")
+
+
 def model_for(arch: str, dtype: Any, **overrides: Any):
     """The registry's model with torchvision's reference fields (GoogLeNet without auxiliary heads)."""
     import flaxnets
@@ -310,6 +324,9 @@ def build_step(
     variables: Any = None,
     compiler_options: dict[str, Any] | None = None,
     seed: int = 0,
+    cpu_kernels: bool | None = None,
+    ops: Any = None,
+    tie_gradients: bool | None = None,
 ) -> Step:
     """Compile ``arch``'s train step (``mode="train"``) or inference (``"infer"``) for one batch shape.
 
@@ -317,6 +334,9 @@ def build_step(
     over a mesh of the first ``devices`` devices and the state replicated; BatchNorm then normalises with
     the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted from torchvision)
     replace the synthetic ones. ``compiler_options`` are XLA debug options for this executable only.
+    ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
+    `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
+    ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).
     """
     import jax
     import jax.numpy as jnp
@@ -326,6 +346,7 @@ def build_step(
     import flaxnets
     from flaxnets.analysis import abstract_variables
     from train import step as steps
+    from train.optim import after_fence
 
     spec = flaxnets.get_spec(arch)
     size = spec.input_size if size is None else size
@@ -342,7 +363,12 @@ def build_step(
     if size < smallest:
         raise BenchmarkError(f"--size {size} is smaller than {arch}'s minimum input of {smallest}x{smallest} pixels.")
     jdtype = parse_dtype(dtype)
-    model = model_for(arch, jdtype)
+    if cpu_kernels is None:
+        cpu_kernels = flaxnets.cpu.is_cpu_backend()
+    if ops is None:
+        ops = flaxnets.cpu.ops() if cpu_kernels else flaxnets.layers.PLAIN
+    tie_gradients = cpu_kernels if tie_gradients is None else tie_gradients
+    model = model_for(arch, jdtype, ops=ops)
     channels = spec.in_channels
     if variables is None:
         variables = synthetic_variables(abstract_variables(model, (1, size, size, channels)), seed)
@@ -356,6 +382,8 @@ def build_step(
                                   dtype=jdtype)
     if mode == "train":
         tx = optax.sgd(1e-3, momentum=0.9)
+        if tie_gradients:
+            tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
         params = variables["params"]
         state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
@@ -376,7 +404,7 @@ def build_step(
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     compile_s = time.perf_counter() - start
-    return Step(arch, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model)
+    return Step(arch, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, cpu_kernels)
 
 
 # ------------------------------------------------------------------------------------------------------

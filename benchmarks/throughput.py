@@ -25,8 +25,8 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, environment, markdown_table, measure, mfu, peak_rss_bytes,
-                               peak_tflops, run_cli, write_results)
+from benchmarks.common import (KERNELS, BenchmarkError, add_kernels_option, environment, markdown_table, measure, mfu,
+                               peak_rss_bytes, peak_tflops, run_cli, write_results)
 
 __all__ = ["model_flops", "throughput_row", "main"]
 
@@ -47,13 +47,14 @@ def model_flops(arch: str, mode: str, batch: int, size: int | None = None) -> fl
 
 def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
                    devices: int = 1, repeats: int = 5, warmup: int = 2, steps: int = 1,
-                   peak: float | None = None, log=print) -> dict[str, Any]:
-    """Compile and time one configuration; return its result row (every number with its conditions)."""
+                   peak: float | None = None, cpu_kernels: bool | None = None, log=print) -> dict[str, Any]:
+    """Compile and time one configuration; return its result row (every number with its conditions).
+    ``cpu_kernels`` as for `benchmarks.common.build_step`."""
     import jax
 
     from benchmarks.common import build_step
 
-    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices)
+    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels)
     log(f"{arch} {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
 
     def call():
@@ -69,7 +70,7 @@ def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None,
     cost = step.cost()
     row = {
         "arch": arch, "mode": mode, "batch": batch, "size": step.size, "dtype": dtype, "devices": devices,
-        "device": device.device_kind,
+        "device": device.device_kind, "cpu_kernels": step.cpu_kernels,
         "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
         "ms_per_step": round(median * 1e3, 3), "ms_min": round(min(per_step) * 1e3, 3),
         "ms_max": round(max(per_step) * 1e3, 3),
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, per device")
+    add_kernels_option(parser)
     parser.add_argument("--tag", default=None, help="results file suffix (default: from the arguments)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     return parser
@@ -140,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = args.batch or (16 if jax.devices()[0].platform == "cpu" else 256)
         modes = ("train", "infer") if args.mode == "both" else (args.mode,)
         rows = [throughput_row(arch, mode, batch, size=args.size, dtype=args.dtype, devices=args.devices,
-                               repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops)
+                               repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops,
+                               cpu_kernels=KERNELS[args.kernels])
                 for arch in archs for mode in modes]
         print(markdown_table(rows, COLUMNS))
         if not args.no_write:

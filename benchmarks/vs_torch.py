@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import BenchmarkError, environment, run_cli, write_results
+from benchmarks.common import KERNELS, BenchmarkError, add_kernels_option, environment, run_cli, write_results
 
 __all__ = ["load_torch", "compare", "main"]
 
@@ -70,8 +70,11 @@ def _torch_model(torchvision: Any, arch: str, torch: Any):
 
 
 def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: int = 1,
-            compiler_options: dict[str, Any] | None = None, log=print) -> dict[str, Any]:
-    """Time ``arch``'s ``mode`` step in PyTorch and flaxnets, alternating; return one result row."""
+            compiler_options: dict[str, Any] | None = None, log=print,
+            cpu_kernels: bool | None = None) -> dict[str, Any]:
+    """Time ``arch``'s ``mode`` step in PyTorch and flaxnets, alternating; return one result row.
+
+    ``cpu_kernels`` as for `benchmarks.common.build_step` (`None`: on when JAX runs on the CPU)."""
     import jax
     import numpy as np
 
@@ -83,7 +86,8 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
         raise RuntimeError(reason)
     tmodel = _torch_model(torchvision, arch, torch)
     variables = from_torch(arch, tmodel.state_dict())  # GoogLeNet: no auxiliary heads, as the checkpoint
-    step = build_step(arch, mode, batch, size=size, variables=variables, compiler_options=compiler_options)
+    step = build_step(arch, mode, batch, size=size, variables=variables, compiler_options=compiler_options,
+                      cpu_kernels=cpu_kernels)
     log(f"{arch} {mode}: flaxnets compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
 
     images_u8 = np.asarray(step.args[1]["image"] if mode == "train" else step.args[1])
@@ -124,6 +128,7 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
     pairs = sorted(a / b for a, b in zip(torch_times, flax_times))
     row = {
         "arch": arch, "mode": mode, "batch": batch, "size": size, "repeats": repeats,
+        "cpu_kernels": step.cpu_kernels,
         "torch_ms": round(t.median * 1e3, 1), "torch_min_ms": round(t.min * 1e3, 1),
         "torch_max_ms": round(t.max * 1e3, 1),
         "flax_ms": round(f.median * 1e3, 1), "flax_min_ms": round(f.min * 1e3, 1), "flax_max_ms": round(f.max * 1e3, 1),
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--xla-option", type=_option, action="append", default=[], metavar="NAME=VALUE",
                         help="an XLA debug option for the flaxnets executable only (repeatable)")
+    add_kernels_option(parser)
     parser.add_argument("--tag", default="", help="suffix of the results files")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     return parser
@@ -191,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         modes = ("train", "infer") if args.mode == "both" else (args.mode,)
         options = dict(args.xla_option)
-        rows = [compare(arch, mode, args.batch, args.size, args.repeats, args.warmup, options or None)
+        rows = [compare(arch, mode, args.batch, args.size, args.repeats, args.warmup, options or None,
+                        cpu_kernels=KERNELS[args.kernels])
                 for arch in archs for mode in modes]
         conditions = {**environment(), "torch": torch.__version__, "command": "python -m benchmarks.vs_torch "
                       + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -43,7 +43,7 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 def checks_input_size(call: Callable) -> Callable:
-    """Decorate a model's ``__call__(self, x, *, train)`` so a too-small ``x`` gets a clear ValueError.
+    """Decorate a model's ``__call__(self, x, train)`` so a too-small ``x`` gets a clear ValueError.
 
     The error names the smallest square side the model accepts (for the channels of ``x``). Errors on
     inputs at least that large are re-raised untouched: the guard never hides a real bug.

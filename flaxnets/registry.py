@@ -52,10 +52,16 @@ class ModelSpec:
     description: str = ""
     reference_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def num_features(self) -> int | None:
+        """Width of the pooled features the architecture returns with ``num_classes=0`` (its defaults)."""
+        return self.build(num_classes=self.num_classes).num_features
+
     def info(self) -> dict[str, Any]:
         """The spec as a plain dict (without the constructor), for printing and JSON."""
         out = dataclasses.asdict(self)
         del out["build"]
+        out["num_features"] = self.num_features
         return out
 
 
@@ -99,35 +105,52 @@ def model_info(name: str) -> dict[str, Any]:
 
 def create_model(
     name: str,
+    /,
     *,
     num_classes: int,
     dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
     bn_axis_name: str | None = None,
+    cpu_kernels: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build the architecture registered as ``name``.
 
     Args:
-      name: a name from `list_models`.
-      num_classes: width of the returned logits.
-      dtype: computation dtype (``jnp.bfloat16`` for mixed precision); parameters stay float32.
+      name: a name from `list_models` (positional only, so ``name=`` reaches the module).
+      num_classes: width of the returned logits; 0 builds the model without its class layer, which
+        returns its pooled features ``(N, module.num_features)`` instead (timm's convention).
+      dtype: computation dtype (``jnp.bfloat16`` for mixed precision).
+      param_dtype: dtype of the parameters and BatchNorm statistics (raised to at least float32 for the
+        statistics); ``jnp.float64`` under ``jax_enable_x64`` gives a float64 model end to end.
       bn_axis_name: the device axis over which BatchNorm averages its statistics under
         ``shard_map``/``pmap``; ``None`` under plain ``jit``. Models without BatchNorm accept and ignore it.
-      **overrides: fields of the model's module (e.g. ``zero_init_residual=True``, ``aux_logits=False``).
+      cpu_kernels: build convolutions, dense layers and max pooling from `flaxnets.cpu.ops`, whose
+        gradients XLA's CPU backend runs faster; they do not support forward-mode differentiation.
+        Off by default: the model is then plain JAX, for every transformation and backend.
+      **overrides: fields of the model's module (e.g. ``zero_init_residual=True``, ``aux_logits=False``,
+        ``name="backbone"``, ``ops=...``).
 
     Returns:
-      An unbound ``flax.linen`` module; ``module.apply(variables, images_nhwc, train=...)`` gives logits
-      of shape ``(N, num_classes)``.
+      An unbound ``flax.linen`` module; ``module.apply(variables, images_nhwc, train)`` gives logits of
+      shape ``(N, num_classes)`` in ``promote_types(dtype, float32)``.
     """
     spec = get_spec(name)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise ValueError(f"num_classes must be a non-negative integer (0 for the model without its class "
+                         f"layer), got {num_classes!r}.")
+    if cpu_kernels:
+        if "ops" in overrides:
+            raise ValueError("give either cpu_kernels=True or ops=..., not both.")
+        from flaxnets.cpu import ops  # the opt-in seam: nothing else in the library reaches flaxnets.cpu
+
+        overrides["ops"] = ops()
     try:
-        return spec.build(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name, **overrides)
+        return spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
+                          **overrides)
     except TypeError as err:
-        probe = spec.build(num_classes=num_classes)
         fields = sorted(
-            f.name for f in dataclasses.fields(probe) if f.init and f.name not in ("parent", "name")
+            f.name for f in dataclasses.fields(spec.build(num_classes=num_classes)) if f.init and f.name != "parent"
         )
         unknown = sorted(set(overrides) - set(fields))
         if not unknown:

@@ -29,7 +29,7 @@ from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError
 from train.data import Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_dataset
 from train.feed import make_feed
-from train.optim import make_optimizer
+from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, host, make_driver
 from train.report import Reporter
 
@@ -202,8 +202,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence: same numbers, faster steps.
+    cpu = flaxnets.cpu.is_cpu_backend()
     model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                                  **overrides)
+                                  cpu_kernels=cpu, **overrides)
     in_memory = isinstance(data, Dataset)  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if in_memory else 0, flip=data.flip and in_memory,
@@ -216,6 +218,8 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         labels = lambda params: jax.tree_util.tree_map(lambda head: "head" if head else "frozen",
                                                        head_mask(config.arch, params))
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
+    if cpu:
+        tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
     return Run(config, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
 

@@ -13,7 +13,7 @@ import optax
 
 from train.config import Config
 
-__all__ = ["make_schedule", "make_optimizer", "decay_mask"]
+__all__ = ["make_schedule", "make_optimizer", "decay_mask", "after_fence"]
 
 
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -61,3 +61,16 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.Gradient
     else:  # adamw
         parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def after_fence(fence: optax.GradientTransformation, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` applied to the gradients after the stateless ``fence`` (`flaxnets.cpu.tie_gradients`).
+
+    Unlike ``optax.chain(fence, tx)`` the state is ``tx``'s alone, so a checkpoint has the same structure
+    whether or not the run used the fence: a CPU run resumes on a GPU and the other way round.
+    """
+    def update(updates, state, params=None):
+        updates, _ = fence.update(updates, fence.init(params), params)
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(tx.init, update)

@@ -23,8 +23,6 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from flaxnets.layers import cpu_gradients
-
 __all__ = ["TrainState", "Preprocess", "train_step", "eval_step", "cross_entropy"]
 
 
@@ -105,28 +103,6 @@ def _example_keys(rng: jnp.ndarray, step: jnp.ndarray, indices: jnp.ndarray) -> 
     return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(indices)
 
 
-def _after_every_gradient(grads: Any) -> Any:
-    """``grads`` unchanged, each leaf now depending on every leaf: added to ``-0.0`` (an exact identity
-    for every float, signed zeros, infinities and NaN included) computed from all their first elements.
-
-    With the state donated, XLA updates each parameter in place, and a parameter that the backward pass
-    also reads where nothing orders that read before the update (a dense layer's input gradient reads
-    its kernel) is first copied: 151 MB for AlexNet's first dense layer, eight such copies per step.
-    `lax.optimization_barrier` would order them but XLA's CPU compiler drops it before copy insertion.
-    A value that depends on every gradient does order them, since the last gradient computed depends on
-    the whole backward pass. AlexNet train step, batch 32, alternating in one process: 985 -> 912 ms
-    (medians of 12). The value goes through a conditional so that no branch multiplies a non-finite
-    number by zero.
-    """
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(grads) if leaf.size]
-    if not leaves:
-        return grads
-    firsts = jnp.stack([leaf.reshape(-1)[0].astype(jnp.float32) for leaf in leaves])
-    tie = lax.cond(jnp.all(jnp.isfinite(firsts)), lambda f: -(0.0 * jnp.max(jnp.abs(f))),
-                   lambda f: jnp.float32(-0.0), firsts)
-    return jax.tree_util.tree_map(lambda g: g + tie.astype(g.dtype), grads)
-
-
 def train_step(
     state: TrainState,
     batch: dict[str, jnp.ndarray],
@@ -163,8 +139,6 @@ def train_step(
     grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = lax.pmean(grads, axis_name)
-    if cpu_gradients():
-        grads = _after_every_gradient(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

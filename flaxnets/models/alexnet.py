@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, Conv, Dense, LocalResponseNorm, MaxPool, padding
+from flaxnets.layers import PLAIN, AdaptiveAvgPool, LocalResponseNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["AlexNet", "AlexNetPaper", "AlexNetSmall"]
@@ -19,14 +19,18 @@ __all__ = ["AlexNet", "AlexNetPaper", "AlexNetSmall"]
 _PAPER = "Krizhevsky, Sutskever, Hinton, ImageNet Classification with Deep CNNs, NeurIPS 2012"
 
 
-def _classifier(module: nn.Module, x: jnp.ndarray, hidden: tuple[int, ...], dropout: float, train: bool):
-    """Dropout before each hidden dense layer (torchvision's order), ReLU after, then the class layer."""
+def _classifier(module: nn.Module, x: jnp.ndarray, hidden: tuple[int, ...], dropout: float, train: bool
+                ) -> jnp.ndarray:
+    """Dropout before each hidden dense layer (torchvision's order), ReLU after, then the class layer
+    (none when ``module.num_classes`` is 0: the last hidden layer's features are returned)."""
+    dense = partial(module.ops.dense, dtype=module.dtype, param_dtype=module.param_dtype)
     x = x.reshape((x.shape[0], -1))
     for index, width in enumerate(hidden):
         x = nn.Dropout(dropout, deterministic=not train, name=f"dropout{index + 1}")(x)
-        x = nn.relu(Dense(width, dtype=module.dtype, name=f"fc{index + 1}")(x))
-    x = Dense(module.num_classes, dtype=module.dtype, name=f"fc{len(hidden) + 1}")(x)
-    return x.astype(jnp.float32)
+        x = nn.relu(dense(width, name=f"fc{index + 1}")(x))
+    if module.num_classes:
+        x = dense(module.num_classes, name=f"fc{len(hidden) + 1}")(x)
+    return x.astype(jnp.promote_types(module.dtype, jnp.float32))
 
 
 class AlexNet(nn.Module):
@@ -42,20 +46,28 @@ class AlexNet(nn.Module):
     num_classes: int = 1000
     dropout: float = 0.5
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: the last hidden dense layer's."""
+        return 4096
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(Conv, dtype=self.dtype)
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        pool = self.ops.max_pool
         x = nn.relu(conv(64, (11, 11), 4, padding=padding(2), name="conv1")(x))
-        x = MaxPool(3, 2, name="pool1")(x)
+        x = pool(3, 2, name="pool1")(x)
         x = nn.relu(conv(192, (5, 5), padding=padding(2), name="conv2")(x))
-        x = MaxPool(3, 2, name="pool2")(x)
+        x = pool(3, 2, name="pool2")(x)
         x = nn.relu(conv(384, (3, 3), padding=padding(1), name="conv3")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), name="conv4")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), name="conv5")(x))
-        x = MaxPool(3, 2, name="pool5")(x)
+        x = pool(3, 2, name="pool5")(x)
         x = AdaptiveAvgPool(6, name="avgpool")(x)
         return _classifier(self, x, (4096, 4096), self.dropout, train)
 
@@ -80,29 +92,39 @@ class AlexNetPaper(nn.Module):
     dropout: float = 0.5
     bias_one: bool = False
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: the last hidden dense layer's."""
+        return 4096
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         one = nn.initializers.ones if self.bias_one else nn.initializers.zeros
         gauss = nn.initializers.normal(0.01)  # section 5: weights from N(0, 0.01^2)
-        conv = partial(Conv, dtype=self.dtype, kernel_init=gauss)
+        conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=gauss)
+        dense = partial(self.ops.dense, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=gauss)
+        pool = self.ops.max_pool
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(96, (11, 11), 4, padding="VALID", name="conv1")(x))
-        x = MaxPool(3, 2, name="pool1")(lrn(name="lrn1")(x))
+        x = pool(3, 2, name="pool1")(lrn(name="lrn1")(x))
         x = nn.relu(conv(256, (5, 5), padding=padding(2), bias_init=one, name="conv2")(x))
-        x = MaxPool(3, 2, name="pool2")(lrn(name="lrn2")(x))
+        x = pool(3, 2, name="pool2")(lrn(name="lrn2")(x))
         x = nn.relu(conv(384, (3, 3), padding=padding(1), name="conv3")(x))
         x = nn.relu(conv(384, (3, 3), padding=padding(1), bias_init=one, name="conv4")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), bias_init=one, name="conv5")(x))
-        x = MaxPool(3, 2, name="pool5")(x)
+        x = pool(3, 2, name="pool5")(x)
         x = x.reshape((x.shape[0], -1))
         for index in (1, 2):
-            x = Dense(4096, dtype=self.dtype, kernel_init=gauss, bias_init=one, name=f"fc{index}")(x)
+            x = dense(4096, bias_init=one, name=f"fc{index}")(x)
             x = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index}")(nn.relu(x))
-        x = Dense(self.num_classes, dtype=self.dtype, kernel_init=gauss, name="fc3")(x)
-        return x.astype(jnp.float32)
+        if self.num_classes:
+            x = dense(self.num_classes, name="fc3")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 class AlexNetSmall(nn.Module):
@@ -117,20 +139,28 @@ class AlexNetSmall(nn.Module):
     num_classes: int = 10
     dropout: float = 0.5
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: the last hidden dense layer's."""
+        return 512
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(Conv, dtype=self.dtype)
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        pool = self.ops.max_pool
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(48, (7, 7), 2, padding=padding(3), name="conv1")(x))
-        x = MaxPool(3, 2, padding=1, name="pool1")(lrn(name="lrn1")(x))
+        x = pool(3, 2, padding=1, name="pool1")(lrn(name="lrn1")(x))
         x = nn.relu(conv(128, (5, 5), padding=padding(2), name="conv2")(x))
-        x = MaxPool(3, 2, padding=1, name="pool2")(lrn(name="lrn2")(x))
+        x = pool(3, 2, padding=1, name="pool2")(lrn(name="lrn2")(x))
         for index in (3, 4, 5):
             x = nn.relu(conv(192, (3, 3), padding=padding(1), name=f"conv{index}")(x))
-        x = MaxPool(3, 2, padding=1, name="pool5")(x)
+        x = pool(3, 2, padding=1, name="pool5")(x)
         return _classifier(self, x, (512, 512), self.dropout, train)
 
 

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import (AdaptiveAvgPool, AvgPool, BatchNorm, Conv, Dense, GlobalAvgPool, LocalResponseNorm,
-                             MaxPool, padding)
+from flaxnets.layers import (PLAIN, AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, Ops,
+                             padding)
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "AUX_LOSS_WEIGHT", "collect_aux_logits"]
@@ -57,13 +57,13 @@ class ConvUnit(nn.Module):
     kernel: int
     strides: int = 1
     pad: int = 0
+    conv: ModuleDef = nn.Conv
     norm: ModuleDef | None = None
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                 use_bias=self.norm is None, kernel_init=_init, dtype=self.dtype, name="conv")(x)
+        x = self.conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
+                      use_bias=self.norm is None, kernel_init=_init, name="conv")(x)
         if self.norm is not None:
             x = self.norm(name="bn")(x)
         return nn.relu(x)
@@ -75,6 +75,7 @@ class Inception(nn.Module):
 
     config: InceptionConfig
     unit: ModuleDef
+    pool: ModuleDef
     wide_kernel: int = 5
 
     @nn.compact
@@ -84,7 +85,7 @@ class Inception(nn.Module):
         b2 = self.unit(c.c3, 3, pad=1, name="branch2_1")(self.unit(c.c3_reduce, 1, name="branch2_0")(x))
         b3 = self.unit(c.c5_reduce, 1, name="branch3_0")(x)
         b3 = self.unit(c.c5, self.wide_kernel, pad=self.wide_kernel // 2, name="branch3_1")(b3)
-        b4 = MaxPool(3, 1, padding=1, ceil_mode=True, name="branch4_0")(x)
+        b4 = self.pool(3, 1, padding=1, ceil_mode=True, name="branch4_0")(x)
         b4 = self.unit(c.pool_proj, 1, name="branch4_1")(b4)
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
@@ -94,9 +95,9 @@ class AuxClassifier(nn.Module):
 
     num_classes: int
     unit: ModuleDef
+    dense: ModuleDef
     pool: Literal["adaptive", "paper"]
     dropout: float
-    dtype: Any
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -106,10 +107,12 @@ class AuxClassifier(nn.Module):
             x = AdaptiveAvgPool(4, name="pool")(x)
         x = self.unit(128, 1, name="conv")(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.relu(Dense(1024, kernel_init=_init, dtype=self.dtype, name="fc1")(x))
+        x = nn.relu(self.dense(1024, name="fc1")(x))
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        logits = Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc2")(x)
-        self.sow("aux_logits", "logits", logits.astype(jnp.float32))
+        logits = self.dense(self.num_classes, name="fc2")(x)
+        # Only a training apply records them: `init` then returns no "aux_logits" collection.
+        if train and not self.is_initializing():
+            self.sow("aux_logits", "logits", logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
 
 
 class GoogLeNet(nn.Module):
@@ -126,8 +129,10 @@ class GoogLeNet(nn.Module):
     The auxiliary logits are not returned: with ``train=True`` they are sown into the ``"aux_logits"``
     collection (apply with ``mutable=["aux_logits", ...]`` and read them with `collect_aux_logits`; the
     paper weights their losses by `AUX_LOSS_WEIGHT`). Their parameters exist whenever ``aux_logits`` is
-    set, so a checkpoint does not depend on the mode it was initialised in. ``transform_input`` re-maps
-    ImageNet-normalised input to the (x - 0.5) / 0.5 normalisation torchvision's pretrained weights expect.
+    set, so a checkpoint does not depend on the mode it was initialised in, and ``init`` returns only
+    ``params`` and ``batch_stats``. With ``num_classes=0`` there are no auxiliary heads and the model
+    returns the 1024 pooled features (after the dropout). ``transform_input`` re-maps ImageNet-normalised
+    input to the (x - 0.5) / 0.5 normalisation torchvision's pretrained weights expect.
     """
 
     num_classes: int = 1000
@@ -140,49 +145,62 @@ class GoogLeNet(nn.Module):
     aux_dropout: float = 0.7
     transform_input: bool = False
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: inception5b's output channels."""
+        c = INCEPTIONS["5b"]
+        return c.c1 + c.c3 + c.c5 + c.pool_proj
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.transform_input:
             mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
             x = x * (std / 0.5) + (mean - 0.5) / 0.5
         norm = None
         if self.batch_norm:
             norm = partial(BatchNorm, use_running_average=not train, epsilon=1e-3, dtype=self.dtype,
-                           axis_name=self.bn_axis_name)
-        unit = partial(ConvUnit, norm=norm, dtype=self.dtype)
+                           param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
+        conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = partial(self.ops.dense, kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        pool = self.ops.max_pool
+        unit = partial(ConvUnit, conv=conv, norm=norm)
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=1.0, convention="torch")
-        inception = partial(Inception, unit=unit, wide_kernel=self.wide_kernel)
-        aux = partial(AuxClassifier, self.num_classes, unit, self.aux_pool, self.aux_dropout, self.dtype)
-        with_aux = self.aux_logits and (train or self.is_initializing())
+        inception = partial(Inception, unit=unit, pool=pool, wide_kernel=self.wide_kernel)
+        aux = partial(AuxClassifier, self.num_classes, unit, dense, self.aux_pool, self.aux_dropout)
+        # Heads are built at initialisation (so the parameters never depend on the mode) and run when training.
+        with_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
 
         x = unit(64, 7, 2, 3, name="conv1")(x)
-        x = MaxPool(3, 2, ceil_mode=True, name="maxpool1")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool1")(x)
         if self.lrn:
             x = lrn(name="lrn1")(x)
         x = unit(64, 1, name="conv2")(x)
         x = unit(192, 3, pad=1, name="conv3")(x)
         if self.lrn:
             x = lrn(name="lrn2")(x)
-        x = MaxPool(3, 2, ceil_mode=True, name="maxpool2")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool2")(x)
         x = inception(INCEPTIONS["3a"], name="inception3a")(x)
         x = inception(INCEPTIONS["3b"], name="inception3b")(x)
-        x = MaxPool(3, 2, ceil_mode=True, name="maxpool3")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool3")(x)
         for stage in ("4a", "4b", "4c", "4d", "4e"):
             x = inception(INCEPTIONS[stage], name=f"inception{stage}")(x)
             head = {"4a": "aux1", "4d": "aux2"}.get(stage)
             if head and with_aux:
                 aux(name=head)(x, train)
-        x = MaxPool(2, 2, ceil_mode=True, name="maxpool4")(x)
+        x = pool(2, 2, ceil_mode=True, name="maxpool4")(x)
         x = inception(INCEPTIONS["5a"], name="inception5a")(x)
         x = inception(INCEPTIONS["5b"], name="inception5b")(x)
         # The paper's 7x7/1 average pool equals a global one at 224x224 and generalises to other sizes.
         x = GlobalAvgPool(name="avgpool")(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name="fc")(x)
-        return x.astype(jnp.float32)
+        if self.num_classes:
+            x = dense(self.num_classes, name="fc")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
 def collect_aux_logits(mutated: dict) -> list[jnp.ndarray]:
@@ -193,7 +211,6 @@ def collect_aux_logits(mutated: dict) -> list[jnp.ndarray]:
     """
     heads = mutated.get("aux_logits", {})
     return [heads[name]["logits"][-1] for name in sorted(heads)]
-
 
 _PAPER = "Szegedy et al., Going Deeper with Convolutions, CVPR 2015 (arXiv:1409.4842)"
 register(

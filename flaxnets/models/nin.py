@@ -4,13 +4,14 @@ form the Dive into Deep Learning book builds (section 8.3).
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import Conv, GlobalAvgPool, MaxPool, padding
+from flaxnets.layers import PLAIN, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["NiN", "NiNBlock"]
@@ -24,16 +25,16 @@ class NiNBlock(nn.Module):
 
     features: int
     kernel: int
+    conv: Callable[..., nn.Module]
     strides: int = 1
     pad: int = 0
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(Conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                         dtype=self.dtype, name="conv")(x))
-        x = nn.relu(Conv(self.features, (1, 1), dtype=self.dtype, name="mlp1")(x))
-        return nn.relu(Conv(self.features, (1, 1), dtype=self.dtype, name="mlp2")(x))
+        x = nn.relu(self.conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
+                              name="conv")(x))
+        x = nn.relu(self.conv(self.features, (1, 1), name="mlp1")(x))
+        return nn.relu(self.conv(self.features, (1, 1), name="mlp2")(x))
 
 
 class NiN(nn.Module):
@@ -43,27 +44,37 @@ class NiN(nn.Module):
 
     Departures, following d2l: AlexNet-sized first layers for 224x224 ImageNet input (the paper's ImageNet
     model is not fully specified), and, as in d2l and the paper's own code, a ReLU on the class maps
-    before the average, so logits are non-negative.
+    before the average, so logits are non-negative. With ``num_classes=0`` the class block is left out:
+    the model returns the global average of the third block's 384 maps (after the dropout).
     """
 
     num_classes: int = 1000
     dropout: float = 0.5
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: the third block's channels."""
+        return 384
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        x = NiNBlock(96, 11, 4, 0, dtype=self.dtype, name="block1")(x)
-        x = MaxPool(3, 2, name="pool1")(x)
-        x = NiNBlock(256, 5, 1, 2, dtype=self.dtype, name="block2")(x)
-        x = MaxPool(3, 2, name="pool2")(x)
-        x = NiNBlock(384, 3, 1, 1, dtype=self.dtype, name="block3")(x)
-        x = MaxPool(3, 2, name="pool3")(x)
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        block = partial(NiNBlock, conv=partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype))
+        pool = self.ops.max_pool
+        x = block(96, 11, strides=4, pad=0, name="block1")(x)
+        x = pool(3, 2, name="pool1")(x)
+        x = block(256, 5, pad=2, name="block2")(x)
+        x = pool(3, 2, name="pool2")(x)
+        x = block(384, 3, pad=1, name="block3")(x)
+        x = pool(3, 2, name="pool3")(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
-        x = NiNBlock(self.num_classes, 3, 1, 1, dtype=self.dtype, name="block4")(x)
-        return GlobalAvgPool(name="avgpool")(x).astype(jnp.float32)
-
+        if self.num_classes:
+            x = block(self.num_classes, 3, pad=1, name="block4")(x)
+        return GlobalAvgPool(name="avgpool")(x).astype(jnp.promote_types(self.dtype, jnp.float32))
 
 register(
     ModelSpec(

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, padding
+from flaxnets.layers import PLAIN, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -95,25 +95,34 @@ class ResNet(nn.Module):
     width: int = 64
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int:
+        """Width of the features returned with ``num_classes=0``: the last stage's output channels."""
+        return self.width * 2 ** (len(self.stage_sizes) - 1) * self.block.expansion
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        conv = partial(Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = partial(self.ops.conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                       param_dtype=self.param_dtype)
         norm = partial(
             BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=1e-5,
             dtype=self.dtype,
+            param_dtype=self.param_dtype,
             axis_name=self.bn_axis_name,
         )
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), 2, padding=padding(3), name="conv1")(x)
             x = nn.relu(norm(name="bn1")(x))
-            x = MaxPool(3, 2, padding=1, name="maxpool")(x)
+            x = self.ops.max_pool(3, 2, padding=1, name="maxpool")(x)
         elif self.stem == "cifar":
             x = conv(self.width, (3, 3), padding=padding(1), name="conv1")(x)
             x = nn.relu(norm(name="bn1")(x))
@@ -130,9 +139,10 @@ class ResNet(nn.Module):
                     name=f"layer{stage + 1}_{index}",
                 )(x)
         x = GlobalAvgPool(name="avgpool")(x)
-        x = Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name="fc")(x)
-        return x.astype(jnp.float32)
-
+        if self.num_classes:
+            x = self.ops.dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
+                               param_dtype=self.param_dtype, name="fc")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 _PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 _DEPTHS = {

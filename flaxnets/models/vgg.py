@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets.input_size import checks_input_size
-from flaxnets.layers import AdaptiveAvgPool, BatchNorm, Conv, Dense, MaxPool, padding
+from flaxnets.layers import PLAIN, AdaptiveAvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["VGG", "CONFIGS"]
@@ -48,33 +48,47 @@ class VGG(nn.Module):
     pool_size: tuple[int, int] | None = (7, 7)
     dropout: float = 0.5
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    ops: Ops = PLAIN
+
+    @property
+    def num_features(self) -> int | None:
+        """Width of the features returned with ``num_classes=0``: the last hidden dense layer's, or the
+        flattened maps' without hidden layers (`None` when that depends on the input size)."""
+        if self.hidden:
+            return self.hidden[-1]
+        channels = [layer for layer in self.config if layer != "M"][-1]
+        return channels * self.pool_size[0] * self.pool_size[1] if self.pool_size is not None else None
 
     @nn.compact
     @checks_input_size
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        conv = partial(self.ops.conv, kernel_size=(3, 3), padding=padding(1), kernel_init=conv_init,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = partial(self.ops.dense, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                       axis_name=self.bn_axis_name)
         conv_index, pool_index = 0, 0
         for layer in self.config:
             if layer == "M":
                 pool_index += 1
-                x = MaxPool(2, 2, name=f"pool{pool_index}")(x)
+                x = self.ops.max_pool(2, 2, name=f"pool{pool_index}")(x)
                 continue
             conv_index += 1
-            x = Conv(layer, (3, 3), padding=padding(1), kernel_init=conv_init, dtype=self.dtype,
-                     name=f"conv{conv_index}")(x)
+            x = conv(layer, name=f"conv{conv_index}")(x)
             if self.batch_norm:
-                x = BatchNorm(use_running_average=not train, dtype=self.dtype, axis_name=self.bn_axis_name,
-                              name=f"bn{conv_index}")(x)
+                x = norm(name=f"bn{conv_index}")(x)
             x = nn.relu(x)
         if self.pool_size is not None:
             x = AdaptiveAvgPool(self.pool_size, name="avgpool")(x)
         x = x.reshape((x.shape[0], -1))
         for index, width in enumerate(self.hidden):
-            x = nn.relu(Dense(width, kernel_init=dense_init, dtype=self.dtype, name=f"fc{index + 1}")(x))
+            x = nn.relu(dense(width, name=f"fc{index + 1}")(x))
             x = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index + 1}")(x)
-        x = Dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype, name=f"fc{len(self.hidden) + 1}")(x)
-        return x.astype(jnp.float32)
-
+        if self.num_classes:
+            x = dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
+        return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 _PAPER = "Simonyan and Zisserman, Very Deep Convolutional Networks, ICLR 2015 (arXiv:1409.1556)"
 # torchvision's published numbers: (params, params with BN, GFLOPS, top-1, top-1 with BN).
