@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, costs, flops, profile, throughput, vs_torch
+from benchmarks import common, costs, cpu_kernels, flops, profile, throughput, vs_torch
 from flaxnets.analysis import abstract_variables, count_params, trace_layers
 
 
@@ -114,7 +114,16 @@ def test_lenet5_throughput_row_is_well_formed(tmp_path):
     assert parsed["device"] == "cpu" and float(parsed["images_per_s"]) == row["images_per_s"]
 
 
+def test_cpu_kernel_variants_are_timed_side_by_side():
+    rows = cpu_kernels.compare_variants("lenet5_bn", 4, None, repeats=2, warmup=0, log=lambda *_: None)
+    assert [row["variant"] for row in rows] == list(cpu_kernels.VARIANTS)
+    assert all(row["ms_min"] <= row["ms"] <= row["ms_max"] and row["repeats"] == 2 for row in rows)
+    assert next(row for row in rows if row["variant"] == "cpu")["cpu_speedup"] == 1.0
+
+
 @pytest.mark.parametrize("module,argv,needle", [
+    (cpu_kernels, ["--arch", "lenet5", "--batch", "0"], "--batch"),
+    (throughput, ["--arch", "lenet5", "--kernels", "plain", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "resnet5O"], "unknown model"),
     (throughput, ["--arch", "lenet5", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "lenet5", "--devices", "999"], "--devices"),
@@ -138,48 +147,3 @@ def test_vs_torch_keeps_the_maths_of_torchvision():
         row["torch_ms"] / row["flax_ms"], rel=0.01)
     assert 0 < row["speed_pairs_min"] <= row["speed_pairs_median"] <= row["speed_pairs_max"]
 
-
-@pytest.mark.parametrize("kwargs", [dict(window=3, stride=2, padding=1), dict(window=3, stride=2, ceil_mode=True),
-                                    dict(window=3, stride=1, padding=1, ceil_mode=True), dict(window=2, stride=2)])
-def test_max_pool_gradient_equals_select_and_scatter(kwargs):
-    """The max-pool gradient rewritten for speed on CPU routes each window's gradient to its first maximum,
-    exactly as XLA's select-and-scatter does, ties included (ReLU outputs are full of tied zeros)."""
-    from flaxnets import layers
-
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(np.maximum(rng.standard_normal((2, 9, 10, 3)), 0).astype(np.float32))
-    pool = layers.MaxPool(**kwargs)
-    y, vjp = jax.vjp(lambda v: pool.apply({}, v), x)
-    cotangent = jnp.asarray(rng.standard_normal(y.shape).astype(np.float32))
-    original = layers._max_pool
-    try:
-        layers._max_pool = layers._max_pool_reference  # reduce_window, differentiated by select-and-scatter
-        y_ref, vjp_ref = jax.vjp(lambda v: pool.apply({}, v), x)
-    finally:
-        layers._max_pool = original
-    np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("stride,pad,kernel", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, "VALID", 5)])
-def test_conv_kernel_gradient_on_cpu_equals_xla(stride, pad, kernel):
-    """The im2col kernel gradient that replaces XLA's on CPU gives the same gradients to float32 rounding."""
-    import flax.linen as nn
-
-    from flaxnets import layers
-
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, 9, 9, 32)).astype(np.float32))
-    padding = layers.padding(pad) if isinstance(pad, int) else pad
-    fast = nn.Conv(16, (kernel, kernel), stride, padding=padding, conv_general_dilated=layers.conv_general_dilated)
-    plain = nn.Conv(16, (kernel, kernel), stride, padding=padding)
-    variables = plain.init(jax.random.key(0), x)
-
-    def grads(module):
-        return jax.grad(lambda v, x: (module.apply(v, x) ** 2).sum(), argnums=(0, 1))(variables, x)
-
-    (fast_v, fast_x), (plain_v, plain_x) = grads(fast), grads(plain)
-    np.testing.assert_array_equal(fast.apply(variables, x), plain.apply(variables, x))
-    np.testing.assert_array_equal(fast_x, plain_x)
-    kernel_ref = plain_v["params"]["kernel"]
-    np.testing.assert_allclose(fast_v["params"]["kernel"], kernel_ref, rtol=0, atol=1e-5 * float(jnp.abs(kernel_ref).max()))
