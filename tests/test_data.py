@@ -171,6 +171,89 @@ def test_folder_with_train_and_val_and_a_file_truncated_after_its_header(tmp_pat
     assert all(image.shape == (120, 120, 3) for image in images)
 
 
+# -- validation splits ------------------------------------------------------------------------------------
+def test_stratified_holdout_takes_each_class_share_with_a_fixed_seed():
+    from train.data import stratified_holdout
+
+    labels = np.repeat(np.arange(4), [100, 50, 10, 1])  # and one class with a single example
+    held = stratified_holdout(labels, 0.2, seed=3)
+    assert [int((labels[held] == c).sum()) for c in range(4)] == [20, 10, 2, 0]
+    np.testing.assert_array_equal(held, stratified_holdout(labels, 0.2, seed=3))  # every process, every resume
+    assert not np.array_equal(held, stratified_holdout(labels, 0.2, seed=4))
+    assert np.all(np.diff(held) > 0)
+
+
+def test_a_fraction_of_digits_is_held_out_for_validation_and_statistics_exclude_it():
+    from train.data import load_digits, with_statistics
+
+    whole = with_statistics(load_digits())
+    data = load_dataset("digits", val_split="0.2", seed=0)
+    held = sum(round(0.2 * n) for n in np.bincount(whole.train_labels))  # a fifth of each digit, rounded
+    assert data.val_size == held == 287 and data.train_size == 1437 - held and data.test_size == 360
+    assert "0.2 of the training split" in data.val_from and data.describe()["val_examples"] == held
+    together = np.concatenate([data.train_images, data.val_images]).reshape(1437, -1)
+    assert len(np.unique(together, axis=0)) == len(np.unique(whole.train_images.reshape(1437, -1), axis=0))
+    assert data.mean != whole.mean  # computed on the images left to train on
+    assert np.bincount(data.val_labels).min() >= 28  # about a fifth of every digit's ~144 images
+
+
+@pytest.mark.parametrize("value, message", [("1.5", "strictly between 0 and 1"), ("0", "strictly between 0 and 1"),
+                                            ("val/x", "fraction such as 0.1 or a split name"),
+                                            ("validation", "only a train and a test split")])
+def test_bad_validation_splits_are_one_sentence(value, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset("digits", val_split=value)
+
+
+def test_digits_refuses_a_data_dir_it_would_ignore(tmp_path):
+    with pytest.raises(DataError, match="ships with the install and reads no files"):
+        load_dataset("digits", str(tmp_path))
+
+
+def _class_folders(root, classes=("a", "b"), per_class=5, size=(20, 20)):
+    for cls in classes:
+        folder = root / cls
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.random.default_rng(i).integers(0, 256, size + (3,), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_a_folder_with_one_class_is_refused(tmp_path):
+    _class_folders(tmp_path, classes=("only",))
+    with pytest.raises(DataError, match="at least two classes"):
+        load_folder(str(tmp_path))
+
+
+def test_folder_validation_by_fraction_and_by_its_own_split(tmp_path):
+    _class_folders(tmp_path / "plain", per_class=10)
+    data = load_dataset("folder", str(tmp_path / "plain"), val_split="0.25")
+    # 10% of each class is the test split, then a quarter of the rest validates.
+    assert (data.train_size, data.val_size, data.test_size) == (14, 4, 2)
+    assert sorted(int(data.val[i][1]) for i in range(data.val_size)) == [0, 0, 1, 1]
+    memory = fit_in_memory(data, 16, "memory")
+    assert memory.val_images.shape == (4, 16, 16, 3) and memory.val_from == data.val_from
+    for split in ("train", "val", "test"):
+        _class_folders(tmp_path / "splits" / split, per_class={"train": 6, "val": 3, "test": 2}[split])
+    named = load_dataset("folder", str(tmp_path / "splits"), val_split="val")
+    assert (named.train_size, named.val_size, named.test_size) == (12, 6, 4)
+    assert named.test_split == "test" and "val/" in named.val_from
+    with pytest.raises(DataError, match="no train/ and validation/"):
+        load_dataset("folder", str(tmp_path / "splits"), val_split="validation")
+
+
+def test_tfds_validation_split_by_name_and_by_stratified_fraction(tfds_home):
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        # (Mocked tensorflow-datasets serves any split name, so a missing split cannot be shown here.)
+        named = load_dataset("imagenette", val_split="validation")
+        assert (named.val_size, named.test_split) == (40, "test") and "'validation' split" in named.val_from
+        fraction = load_dataset("cifar10", val_split="0.25")
+        labels = np.load(tfds_home / "tfds" / "flaxnets-stats" / "cifar10-train-labels.npy")
+        held = sum(min(max(1, round(0.25 * n)), n - 1) for n in np.bincount(labels) if n >= 2)
+        assert (fraction.train_size, fraction.val_size) == (40 - held, held) and held > 0
+        assert len(labels) == 40  # read once, without decoding images, and kept for the next run
+
+
 # -- tensorflow-datasets, mocked ----------------------------------------------------------------------------
 def test_unknown_and_unprepared_tfds_names_are_one_sentence(tmp_path):
     with pytest.raises(DataError, match="Did you mean cifar10"):
@@ -203,7 +286,7 @@ def test_mock_imagenet_streams_through_the_trainer_with_the_paper_augmentations(
         out = io.StringIO()
         results = loop.train_and_evaluate(config, stream=out)
     assert results["traces"] == {"train": 1, "eval": 1}
-    assert np.isfinite(results["train_loss"]) and 0 <= results["eval_top1"] <= 1
+    assert np.isfinite(results["train_loss"]) and 0 <= results["test_top1"] <= 1
     assert os.path.exists(tfds_home / "tfds" / "flaxnets-stats" / "imagenet2012.json")
     assert "24x24x3 input" in out.getvalue() and "1 steps per epoch" not in out.getvalue()
 

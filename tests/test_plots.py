@@ -117,11 +117,11 @@ def test_curves_come_from_metrics_jsonl_one_record_per_step(tiny_run):
     workdir, results, _ = tiny_run
     records = plots.read_metrics(str(workdir / "metrics.jsonl"))
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert records[-1]["eval_top1"] == pytest.approx(results["eval_top1"])
+    assert records[-1]["test_top1"] == pytest.approx(results["test_top1"])
     with open(workdir / "metrics.jsonl", "a") as handle:  # a resumed epoch and a half-written line
         handle.write('{"step": 132, "epoch": 6, "eval_top1": 0.5}\n{"step": 8')
     again = plots.read_metrics(str(workdir / "metrics.jsonl"))
-    assert len(again) == 6 and again[-1]["eval_top1"] == 0.5
+    assert len(again) == 6 and again[-1]["test_top1"] == 0.5
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ def test_range_test_suggests_a_rate_within_ten_times_one_that_trains_well(range_
     _, result, printed = range_test
     _, trained, _ = tiny_run
     print(f"suggested {result['suggested_lr']:.3g}, lowest loss at {result['min_loss_lr']:.3g}; "
-          f"{GOOD_LR} trains to {trained['eval_top1']:.2%} in 6 epochs")
-    assert trained["eval_top1"] > 0.85, "the reference rate must train well for the check to mean anything"
+          f"{GOOD_LR} trains to {trained['test_top1']:.2%} in 6 epochs")
+    assert trained["test_top1"] > 0.85, "the reference rate must train well for the check to mean anything"
     suggested = result["suggested_lr"]
     assert GOOD_LR / 10 <= suggested <= GOOD_LR * 10, printed
     assert f"suggested --lr {suggested:.3g} (rule: {result['rule']})" in printed

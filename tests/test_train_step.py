@@ -87,9 +87,9 @@ def test_eval_scores_every_example_once_with_a_ragged_last_batch(digits):
     logits = run.model.clone(bn_axis_name=None).apply({"params": state.params, "batch_stats": state.batch_stats},
                                                       images, train=False)
     expected = np.mean(np.asarray(logits.argmax(-1)) == digits.test_labels)
-    assert results["eval_top1"] == pytest.approx(expected, abs=1e-9)
+    assert results["test_top1"] == pytest.approx(expected, abs=1e-9)
     loss = float(steps.cross_entropy(logits, jnp.asarray(digits.test_labels), 10).mean())
-    assert results["eval_loss"] == pytest.approx(loss, rel=1e-5)
+    assert results["test_loss"] == pytest.approx(loss, rel=1e-5)
     assert driver.traces["eval"] == 1
 
 

@@ -6,6 +6,20 @@ from train.cli import run_command
 from train.config import parse_args
 
 
+def done_line(config, results: dict) -> str:
+    """The run's last line: final test accuracy, and which checkpoint is "best" and on what it was chosen."""
+    top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
+    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{top5} after "
+            f"{results['epoch']} epochs; workdir {config.workdir}")
+    if "best_step" in results:
+        on = results["best_selected_on"]
+        line += (f". Best checkpoint: step {results['best_step']} (epoch {results['best_epoch']}), {on} top-1 "
+                 f"{results['best_top1']:.2%}, selected on the {'validation' if on == 'val' else 'test'} split")
+        if on == "test":
+            line += " (no --val-split: the test split chose it, so its test accuracy is optimistic)"
+    return line + "."
+
+
 def main(argv=None) -> int:
     def body() -> int:
         config = parse_args(argv)
@@ -18,11 +32,10 @@ def main(argv=None) -> int:
         results = train_and_evaluate(config)
         import jax
 
-        if config.lr_find or jax.process_index() != 0:  # the range test printed its own report  # only process 0 reports (DESIGN: "only process 0 writes logs")
+        # The range test printed its own report; only process 0 reports (DESIGN: "only process 0 writes logs").
+        if config.lr_find or jax.process_index() != 0:
             return 0
-        top5 = f", top-5 {results['eval_top5']:.2%}" if "eval_top5" in results else ""
-        print(f"done: {config.arch} on {config.dataset}, test top-1 {results['eval_top1']:.2%}{top5} "
-              f"after {results['epoch']} epochs; workdir {config.workdir}")
+        print(done_line(config, results))
         return 0
 
     return run_command(body)

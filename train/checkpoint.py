@@ -2,7 +2,9 @@
 
 Each checkpoint holds the whole `TrainState` (params, batch_stats, optimizer state, step, rng) and a JSON
 ``meta`` item: architecture, class count, dataset facts, epoch and position in the data order. The last
-``keep`` checkpoints and the best one by eval top-1 are kept. Orbax writes each checkpoint to a
+``keep`` checkpoints and the best one are kept: best by the top-1 accuracy the epoch's checkpoint was saved
+with (its ``metrics``: ``val_top1`` with a validation split, else ``test_top1``), which Orbax stores beside
+it and ranks (``best_fn``). Orbax writes each checkpoint to a
 temporary folder and renames it when complete, so a process killed mid-save leaves no half checkpoint
 where a whole one was. A checkpoint that cannot be read is moved aside to ``WORKDIR/corrupt_checkpoints``
 (never deleted) and the previous one is used, with a warning.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import warnings
 from typing import Any, Callable
@@ -21,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-__all__ = ["Checkpoints", "CheckpointError", "drained_event_loops"]
+__all__ = ["Checkpoints", "CheckpointError", "describe_error", "drained_event_loops", "selection_metric"]
 
 
 _DRAIN_TIMEOUT_S = 60.0
@@ -78,8 +81,26 @@ def drained_event_loops():
                 asyncio.set_event_loop_policy(previous)
 
 
+def describe_error(error: Exception) -> str:
+    """One readable phrase for why a checkpoint could not be read: the error's kind and the first line of
+    its message, without the object reprs and pointers to further details that TensorStore appends."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = re.sub(r"\s*See full TensorStore details.*", "", text)
+    text = re.sub(r"<[^<>]*>?", "", text).strip(" .;:,")
+    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that belongs to another run; the message says which and why."""
+
+
+def selection_metric(metrics: dict) -> float:
+    """The number a checkpoint is ranked by: validation top-1 when the run had a validation split, else
+    test top-1 (``eval_top1`` in checkpoints of earlier versions)."""
+    for key in ("val_top1", "test_top1", "eval_top1"):
+        if key in metrics:
+            return float(metrics[key])
+    return float("-inf")
 
 
 class Checkpoints:
@@ -89,14 +110,28 @@ class Checkpoints:
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
         self.warn = warn
+        # Checkpoints saved without metrics (on SIGTERM mid-epoch) are kept only while among the latest.
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
-            policies.BestN(get_metric_fn=lambda metrics: metrics["eval_top1"], n=1,
-                           keep_checkpoints_without_metrics=False),
+            policies.BestN(get_metric_fn=selection_metric, n=1, keep_checkpoints_without_metrics=False),
         ])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True,
-                                               enable_async_checkpointing=False)
+        # best_fn makes Orbax store each checkpoint's metrics beside it, so the ranking survives a restart.
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=selection_metric, best_mode="max",
+                                               create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def best(self) -> tuple[int, float] | None:
+        """``(step, top-1)`` of the best checkpoint saved with metrics (`selection_metric`), or None."""
+        self.manager.reload()
+        step = self.manager.best_step()
+        if step is None:
+            return None
+        return step, selection_metric(self.manager.metrics(step) or {})
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint saved with metrics, or None when none was."""
+        best = self.best()
+        return None if best is None else best[0]
 
     def steps(self) -> list[int]:
         self.manager.reload()
@@ -146,7 +181,8 @@ class Checkpoints:
                 return restored["state"], restored["meta"], candidate
             except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
                 if step is not None:
-                    raise CheckpointError(f"checkpoint {candidate} in {self.directory} cannot be read: {error}") from None
+                    raise CheckpointError(f"checkpoint {candidate} in {self.directory} cannot be read "
+                                          f"({describe_error(error)}).") from None
                 self._set_aside(candidate, error)
         if candidates:
             raise CheckpointError(f"none of the checkpoints in {self.directory} can be read; they were moved to "
@@ -154,7 +190,7 @@ class Checkpoints:
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        reason = describe_error(error)
         source = os.path.join(self.directory, str(step))
         target_dir = os.path.join(self.workdir, "corrupt_checkpoints")
         if jax.process_index() == 0 and os.path.isdir(source):

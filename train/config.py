@@ -23,6 +23,10 @@ PIPELINES = ("auto", "memory", "stream")
 CROPS = ("inception", "alexnet")
 
 
+# Facts a saved config.json states about its run but that are not settings: ignored when it is read back.
+DERIVED = ("best_checkpoint_selected_on",)
+
+
 class ConfigError(ValueError):
     """A setting that makes no sense; the message is one sentence meant for the person who typed it."""
 
@@ -34,6 +38,9 @@ class Config:
     arch: str = "lenet5_relu"
     dataset: str = "digits"
     data_dir: str | None = None
+    # A fraction of the training split held out per class (seeded), or the name of the dataset's own
+    # validation split: the best checkpoint is chosen on it. None: chosen on the test split (a leak).
+    val_split: str | None = None
     workdir: str = "workdir"
     epochs: int = 20
     batch_size: int = 128  # global, over all devices and processes
@@ -127,11 +134,13 @@ class Config:
             raise ConfigError(f"--warmup-epochs ({self.warmup_epochs}) must be shorter than --epochs ({self.epochs}).")
         return self
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def to_json(self, **derived: Any) -> str:
+        """The settings as JSON, with ``derived`` facts of the run beside them (keys of `DERIVED`)."""
+        return json.dumps({**dataclasses.asdict(self), **derived}, indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        values = {k: v for k, v in values.items() if k not in DERIVED}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -180,6 +189,9 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
         "tensorflow-datasets image-classification name (imagenet2012, imagenette, ...)")
     add("--data-dir", help="the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders "
         "(--dataset folder), or where tensorflow-datasets keeps prepared datasets")
+    add("--val-split", help="validation data for choosing the best checkpoint: a FRACTION of the training split "
+        "(e.g. 0.1, held out per class with a fixed seed) or the NAME of the dataset's own split (e.g. validation); "
+        "without it the best checkpoint is chosen on the test split")
     add("--workdir", help="checkpoints, metrics, plots and config go here; rerun to resume")
     add("--epochs", type=int)
     add("--batch-size", type=int, help="global batch, split over all devices")

@@ -2,7 +2,7 @@
 
 Both give the same interface to the training loop: ``batches(epoch, start)`` yields the inputs of the
 steps ``start..steps_per_epoch-1`` of an epoch in order, ``train(state, inputs)`` runs one step, and
-``evaluate(state)`` returns metric sums over every test example.
+``evaluate(state, split)`` returns metric sums over every example of the test or validation split.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class MemoryFeed:
         self.batch_size, self.steps_per_epoch, self.eval_batch_size = batch_size, steps_per_epoch, eval_batch_size
         self.train_data = (driver.put_replicated({"image": data.train_images, "label": data.train_labels})
                            if with_train else None)
-        self.test_data = driver.put_replicated({"image": data.test_images, "label": data.test_labels})
+        self.eval_data = {"test": driver.put_replicated({"image": data.test_images, "label": data.test_labels})}
+        if data.val_size:
+            self.eval_data["val"] = driver.put_replicated({"image": data.val_images, "label": data.val_labels})
 
     def batches(self, epoch: int, start: int) -> Iterator[Any]:
         order = epoch_order(self.seed, epoch, self.data.train_size)
@@ -56,9 +58,10 @@ class MemoryFeed:
     def train(self, state, inputs):
         return self.driver.train(state, self.train_data, inputs)
 
-    def evaluate(self, state) -> dict[str, float]:
-        batches = (self.driver.put_indices(i) for i in eval_indices(self.data.test_size, self.eval_batch_size))
-        return _sum(batches, lambda inputs: self.driver.evaluate(state, self.test_data, inputs))
+    def evaluate(self, state, split: str = "test") -> dict[str, float]:
+        size = self.data.val_size if split == "val" else self.data.test_size
+        batches = (self.driver.put_indices(i) for i in eval_indices(size, self.eval_batch_size))
+        return _sum(batches, lambda inputs: self.driver.evaluate(state, self.eval_data[split], inputs))
 
 
 class StreamFeed:
@@ -81,10 +84,10 @@ class StreamFeed:
     def train(self, state, inputs):
         return self.driver.train_batch(state, inputs)
 
-    def evaluate(self, state) -> dict[str, float]:
+    def evaluate(self, state, split: str = "test") -> dict[str, float]:
         host_batches = eval_batches(self.data, side=self.side, batch=self.eval_batch_size, ten_crop=self.ten_crop,
                                     workers=self.workers, process_index=self.processes[0],
-                                    process_count=self.processes[1])
+                                    process_count=self.processes[1], split=split)
         return _sum(prefetch(host_batches, self.driver.put_batch),
                     lambda inputs: self.driver.evaluate_batch(state, inputs))
 

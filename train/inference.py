@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import flaxnets
-from train.checkpoint import CheckpointError, Checkpoints, drained_event_loops
+from train.checkpoint import CheckpointError, Checkpoints, describe_error, drained_event_loops
 from train.step import Preprocess
 
 __all__ = ["locate", "load_variables", "predict_images", "read_images"]
@@ -37,8 +37,11 @@ def locate(path: str, which: str = "latest") -> tuple[str, int]:
         if which == "latest":
             return path, steps[-1]
         if which == "best":
-            best = checkpoints.manager.best_step()
-            return path, best if best is not None else steps[-1]
+            best = checkpoints.best_step()
+            if best is None:
+                raise CheckpointError(f"{path} has no checkpoint saved with its accuracy (only interrupted or older "
+                                      f"ones: steps {steps}); use --checkpoint latest or a step number.")
+            return path, best
         if which.isdigit() and int(which) in steps:
             return path, int(which)
         raise CheckpointError(f"{path} has no checkpoint {which!r}; it has latest, best and steps {steps}.")
@@ -64,7 +67,7 @@ def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                      meta=ocp.args.JsonRestore()))
     except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
-        raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({type(error).__name__}).") from None
+        raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({describe_error(error)}).") from None
     finally:
         manager.close()
     state = restored["state"]

@@ -27,7 +27,8 @@ from flaxnets.models.googlenet import AUX_LOSS_WEIGHT
 from train import step as steps
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError
-from train.data import Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_dataset
+from train.data import (Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_dataset,
+                        parse_val_split, with_validation)
 from train.feed import make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, host, make_driver
@@ -106,9 +107,15 @@ class Run:
     eval_batch_size: int
     overrides: dict
 
+    @property
+    def selection_split(self) -> str:
+        """The split the best checkpoint is chosen on: "val" with a validation split, else "test"."""
+        return "val" if self.data.val_size else "test"
+
     def meta(self, epoch: int, position: int) -> dict:
         """What a checkpoint records beside the state."""
         return {
+            "best_selected_on": self.selection_split,
             "arch": self.config.arch,
             "num_classes": self.data.num_classes,
             "image_side": self.image_side,
@@ -184,7 +191,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if config.batch_size % device_count:
         raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {device_count} devices; "
                           f"use a multiple of {device_count}.")
-    data = data or load_dataset(config.dataset, config.data_dir)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.val_split, config.seed)
+    elif not data.val_size:
+        data = with_validation(data, parse_val_split(config.val_split), config.seed)
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
     if isinstance(data, Streamed):
@@ -236,12 +246,17 @@ def _check_compatible(meta: dict, run: Run, directory: str) -> None:
     if meta.get("image_side") != run.image_side:
         raise CheckpointError(f"{directory} was trained on {meta.get('image_side')}-pixel images, this run would "
                               f"use {run.image_side}; use the same --image-size or another --workdir.")
+    theirs_val = (meta.get("config") or {}).get("val_split")
+    if str(theirs_val or "") != str(run.config.val_split or ""):
+        raise CheckpointError(f"{directory} was trained with --val-split {theirs_val or '(none)'}; resume with the same "
+                              "(the training examples depend on it) or use another --workdir.")
 
 
 def _save_config(run: Run, workdir: str, step: int) -> None:
     """config.json on the first run; a changed config on resume goes beside it, never over it."""
     path = os.path.join(workdir, "config.json")
-    text = run.config.to_json()
+    # Beside the settings, the one consequence a reader of the file must not miss.
+    text = run.config.to_json(best_checkpoint_selected_on=run.selection_split)
     if os.path.exists(path):
         with open(path) as handle:
             if handle.read() == text:
@@ -279,12 +294,16 @@ class _SignalFlag:
 
 
 def evaluate(run: Run, feed, state) -> dict[str, float]:
-    """Loss, top-1 and top-5 over every test example."""
-    sums = feed.evaluate(state)
-    count = float(sums["count"])
-    out = {"eval_loss": float(sums["loss_sum"]) / count, "eval_top1": float(sums["correct"]) / count}
-    if run.data.num_classes > 5:
-        out["eval_top5"] = float(sums["correct5"]) / count
+    """Loss, top-1 and top-5 over every example of the validation split (``val_*``, when the run has one)
+    and of the test split (``test_*``)."""
+    out = {}
+    for split in ("val", "test") if run.data.val_size else ("test",):
+        sums = feed.evaluate(state, split)
+        count = float(sums["count"])
+        out[f"{split}_loss"] = float(sums["loss_sum"]) / count
+        out[f"{split}_top1"] = float(sums["correct"]) / count
+        if run.data.num_classes > 5:
+            out[f"{split}_top5"] = float(sums["correct5"]) / count
     return out
 
 
@@ -320,7 +339,7 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
         os.makedirs(workdir, exist_ok=True)
     total_steps = config.epochs * run.steps_per_epoch
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
-                              warn=lambda message: print(message, file=stream or sys.stdout, flush=True))
+                              warn=lambda message: print(message, file=sys.stderr, flush=True))
     try:
         # Checked before the Reporter opens its event and metrics files: a workdir of another run is left
         # exactly as it was. A newest checkpoint whose meta cannot be read is set aside like any unreadable one.
@@ -328,7 +347,7 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
         if latest is not None:
             _check_compatible(latest[1], run, workdir)
         reporter = Reporter(workdir, total_steps, stream=stream)
-        checkpoints.warn = reporter.info
+        checkpoints.warn = reporter.warn
         try:
             return _train(run, workdir, checkpoints, reporter)
         finally:
@@ -342,9 +361,14 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
     spec = flaxnets.get_spec(config.arch)
     existing = checkpoints.steps()  # compatibility was checked by train_and_evaluate
     state = run.init_state(pretrained=not existing)  # a resume only needs the structure
+    resumed_sums = None
     if existing:
         state, meta, saved_step = checkpoints.restore(state)
-        reporter.info(f"resuming from {checkpoints.directory}/{saved_step} (epoch {meta['epoch']}, step {saved_step}).")
+        done, position = meta["epoch"], meta.get("position", 0)
+        where = f", {position} of {run.steps_per_epoch} steps into epoch {done + 1}" if position else ""
+        reporter.info(f"resuming from {checkpoints.directory}/{saved_step}: {done} of {config.epochs} epochs "
+                      f"done{where}.")
+        resumed_sums = meta.get("epoch_sums") if position else None
     start_step = int(state.step)
     if jax.process_index() == 0:
         _save_config(run, workdir, start_step)
@@ -371,7 +395,10 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
         step = start_step
         while step < total_steps:
             epoch, position = divmod(step, run.steps_per_epoch)
-            pending, sums, started = [], None, time.perf_counter()
+            # An epoch resumed in its middle carries on from the sums its checkpoint recorded, so that its
+            # record equals the one of a run never interrupted.
+            pending, sums, started = [], resumed_sums, time.perf_counter()
+            resumed_sums = None
             epoch_examples = 0
             for position, inputs in enumerate(feed.batches(epoch, position), start=position):
                 state, metrics = feed.train(state, inputs)
@@ -386,11 +413,9 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
                     reporter.progress(step, epoch + 1, sums["loss_sum"] / sums["count"],
                                       sums["correct"] / sums["count"], float(run.schedule(step - 1)),
                                       epoch_examples / max(elapsed, 1e-9))
-                if stop.signum:
-                    checkpoints.save(step, state, run.meta(*divmod(step, run.steps_per_epoch)))
-                    reporter.info(f"{signal.Signals(stop.signum).name}: saved checkpoint {step} in "
-                                  f"{checkpoints.directory}; run the same command to resume.")
-                    raise Interrupted(stop.signum, step)
+                if stop.signum and not end_of_epoch:  # at an epoch's end, the epoch is finished first
+                    checkpoints.save(step, state, {**run.meta(epoch, position + 1), "epoch_sums": sums})
+                    _stopped(stop.signum, step, checkpoints, reporter)
             epoch_time = time.perf_counter() - started
             results = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
                        "train_loss": sums["loss_sum"] / sums["count"], "train_top1": sums["correct"] / sums["count"],
@@ -399,15 +424,30 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
             reporter.record(results)
             reporter.info(_epoch_line(results, config.epochs))
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
-                checkpoints.save(step, state, run.meta(epoch + 1, 0), metrics={"eval_top1": results["eval_top1"]})
+                selection = f"{run.selection_split}_top1"
+                checkpoints.save(step, state, run.meta(epoch + 1, 0), metrics={selection: results[selection]})
                 last_good = step
+            if stop.signum:
+                checkpoints.save(step, state, run.meta(epoch + 1, 0))
+                _stopped(stop.signum, step, checkpoints, reporter)
     if not results:
         reporter.info(f"{workdir} already holds a run of {config.epochs} epochs (step {start_step}); scoring it.")
         results = {"epoch": config.epochs, "step": start_step, **evaluate(run, feed, state)}
+    best = checkpoints.best()
+    if best is not None:
+        results["best_step"], results["best_top1"] = best
+        results["best_epoch"] = best[0] // run.steps_per_epoch
+        results["best_selected_on"] = run.selection_split
     results["traces"] = dict(driver.traces)
     if config.plots and jax.process_index() == 0:
         _write_plots(run, workdir, state, results["epoch"], reporter)
     return results
+
+
+def _stopped(signum: int, step: int, checkpoints: Checkpoints, reporter: Reporter) -> None:
+    reporter.info(f"{signal.Signals(signum).name}: saved checkpoint {step} in {checkpoints.directory}; run the "
+                  "same command to resume.")
+    raise Interrupted(signum, step)
 
 
 def _write_plots(run: Run, workdir: str, state, epoch: int, reporter: Reporter) -> None:
@@ -417,11 +457,11 @@ def _write_plots(run: Run, workdir: str, state, epoch: int, reporter: Reporter) 
 
         variables = host({"params": state.params, "batch_stats": state.batch_stats})
         written = write_run_plots(workdir, variables, run.meta(epoch, 0), run.data, schedule=run.schedule,
-                                  warn=reporter.info)
+                                  warn=reporter.warn)
         if written:
             reporter.info(f"plots: {', '.join(os.path.relpath(path, workdir) for path in written)} in {workdir}")
     except Exception as error:  # noqa: BLE001 - plots are never worth losing a trained model over
-        reporter.info(f"warning: no plots ({type(error).__name__}: {error}).")
+        reporter.warn(f"warning: no plots ({type(error).__name__}: {error}).")
 
 
 def _absorb(pending: list, sums: dict | None, step: int, last_good: int | None, directory: str) -> dict:
@@ -440,7 +480,10 @@ def _absorb(pending: list, sums: dict | None, step: int, last_good: int | None, 
 
 
 def _epoch_line(results: dict, epochs: int) -> str:
-    top5 = f" top-5 {results['eval_top5']:.2%}" if "eval_top5" in results else ""
-    return (f"epoch {results['epoch']}/{epochs}: train loss {results['train_loss']:.4f} acc {results['train_top1']:.2%}"
-            f" | test loss {results['eval_loss']:.4f} top-1 {results['eval_top1']:.2%}{top5} | "
-            f"{results['images_per_sec']:,.0f} img/s, {results['epoch_time_s']:.1f} s, lr {results['lr']:.3g}")
+    parts = [f"epoch {results['epoch']}/{epochs}: train loss {results['train_loss']:.4f} acc {results['train_top1']:.2%}"]
+    for split in ("val", "test"):
+        if f"{split}_top1" in results:
+            top5 = f" top-5 {results[f'{split}_top5']:.2%}" if f"{split}_top5" in results else ""
+            parts.append(f"{split} loss {results[f'{split}_loss']:.4f} top-1 {results[f'{split}_top1']:.2%}{top5}")
+    parts.append(f"{results['images_per_sec']:,.0f} img/s, {results['epoch_time_s']:.1f} s, lr {results['lr']:.3g}")
+    return " | ".join(parts)

@@ -94,7 +94,9 @@ def read_metrics(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-                by_step[int(record["step"])] = record
+                # Runs of earlier versions called the test split's metrics eval_*.
+                by_step[int(record["step"])] = {("test_" + k[5:] if k.startswith("eval_") else k): v
+                                                for k, v in record.items()}
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -227,9 +229,10 @@ def plot_curves(records: Sequence[dict], path: str, schedule: Callable[[int], fl
         return tuple(zip(*points)) if points else None
 
     for ax, keys, ylabel, scale in (
-        (loss_ax, (("train_loss", "train"), ("eval_loss", "test")), "cross-entropy loss", 1.0),
-        (acc_ax, (("train_top1", "train top-1"), ("eval_top1", "test top-1"), ("eval_top5", "test top-5")),
-         "accuracy (%)", 100.0),
+        (loss_ax, (("train_loss", "train"), ("val_loss", "validation"), ("test_loss", "test")), "cross-entropy loss",
+         1.0),
+        (acc_ax, (("train_top1", "train top-1"), ("val_top1", "validation top-1"), ("test_top1", "test top-1"),
+                  ("val_top5", "validation top-5"), ("test_top5", "test top-5")), "accuracy (%)", 100.0),
     ):
         for key, label in keys:
             points = series(key)
@@ -243,9 +246,12 @@ def plot_curves(records: Sequence[dict], path: str, schedule: Callable[[int], fl
     loss_ax.set_title("loss")
     acc_ax.set_title("accuracy")
     if acc_ax.lines:
-        best = max(records, key=lambda r: r.get("eval_top1", -1))
-        if "eval_top1" in best:
-            acc_ax.set_title(f"accuracy (best test top-1 {best['eval_top1']:.2%}, epoch {best['epoch']})")
+        # The epoch a run's "best" checkpoint comes from: chosen on validation when there is one.
+        key = "val_top1" if any("val_top1" in r for r in records) else "test_top1"
+        best = max(records, key=lambda r: r.get(key, -1))
+        if key in best:
+            split = "validation" if key == "val_top1" else "test"
+            acc_ax.set_title(f"accuracy (best {split} top-1 {best[key]:.2%}, epoch {best['epoch']})")
     last_step = max(int(r["step"]) for r in records)
     if schedule is not None and steps_per_epoch:
         steps = np.unique(np.linspace(0, max(last_step - 1, 0), 400).astype(int))

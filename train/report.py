@@ -1,5 +1,11 @@
 """What a run shows and records: a progress bar on a terminal (plain lines otherwise), ``metrics.jsonl``
-and TensorBoard event files in the workdir. Only process 0 writes; files are appended to, never replaced.
+and TensorBoard event files in the workdir. Only process 0 writes.
+
+``metrics.jsonl`` holds one line per completed epoch, whatever happened to the run: when it (re)starts from
+the checkpoint of step S, lines of later steps (epochs it will train again: the process died after writing
+them but before their checkpoint, or a checkpoint was unreadable) and a half-written last line are moved
+to ``metrics.superseded.jsonl``, never deleted. A resumed run's TensorBoard file likewise supersedes the
+events of earlier files after step S.
 """
 
 from __future__ import annotations
@@ -25,17 +31,10 @@ class Reporter:
         self.stream = stream or sys.stdout
         self.total_steps = total_steps
         self.workdir = workdir
+        self.tensorboard = tensorboard
         self._bar = None
         self._writer = None
         self._jsonl = None
-        if not self.primary:
-            return
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
-            try:
-                self._writer = ScalarWriter(os.path.join(workdir, "tensorboard"))
-            except OSError as error:  # TensorBoard is a convenience, never a failure
-                self.info(f"warning: TensorBoard logging is off ({error}).")
 
     def info(self, message: str) -> None:
         if not self.primary:
@@ -45,9 +44,29 @@ class Reporter:
         else:
             print(message, file=self.stream, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A warning: one line on stderr (with the progress bar kept intact)."""
+        if not self.primary:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
     def start(self, step: int) -> None:
-        """Begin showing progress from ``step``: a tqdm bar on a terminal, nothing more otherwise."""
-        if self.primary and self.stream.isatty():
+        """Begin recording and showing progress from ``step``, the step the run (re)starts from."""
+        if not self.primary:
+            return
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        _keep_records_up_to(path, step, os.path.join(self.workdir, "metrics.superseded.jsonl"))
+        self._jsonl = open(path, "a", buffering=1)
+        if self.tensorboard:
+            try:
+                # Events after `step` in earlier files belong to epochs this run trains again.
+                self._writer = ScalarWriter(os.path.join(self.workdir, "tensorboard"), restart_step=step + 1 if step else None)
+            except OSError as error:  # TensorBoard is a convenience, never a failure
+                self.warn(f"warning: TensorBoard logging is off ({error}).")
+        if self.stream.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream, dynamic_ncols=True)
 
@@ -81,3 +100,36 @@ class Reporter:
             self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+def _keep_records_up_to(path: str, step: int, superseded: str) -> None:
+    """Leave in ``path`` the whole JSON lines of steps up to ``step``, in order and each step once (the last
+    line of a step wins); append everything else to ``superseded``. The file is replaced atomically."""
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept: dict[int, str] = {}
+    dropped = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            record_step = int(record["step"])
+        except (ValueError, TypeError, KeyError):
+            dropped.append(line if line.endswith("\n") else line + "\n")
+            continue
+        if record_step <= step:
+            if record_step in kept:
+                dropped.append(kept[record_step])
+            kept[record_step] = line if line.endswith("\n") else line + "\n"
+        else:
+            dropped.append(line)
+    if not dropped:
+        return
+    with open(superseded, "a") as handle:
+        handle.writelines(dropped)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.writelines(kept[s] for s in sorted(kept))
+    os.replace(tmp, path)

@@ -2,9 +2,11 @@
 
 TensorBoard reads ``events.out.tfevents.*`` files: TFRecord framing (length, masked CRC-32C of the
 length, payload, masked CRC-32C of the payload) around serialized ``Event`` protocol buffers. Scalars need
-only four fields, encoded here by hand: Event.wall_time (1, double), Event.step (2, int64),
-Event.file_version (3, string) and Event.summary (5) holding Summary.value (1) with Value.tag (1, string)
-and Value.simple_value (2, float). (tensorboardX writes the same format but imports PyTorch when it is
+only five fields, encoded here by hand: Event.wall_time (1, double), Event.step (2, int64),
+Event.file_version (3, string), Event.summary (5) holding Summary.value (1) with Value.tag (1, string)
+and Value.simple_value (2, float), and Event.session_log (7) with SessionLog.status (1; START is 1).
+A resumed run's file starts with a START event at the step it resumed from: TensorBoard then drops the
+events of earlier files from that step on (its "purge"), so every step is shown once. (tensorboardX writes the same format but imports PyTorch when it is
 installed, which cost 16 s per run here.)
 """
 
@@ -60,11 +62,16 @@ def _bytes_field(number: int, data: bytes) -> bytes:
     return _field(number, 2, _varint(len(data)) + data)
 
 
+_SESSION_START = 1
+
+
 def _event(step: int, wall_time: float, *, file_version: str | None = None, tag: str | None = None,
-           value: float | None = None) -> bytes:
+           value: float | None = None, session_status: int | None = None) -> bytes:
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
     if file_version is not None:
         out += _bytes_field(3, file_version.encode())
+    if session_status is not None:
+        out += _bytes_field(7, _field(1, 0, _varint(session_status)))
     if tag is not None:
         summary_value = _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", value))
         out += _bytes_field(5, _bytes_field(1, summary_value))
@@ -72,14 +79,20 @@ def _event(step: int, wall_time: float, *, file_version: str | None = None, tag:
 
 
 class ScalarWriter:
-    """Append scalars to a new event file in ``folder`` (one file per writer, as TensorBoard expects)."""
+    """Append scalars to a new event file in ``folder`` (one file per writer, as TensorBoard expects).
 
-    def __init__(self, folder: str):
+    ``restart_step``: the step a resumed run starts from; earlier files' events from it on are superseded.
+    """
+
+    def __init__(self, folder: str, restart_step: int | None = None):
         os.makedirs(folder, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        # TensorBoard reads a folder's files in name order: the time stamp puts a resumed run's file last.
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(folder, name)
         self._file = open(self.path, "ab")
         self._write(_event(0, time.time(), file_version="brain.Event:2"))
+        if restart_step:
+            self._write(_event(int(restart_step), time.time(), session_status=_SESSION_START))
 
     def _write(self, record: bytes) -> None:
         length = struct.pack("<Q", len(record))

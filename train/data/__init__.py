@@ -17,6 +17,11 @@ Names:
 - any other name (``imagenet2012``, ``imagenette``, ...): a tensorflow-datasets dataset prepared in
   ``--data-dir`` (default: tensorflow-datasets' own, ``~/tensorflow_datasets``) in the ArrayRecord format;
   ``python -m train.data prepare NAME`` prepares one.
+
+A validation split (``--val-split``) is either a fraction of the training split held out per class with a
+fixed seed (every source), or the name of a split the dataset has of its own (tensorflow-datasets' splits,
+a folder's ``val/``); it is what the trainer chooses its best checkpoint on, so the test split is never
+used for a decision.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import numpy as np
 from train.data.cifar import CIFAR, load_cifar
 from train.data.memory import (FASHION_CLASSES, IDX_FILES, DataError, Dataset, load_digits, load_idx, read_idx,
                                recorded_checksums, verify_file, with_statistics)
-from train.data.sources import FolderSource, TfdsSource, scan_folder
+from train.data.sources import FolderSource, Subset, TfdsSource, scan_folder, source_labels
 from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
 from train.data.stream import Streamed, epoch_order, materialize
 
 __all__ = ["DataError", "Dataset", "Streamed", "load_dataset", "dataset_names", "fit_in_memory",
+           "with_validation", "stratified_holdout", "parse_val_split",
            "ensure_statistics", "epoch_order", "load_digits", "load_idx", "read_idx", "load_cifar", "load_tfds",
            "load_folder", "recorded_checksums", "verify_file", "sample_in_memory", "FASHION_CLASSES",
            "MEMORY_LIMIT_BYTES"]
@@ -63,19 +69,110 @@ def _has_files(data_dir: str | None, name: str) -> bool:
     return bool(present & markers)
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset | Streamed:
-    """The dataset called ``name`` (see the module docstring), checked, with its pixel statistics."""
+def parse_val_split(value: str | None) -> float | str | None:
+    """``--val-split``: a fraction in (0, 1) of the training split, a split name, or None (no validation)."""
+    if value is None or value == "":
+        return None
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        name = str(value)
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise DataError(f"--val-split takes a fraction such as 0.1 or a split name such as validation; "
+                            f"got {value!r}.") from None
+        return name
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-split as a fraction must lie strictly between 0 and 1, got {value}.")
+    return fraction
+
+
+def load_dataset(name: str, data_dir: str | None = None, val_split: str | None = None,
+                 seed: int = 0) -> Dataset | Streamed:
+    """The dataset called ``name`` (see the module docstring), checked, with its pixel statistics, and with
+    the validation split ``val_split`` (`parse_val_split`) when one is asked for."""
+    val = parse_val_split(val_split)
+    named = val if isinstance(val, str) else None
     if name == "digits":
-        return _checked(with_statistics(load_digits(data_dir)))
-    if name in ("mnist", "fashion_mnist") and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
-        return _checked(with_statistics(load_idx(name, data_dir)))
-    if name in CIFAR and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
+        if data_dir:
+            raise DataError("--dataset digits ships with the install and reads no files; leave out --data-dir "
+                            f"({data_dir}).")
+        data = _checked(with_statistics(load_digits()))
+    elif name in ("mnist", "fashion_mnist") and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
+        data = _checked(with_statistics(load_idx(name, data_dir)))
+    elif name in CIFAR and (_has_files(data_dir, name) or (data_dir and not _tfds_dir(data_dir))):
         if not os.path.isdir(data_dir):
             raise DataError(f"--data-dir {data_dir} is not a folder.")
-        return _checked(with_statistics(load_cifar(name, data_dir)))
-    if name == "folder":
-        return load_folder(data_dir)
-    return load_tfds(name, data_dir)
+        data = _checked(with_statistics(load_cifar(name, data_dir)))
+    elif name == "folder":
+        return with_validation(load_folder(data_dir, val_name=named), val, seed, data_dir)
+    else:
+        return with_validation(load_tfds(name, data_dir, val_name=named), val, seed, data_dir)
+    if named is not None:
+        raise DataError(f"{data.name} as read here has only a train and a test split, no {named!r} split: hold out a "
+                        "fraction of the training split instead, e.g. --val-split 0.1.")
+    return with_validation(data, val, seed, data_dir)
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The sorted indices held out for validation: ``round(fraction * n)`` examples of each class of ``n``
+    (at least one, and at least one left to train on), drawn with a generator seeded by ``seed`` alone,
+    so that every process and every resume holds out the same examples."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 0x5A1])
+    held = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < 2:
+            continue  # a single example of a class stays in training
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, np.int64)
+
+
+def with_validation(data: Dataset | Streamed, val: float | str | None, seed: int,
+                    data_dir: str | None = None) -> Dataset | Streamed:
+    """``data`` with a validation split held out of its training split when ``val`` is a fraction (see
+    `stratified_holdout`); unchanged otherwise (a named split is opened by the loader)."""
+    if not isinstance(val, float):
+        return data
+    labels = data.train_labels if isinstance(data, Dataset) else _training_labels(data, data_dir)
+    held = stratified_holdout(labels, val, seed)
+    if len(held) == 0:
+        raise DataError(f"--val-split {val} holds out nothing from {data.train_size} training examples: no class "
+                        "has two examples to share between training and validation.")
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    where = f"{val:g} of the training split, per class, seed {seed}"
+    if isinstance(data, Dataset):
+        # The statistics are recomputed on what is left to train on: nothing of the validation images leaks in.
+        return _checked(with_statistics(dataclasses.replace(
+            data, train_images=data.train_images[keep], train_labels=data.train_labels[keep],
+            val_images=data.train_images[held], val_labels=data.train_labels[held], val_from=where)))
+    return dataclasses.replace(data, train=Subset(data.train, keep), val=Subset(data.train, held), val_from=where)
+
+
+def _training_labels(data: Streamed, data_dir: str | None) -> np.ndarray:
+    """The labels of a streamed training split, kept beside the data's statistics after the first read
+    (for tensorflow-datasets this reads every record once, without decoding the images)."""
+    if data.name == "folder" or isinstance(data.train, (FolderSource, Subset)):
+        return source_labels(data.train)
+    folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    path = stats_path(folder, data.name)[:-len(".json")] + "-train-labels.npy"
+    try:
+        labels = np.load(path)
+        if len(labels) == data.train_size:
+            return labels
+    except (OSError, ValueError):
+        pass
+    print(f"reading the {data.train_size:,} training labels of {data.name} to stratify --val-split (kept in "
+          f"{path})...", file=sys.stderr, flush=True)
+    labels = source_labels(data.train)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path, labels)
+    except OSError as error:
+        print(f"warning: cannot keep the labels in {path} ({error}); they will be read again.", file=sys.stderr,
+              flush=True)
+    return labels
 
 
 def _tfds_dir(data_dir: str) -> bool:
@@ -100,8 +197,9 @@ def _checked(data: Dataset) -> Dataset:
     return data
 
 
-def load_tfds(name: str, data_dir: str | None) -> Streamed:
-    """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow)."""
+def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> Streamed:
+    """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow); with
+    ``val_name``, that split of it is the validation split."""
     try:
         import tensorflow_datasets as tfds
         from tensorflow_datasets.core import registered
@@ -132,39 +230,71 @@ def load_tfds(name: str, data_dir: str | None) -> Streamed:
                         "the original files, and `pip install -e \".[prepare]\"`).") from None
     test, test_split = None, None
     for split in TEST_SPLITS:
+        if split == val_name:
+            continue
         try:
             test, test_split = TfdsSource(name, split, data_dir, image_key, label_key), split
             break
         except Exception:  # noqa: BLE001 - the split does not exist; try the next name
             continue
     if test is None:
-        raise DataError(f"{name} in {where} has no test or validation split to evaluate on.")
+        other = f" other than {val_name!r}" if val_name else ""
+        raise DataError(f"{name} in {where} has no test or validation split{other} to evaluate on"
+                        + (f"; hold out a fraction instead, e.g. --val-split 0.05." if val_name else "."))
+    val = None
+    if val_name:
+        if val_name == "train":
+            raise DataError("--val-split train would validate on the training examples themselves; name another "
+                            "split or give a fraction.")
+        try:
+            val = TfdsSource(name, val_name, data_dir, image_key, label_key)
+        except Exception:  # noqa: BLE001 - tfds raises several types for an unknown split
+            splits = ", ".join(sorted(builder.info.splits)) or "none recorded"
+            raise DataError(f"{name} has no split {val_name!r} (its splits: {splits}).") from None
     shape = tuple(features[image_key].shape)
     channels = shape[-1] if len(shape) == 3 and shape[-1] else 3
     data = Streamed(name, train, test, tuple(features[label_key].names), (shape[0], shape[1], channels),
                     flip=name not in ("mnist", "digits", "svhn_cropped", "emnist"),
                     crop_padding={"cifar10": 4, "cifar100": 4, "mnist": 2, "fashion_mnist": 2}.get(name, 0),
-                    test_split=test_split)
+                    test_split=test_split, val=val, val_from=f"the dataset's {val_name!r} split" if val else "")
     return data
 
 
-def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0) -> Streamed:
+def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0, val_name: str | None = None) -> Streamed:
     """A folder of images: ``train/`` + ``val/``-style sub-folders, or one folder of classes split with a
-    fixed seed (``holdout`` of each class, at least one image, for testing)."""
+    fixed seed (``holdout`` of each class, at least one image, for testing). With ``val_name``, the
+    sub-folder of that name is the validation split (and another one the test split)."""
     if not data_dir:
         raise DataError("--dataset folder needs --data-dir FOLDER with one sub-folder of images per class.")
     if not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder.")
-    test_dir = next((os.path.join(data_dir, s) for s in TEST_SPLITS if os.path.isdir(os.path.join(data_dir, s))), None)
+    test_dir = next((os.path.join(data_dir, s) for s in TEST_SPLITS
+                     if s != val_name and os.path.isdir(os.path.join(data_dir, s))), None)
+    val = None
+    if val_name:
+        val_dir = os.path.join(data_dir, val_name)
+        if val_name == "train" or not os.path.isdir(val_dir) or not os.path.isdir(os.path.join(data_dir, "train")):
+            raise DataError(f"--val-split {val_name} names a split, but {data_dir} has no train/ and {val_name}/ "
+                            "sub-folders: give a fraction instead, e.g. --val-split 0.1.")
+        if test_dir is None:
+            raise DataError(f"{data_dir} has train/ and {val_name}/ but no other split to test on (test/, "
+                            "validation/ or val/): give a fraction instead, e.g. --val-split 0.1.")
     if os.path.isdir(os.path.join(data_dir, "train")) and test_dir:
         paths, labels, classes, _ = scan_folder(os.path.join(data_dir, "train"))
-        test_paths, test_labels, test_classes, _ = scan_folder(test_dir)
-        if test_classes != classes:
-            raise DataError(f"{test_dir} has classes {', '.join(test_classes)}, but {data_dir}/train has "
-                            f"{', '.join(classes)}.")
-        train, test = FolderSource(paths, labels), FolderSource(test_paths, test_labels)
+        _require_two_classes(classes, os.path.join(data_dir, "train"))
+        splits = {}
+        for split, folder in (("test", test_dir), ("val", os.path.join(data_dir, val_name) if val_name else None)):
+            if folder is None:
+                continue
+            split_paths, split_labels, split_classes, _ = scan_folder(folder)
+            if split_classes != classes:
+                raise DataError(f"{folder} has classes {', '.join(split_classes)}, but {data_dir}/train has "
+                                f"{', '.join(classes)}.")
+            splits[split] = FolderSource(split_paths, split_labels)
+        train, test, val = FolderSource(paths, labels), splits["test"], splits.get("val")
     else:
         paths, labels, classes, _ = scan_folder(data_dir)
+        _require_two_classes(classes, data_dir)
         labels_array = np.asarray(labels)
         rng = np.random.default_rng(seed)
         held = []
@@ -178,7 +308,16 @@ def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0) -> St
         train = FolderSource([p for i, p in enumerate(paths) if i not in held],
                              [l for i, l in enumerate(labels) if i not in held])
         test = FolderSource([p for i, p in enumerate(paths) if i in held], [l for i, l in enumerate(labels) if i in held])
-    return Streamed("folder", train, test, classes, (None, None, 3), flip=True, test_split="held-out")
+    split_layout = os.path.isdir(os.path.join(data_dir, "train")) and test_dir is not None
+    return Streamed("folder", train, test, classes, (None, None, 3), flip=True,
+                    test_split=os.path.basename(test_dir) if split_layout else "held-out",
+                    val=val, val_from=f"the folder's {val_name}/ split" if val is not None else "")
+
+
+def _require_two_classes(classes: tuple[str, ...], folder: str) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{folder} has {len(classes)} class folder ({', '.join(classes)}): a classifier needs at "
+                        "least two classes, each in a sub-folder of its own.")
 
 
 def fit_in_memory(data: Dataset | Streamed, side: int, pipeline: str = "auto") -> Dataset | Streamed:

@@ -27,7 +27,9 @@ class DatasetFacts:
     """What a dataset tells the trainer and its checkpoints, whether held in memory or streamed.
 
     Subclasses have ``name``, ``class_names``, ``image_shape`` (``None`` for a side that varies), the
-    ``train_size`` and ``test_size``, and the statistics ``mean``, ``std``, ``eigval``, ``eigvec``.
+    ``train_size``, ``val_size`` (0 without a validation split) and ``test_size``, ``val_from`` (where the
+    validation split came from, "" without one), and the statistics ``mean``, ``std``, ``eigval``,
+    ``eigvec``.
     """
 
     @property
@@ -46,6 +48,8 @@ class DatasetFacts:
             "eigval": list(self.eigval),
             "eigvec": [list(row) for row in self.eigvec],
             "train_examples": int(self.train_size),
+            "val_examples": int(self.val_size),
+            "val_from": self.val_from,
             "test_examples": int(self.test_size),
         }
 
@@ -57,7 +61,8 @@ class Dataset(DatasetFacts):
     Images are uint8 ``(N, H, W, C)``; labels int32 ``(N,)``. ``mean`` and ``std`` are per channel, of the
     training images scaled to [0, 1], computed from the data when it is loaded. ``flip`` says whether a
     horizontal flip keeps the label (not for digits); ``crop_padding`` is the padding of the random-crop
-    augmentation in pixels.
+    augmentation in pixels. ``val_images`` and ``val_labels`` are the validation split, when the run has
+    one (`train.data.with_validation`).
     """
 
     name: str
@@ -72,10 +77,17 @@ class Dataset(DatasetFacts):
     std: tuple[float, ...] = ()
     eigval: tuple[float, ...] = ()
     eigvec: tuple[tuple[float, ...], ...] = ()
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    val_from: str = ""
 
     @property
     def train_size(self) -> int:
         return len(self.train_labels)
+
+    @property
+    def val_size(self) -> int:
+        return 0 if self.val_labels is None else len(self.val_labels)
 
     @property
     def test_size(self) -> int:

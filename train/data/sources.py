@@ -19,7 +19,8 @@ import numpy as np
 
 from train.data.memory import DataError
 
-__all__ = ["TfdsSource", "FolderSource", "scan_folder", "decode_image", "IMAGE_EXTENSIONS"]
+__all__ = ["TfdsSource", "FolderSource", "Subset", "source_labels", "scan_folder", "decode_image",
+           "IMAGE_EXTENSIONS"]
 
 STATS_FOLDER = "flaxnets-stats"  # where `train.data.stats` keeps a folder dataset's statistics: not a class
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -56,6 +57,30 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self._pair(self._open()[int(index)])
+
+    def labels(self) -> np.ndarray:
+        """Every example's label, in order: read without decoding the images where tensorflow-datasets can
+        (its records deserialised but not decoded), else by reading the examples."""
+        import tensorflow_datasets as tfds
+
+        def read_all(source, label):
+            labels = np.empty(len(source), np.int32)
+            chunk = 4096
+            for start in range(0, len(source), chunk):
+                keys = list(range(start, min(start + chunk, len(source))))
+                try:
+                    records = source.__getitems__(keys)
+                except (AttributeError, TypeError):  # sources without batched reads (tfds' mock data)
+                    records = [source[key] for key in keys]
+                labels[start:start + len(keys)] = [label(record) for record in records]
+            return labels
+
+        try:
+            raw = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
+                                   deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
+            return read_all(raw, lambda record: int(np.asarray(record[self.label_key])))
+        except Exception:  # noqa: BLE001 - no undecoded path for this dataset here: decode as training does
+            return read_all(self._open(), lambda record: int(record[self.label_key]))
 
     def read_many(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """Several examples in one read (ArrayRecord reads them in parallel)."""
@@ -152,3 +177,37 @@ class FolderSource:
             except (OSError, SyntaxError, ValueError) as error:
                 warnings.warn(f"skipping {self.paths[where]}: cannot decode it ({error}).", stacklevel=2)
         raise DataError(f"a hundred files in a row from {self.paths[index]} on cannot be decoded.")
+
+
+@dataclasses.dataclass
+class Subset:
+    """The examples ``indices`` of ``source``, in that order: a split held out of another one."""
+
+    source: Sequence
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.source[int(self.indices[int(index)])]
+
+    def read_many(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+        keys = [int(self.indices[int(i)]) for i in indices]
+        if hasattr(self.source, "read_many"):
+            return self.source.read_many(keys)
+        return [self.source[key] for key in keys]
+
+    def labels(self) -> np.ndarray:
+        return source_labels(self.source)[self.indices]
+
+
+def source_labels(source: Sequence) -> np.ndarray:
+    """Every label of a source, in order: from its ``labels`` (a list, or a method that reads them without
+    decoding images), else by reading each example."""
+    labels = getattr(source, "labels", None)
+    if callable(labels):
+        return np.asarray(labels(), np.int32)
+    if labels is not None:
+        return np.asarray(labels, np.int32)
+    return np.asarray([source[i][1] for i in range(len(source))], np.int32)

@@ -42,7 +42,8 @@ def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Streamed(DatasetFacts):
-    """A dataset read example by example from ``train`` and ``test`` sources (see `train.data.sources`).
+    """A dataset read example by example from ``train``, ``test`` and (when the run holds one out or the
+    dataset has one) ``val`` sources (see `train.data.sources`).
 
     ``image_shape`` has ``None`` for a side that varies between images. The statistics are those of the
     training images at their own size (see `train.data.stats`).
@@ -60,10 +61,16 @@ class Streamed(DatasetFacts):
     eigval: tuple[float, ...] = ()
     eigvec: tuple[tuple[float, ...], ...] = ()
     test_split: str = "test"
+    val: Sequence | None = None
+    val_from: str = ""
 
     @property
     def train_size(self) -> int:
         return len(self.train)
+
+    @property
+    def val_size(self) -> int:
+        return 0 if self.val is None else len(self.val)
 
     @property
     def test_size(self) -> int:
@@ -210,13 +217,15 @@ def train_batches(data: Streamed, *, side: int, seed: int, epoch: int, start: in
 
 
 def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = False, workers: int = 2,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Every test example once, in order, the last global batch padded (``mask`` False) instead of dropped."""
-    padded = np.full(math.ceil(data.test_size / batch) * batch, -1, np.int64)
-    padded[:data.test_size] = np.arange(data.test_size)
+                 process_index: int = 0, process_count: int = 1, split: str = "test") -> Iterator[dict]:
+    """Every example of ``split`` ("test" or "val") once, in order, the last global batch padded (``mask``
+    False) instead of dropped."""
+    source = data.val if split == "val" else data.test
+    padded = np.full(math.ceil(len(source) / batch) * batch, -1, np.int64)
+    padded[:len(source)] = np.arange(len(source))
     share = batch // process_count
     rows = padded.reshape(-1, batch)[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    return _pipeline(rows, EvalTransform(data.test, side, ten_crop), share, workers)
+    return _pipeline(rows, EvalTransform(source, side, ten_crop), share, workers)
 
 
 def prefetch(batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
@@ -252,6 +261,7 @@ def materialize(data: Streamed, side: int | None = None) -> Dataset:
 
     train_x, train_y = read(data.train)
     test_x, test_y = read(data.test)
+    val_x, val_y = read(data.val) if data.val is not None else (None, None)
     padding = data.crop_padding or max(1, train_x.shape[1] // 8)
     return with_statistics(Dataset(data.name, train_x, train_y, test_x, test_y, data.class_names, flip=data.flip,
-                                   crop_padding=padding))
+                                   crop_padding=padding, val_images=val_x, val_labels=val_y, val_from=data.val_from))
