@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +49,7 @@ from flaxnets.registry import create_model, get_spec, list_models
 
 __all__ = [
     "StateDictMismatchError",
+    "WeightsFileError",
     "from_torch",
     "to_torch",
     "load_pretrained",
@@ -65,6 +67,11 @@ PathLike = str | os.PathLike
 
 class StateDictMismatchError(ValueError):
     """A state_dict (or flax variables) that does not fit the architecture; the message names the first bad key."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file that cannot be read: missing, of another format than its suffix says, damaged, or
+    needing a package that is not installed. The message is one sentence naming the file."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -459,14 +466,26 @@ def to_torch(arch: str, variables: Mapping[str, Any], *, return_numpy: bool = Fa
 
 
 def _read_torch(path: Path) -> dict[str, Any]:
-    import torch  # noqa: PLC0415 - torch is optional; only .pth/.pt files need it
-
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        import torch  # noqa: PLC0415 - torch is optional; only .pth/.pt files need it
+    except ImportError:
+        raise WeightsFileError(f"reading {path} (a PyTorch file) needs PyTorch: pip install -e \".[parity]\", or "
+                               "save the weights as .safetensors or .npz, which flaxnets reads without it.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean "unreadable"
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise WeightsFileError(f"{path} is not a PyTorch weights file torch.load can read ({reason}).") from None
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    if not zipfile.is_zipfile(path):  # else NumPy would say it holds "pickled data", which is wrong
+        raise WeightsFileError(f"{path} is not an .npz archive (a zip of NumPy arrays).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise WeightsFileError(f"{path} is a damaged .npz archive ({error}).") from None
 
 
 # The safetensors format (github.com/huggingface/safetensors, "Format"): an 8-byte little-endian header
@@ -488,20 +507,28 @@ _SAFETENSORS_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
     size = int(data[:8].view("<u8")[0]) if data.size >= 8 else -1
     if not 0 < size <= data.size - 8:
-        raise ValueError(f"{path} is not a safetensors file (its header length {size} does not fit its size).")
-    header = json.loads(bytes(data[8 : 8 + size]))
-    header.pop("__metadata__", None)
-    start = 8 + size
-    arrays = {}
-    for name, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which flaxnets does not read.")
-        begin, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        arrays[name] = np.array(data[start + begin : start + end].view(dtype).reshape(info["shape"]))
+        raise WeightsFileError(f"{path} is not a safetensors file (its header length does not fit its size).")
+    try:
+        header = json.loads(bytes(data[8 : 8 + size]))
+        header.pop("__metadata__", None)
+        start = 8 + size
+        arrays = {}
+        for name, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise WeightsFileError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which flaxnets does not "
+                                       "read.")
+            begin, end = info["data_offsets"]
+            if not 0 <= begin <= end <= data.size - start:
+                raise WeightsFileError(f"{path} is truncated: tensor {name!r} lies beyond its end.")
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            arrays[name] = np.array(data[start + begin : start + end].view(dtype).reshape(info["shape"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        if isinstance(error, WeightsFileError):
+            raise
+        raise WeightsFileError(f"{path} is not a safetensors file (its header is not the format's JSON).") from None
     return arrays
 
 
@@ -545,7 +572,7 @@ _WRITERS = {".pth": _write_torch, ".pt": _write_torch, ".bin": _write_torch, ".s
 
 def _suffix(path: Path, table: dict) -> str:
     if path.suffix not in table:
-        raise ValueError(f"{path} has none of the suffixes flaxnets reads and writes ({', '.join(table)}).")
+        raise WeightsFileError(f"{path} has none of the suffixes flaxnets reads and writes ({', '.join(table)}).")
     return path.suffix
 
 
@@ -559,7 +586,12 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     ``argparse`` arguments, say): load such a file yourself with ``torch.load`` and pass its state_dict.
     """
     path = Path(path)
-    loaded = _READERS[_suffix(path, _READERS)](path)
+    reader = _READERS[_suffix(path, _READERS)]
+    if not path.is_file():
+        raise WeightsFileError(f"{path} is not a file.")
+    loaded = reader(path)
+    if not isinstance(loaded, Mapping):
+        raise WeightsFileError(f"{path} holds a {type(loaded).__name__}, not a state_dict (names to tensors).")
     return {key: _as_numpy(value) for key, value in _unwrap(loaded).items()}
 
 

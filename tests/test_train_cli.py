@@ -604,6 +604,98 @@ def test_bad_input_is_one_sentence_exit_2_and_changes_nothing(bad_input_runs, ca
     assert unchanged, f"{case}: the files of {workdir} changed"
 
 
+FRESH_BAD_INPUT_CASES = ("workdir_is_a_file", "workdir_empty", "workdir_read_only", "config_wrong_type",
+                         "config_inline_wrong_type", "lr_infinite", "init_from_garbage_pth", "init_from_garbage_safetensors",
+                         "init_from_garbage_npz", "folder_with_one_class", "digits_with_data_dir")
+
+
+def _fresh_bad_input_cases(root: pathlib.Path) -> dict[str, tuple[tuple, tuple]]:
+    """name -> (arguments after BASE, fragments the one-line error must hold), each for a workdir that does
+    not exist yet (except where the case is about the workdir itself)."""
+    a_file = root / "a_file"
+    a_file.write_text("not a folder")
+    wrong_type = root / "wrong_type.json"
+    wrong_type.write_text(json.dumps({"lr": "fast"}))
+    garbage = {}
+    for suffix in (".pth", ".safetensors", ".npz"):
+        garbage[suffix] = root / f"garbage{suffix}"
+        garbage[suffix].write_bytes(b"\x00\x01 not weights at all " * 40)
+    one_class = root / "one_class" / "cats"
+    one_class.mkdir(parents=True)
+    for i in range(3):
+        from PIL import Image
+
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(one_class / f"{i}.png")
+    read_only = pathlib.Path("/proc/flaxnets-run")  # procfs: no folder can be made there, even by root
+    return {
+        "workdir_is_a_file": (("--workdir", a_file), (f"--workdir {a_file} is a file, not a folder",)),
+        "workdir_empty": (("--workdir", ""), ("--workdir must name a folder",)),
+        "workdir_read_only": (("--workdir", read_only), (f"--workdir {read_only} cannot be", )),
+        "config_wrong_type": (("--config", wrong_type), (f"config file {wrong_type}: lr must be a number, got 'fast'",)),
+        "config_inline_wrong_type": (("--config", '{"lr": "fast"}'), ("--config's JSON: lr must be a number",)),
+        "lr_infinite": (("--lr", "inf"), ("--lr must be a finite number, got inf",)),
+        "init_from_garbage_pth": (("--arch", "resnet18", "--init-from", garbage[".pth"]),
+                                  (f"{garbage['.pth']} is not a PyTorch weights file",)),
+        "init_from_garbage_safetensors": (("--arch", "resnet18", "--init-from", garbage[".safetensors"]),
+                                          (f"{garbage['.safetensors']} is not a safetensors file",)),
+        "init_from_garbage_npz": (("--arch", "resnet18", "--init-from", garbage[".npz"]),
+                                  (f"{garbage['.npz']} is not an .npz archive",)),
+        "folder_with_one_class": (("--dataset", "folder", "--data-dir", root / "one_class"),
+                                  ("at least two classes",)),
+        "digits_with_data_dir": (("--data-dir", root), ("ships with the install and reads no files",)),
+    }
+
+
+@pytest.fixture(scope="module")
+def fresh_bad_input_runs(compile_cache, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("fresh_bad_input")
+    cases = _fresh_bad_input_cases(root)
+    assert tuple(cases) == FRESH_BAD_INPUT_CASES
+    jobs = []
+    for name, (extra, _) in cases.items():
+        args = (*BASE, "--epochs", 1, "--workdir", root / "runs" / name, *extra)
+        jobs.append(dict(args=args))
+    results = run_many(compile_cache, jobs)
+    return {name: (result, cases[name][1], root / "runs" / name, root) for name, result in zip(cases, results)}
+
+
+@pytest.mark.parametrize("case", FRESH_BAD_INPUT_CASES)
+def test_bad_input_for_a_new_run_is_one_sentence_and_makes_no_workdir(fresh_bad_input_runs, case):
+    result, fragments, default_workdir, root = fresh_bad_input_runs[case]
+    assert_user_error(result, *fragments)
+    assert not default_workdir.exists(), f"{case}: a half-made workdir was left at {default_workdir}"
+    if case == "workdir_is_a_file":
+        assert (root / "a_file").read_text() == "not a folder"
+
+
+def test_a_pth_file_without_torch_names_the_extra_that_brings_it(tmp_path, monkeypatch):
+    from flaxnets.convert import WeightsFileError, load_state_dict
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"whatever")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(WeightsFileError, match=r'needs PyTorch: pip install -e "\.\[parity\]"'):
+        load_state_dict(path)
+
+
+def test_one_epoch_with_the_default_warm_up_clips_it_and_says_so(compile_cache, tmp_path):
+    result = run_cli(compile_cache, ("--arch", "lenet5_relu", "--epochs", 1, "--no-plots", "--workdir", tmp_path / "w"))
+    assert_ok(result)
+    assert "note: --warmup-epochs 1 would leave no room for the cosine schedule in 1 epoch(s); warming up over 0.5" \
+        in result.stderr
+
+
+def test_help_shows_every_flag_with_a_line_of_help_and_its_real_default():
+    result = subprocess.run(_command(["--help"]), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0 and "(default: None)" not in result.stdout
+    import re as _re
+
+    flags = _re.findall(r"^  (--[a-z-]+)", result.stdout, _re.M)
+    text = " ".join(result.stdout.split())  # argparse wraps lines anywhere
+    assert len(flags) > 40 and text.count("(default: ") == len(flags) - 1  # all but --config
+    assert "--lr LR peak learning rate, for the global batch (default: 0.05)" in text
+
+
 @pytest.mark.parametrize("damage", ["truncated_state_data", "garbled_meta"])
 def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_one_used(compile_cache, reference_run,
                                                                                 tmp_path, damage):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from flaxnets.convert import StateDictMismatchError
+from flaxnets.convert import StateDictMismatchError, WeightsFileError
 from flaxnets.registry import UnknownModelError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
 
-USER_ERRORS = (ConfigError, DataError, UnknownModelError, CheckpointError, StateDictMismatchError)
+USER_ERRORS = (ConfigError, DataError, UnknownModelError, CheckpointError, StateDictMismatchError, WeightsFileError)
 
 
 def run_command(body: Callable[[], int]) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import typing
 from typing import Any, Sequence
 
 __all__ = ["Config", "ConfigError", "parse_args"]
@@ -40,7 +42,7 @@ class Config:
     data_dir: str | None = None
     # A fraction of the training split held out per class (seeded), or the name of the dataset's own
     # validation split: the best checkpoint is chosen on it. None: chosen on the test split (a leak).
-    val_split: str | None = None
+    val_split: str | float | None = None
     workdir: str = "workdir"
     epochs: int = 20
     batch_size: int = 128  # global, over all devices and processes
@@ -90,6 +92,15 @@ class Config:
 
     def validate(self) -> "Config":
         """Raise `ConfigError` for the first setting that cannot work; returns self for chaining."""
+        _check_types(self)
+        for name in ("lr", "momentum", "warmup_epochs", "lr_decay_factor", "weight_decay", "label_smoothing",
+                     "clip_grad_norm", "lighting", "lr_find_start", "lr_find_end"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
+        if not self.workdir or not str(self.workdir).strip():
+            raise ConfigError("--workdir must name a folder for the run's checkpoints and logs; an empty one would "
+                              "fill the current directory.")
         positive = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every_epochs", "keep_checkpoints",
                     "log_every_steps")
         for name in positive:
@@ -130,9 +141,15 @@ class Config:
         if not 0 < self.lr_find_start < self.lr_find_end:
             raise ConfigError(f"--lr-find-start ({self.lr_find_start}) must be positive and below --lr-find-end "
                               f"({self.lr_find_end}).")
-        if self.warmup_epochs >= self.epochs and self.schedule != "constant":
-            raise ConfigError(f"--warmup-epochs ({self.warmup_epochs}) must be shorter than --epochs ({self.epochs}).")
         return self
+
+    @property
+    def warmup_epochs_used(self) -> float:
+        """The warm-up the schedule runs: `warmup_epochs`, but at most half the run, so that a schedule
+        that decays (step, cosine, onecycle) has the other half to do it in."""
+        if self.schedule == "constant":
+            return self.warmup_epochs
+        return min(self.warmup_epochs, self.epochs / 2)
 
     def to_json(self, **derived: Any) -> str:
         """The settings as JSON, with ``derived`` facts of the run beside them (keys of `DERIVED`)."""
@@ -152,16 +169,63 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str) -> "Config":
+        """Settings from a JSON file, or from a JSON object given in place of a file name (``'{"lr": 0.1}'``)."""
+        where = f"config file {path}"
         try:
-            with open(path) as handle:
-                values = json.load(handle)
-        except FileNotFoundError:
+            if path.lstrip().startswith("{"):
+                where = "--config's JSON"
+                values = json.loads(path)
+            else:
+                with open(path) as handle:
+                    values = json.load(handle)
+        except (FileNotFoundError, IsADirectoryError):
             raise ConfigError(f"config file {path} does not exist.") from None
+        except (UnicodeDecodeError, OSError) as error:
+            raise ConfigError(f"{where} cannot be read ({error}).") from None
         except json.JSONDecodeError as error:
-            raise ConfigError(f"config file {path} is not valid JSON ({error.msg}, line {error.lineno}).") from None
+            raise ConfigError(f"{where} is not valid JSON ({error.msg}, line {error.lineno}).") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a JSON object of settings.")
-        return cls.from_dict(values)
+            raise ConfigError(f"{where} must hold a JSON object of settings.")
+        try:
+            config = cls.from_dict(values)
+            _check_types(config)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        return config
+
+
+def _type_name(hint: Any) -> str:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        return "a list of whole numbers"
+    if args:
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (tuple, list)) and all(_conforms(v, typing.get_args(hint)[0]) for v in value)
+    args = typing.get_args(hint)
+    if args:  # X | None
+        return any(value is None if a is type(None) else _conforms(value, a) for a in args)
+    return True
+
+
+def _check_types(config: "Config") -> None:
+    """Raise `ConfigError` for the first setting of the wrong type (a JSON config can hold anything)."""
+    hints = typing.get_type_hints(Config)
+    for field in dataclasses.fields(Config):
+        value = getattr(config, field.name)
+        if not _conforms(value, hints[field.name]):
+            raise ConfigError(f"{field.name} must be {_type_name(hints[field.name])}, got {value!r}.")
 
 
 def _epochs_list(text: str) -> tuple[int, ...]:
@@ -179,62 +243,73 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Train a flaxnets architecture, data-parallel over all devices.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description="Train a flaxnets architecture, data-parallel over all devices.")
     defaults = Config()
-    parser.add_argument("--config", help="JSON file of settings; flags given on the command line win")
-    add = parser.add_argument
-    add("--arch", help="architecture name (python -m flaxnets lists them)")
-    add("--dataset", help="digits (embedded), mnist, fashion_mnist, cifar10, cifar100, folder, or any "
+
+    def add(flag: str, help: str, **kwargs) -> None:
+        """One flag with one line of help ending in its real default (the Config's, not argparse's None)."""
+        value = getattr(defaults, flag[2:].replace("-", "_"))
+        shown = {None: "none", True: "on", False: "off"}.get(value, value) if not isinstance(value, (int, float)) \
+            or isinstance(value, bool) else value
+        if isinstance(value, tuple):
+            shown = ",".join(map(str, value)) or "none"
+        parser.add_argument(flag, help=f"{help} (default: {shown})", **kwargs)
+
+    parser.add_argument("--config", help="settings as a JSON file, or a JSON object in quotes; flags given on the "
+                        "command line win")
+    add("--arch", "architecture name; python -m flaxnets lists them")
+    add("--dataset", "digits (ships with the install), mnist, fashion_mnist, cifar10, cifar100, folder, or any "
         "tensorflow-datasets image-classification name (imagenet2012, imagenette, ...)")
-    add("--data-dir", help="the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders "
-        "(--dataset folder), or where tensorflow-datasets keeps prepared datasets")
-    add("--val-split", help="validation data for choosing the best checkpoint: a FRACTION of the training split "
-        "(e.g. 0.1, held out per class with a fixed seed) or the NAME of the dataset's own split (e.g. validation); "
-        "without it the best checkpoint is chosen on the test split")
-    add("--workdir", help="checkpoints, metrics, plots and config go here; rerun to resume")
-    add("--epochs", type=int)
-    add("--batch-size", type=int, help="global batch, split over all devices")
-    add("--eval-batch-size", type=int)
-    add("--optimizer", choices=OPTIMIZERS)
-    add("--lr", type=float, help="peak learning rate")
-    add("--momentum", type=float)
-    add("--schedule", choices=SCHEDULES)
-    add("--warmup-epochs", type=float)
-    add("--lr-decay-epochs", type=_epochs_list, help="step schedule: e.g. 30,60")
-    add("--lr-decay-factor", type=float)
-    add("--weight-decay", type=float)
-    add("--label-smoothing", type=float)
-    add("--clip-grad-norm", type=float)
-    add("--dtype", choices=DTYPES)
-    add("--parallel", choices=PARALLEL)
-    add("--image-size", type=int)
-    add("--augment", action=argparse.BooleanOptionalAction)
-    add("--pipeline", choices=PIPELINES, help="memory: on the devices; stream: Grain workers; auto: by size")
-    add("--workers", type=int, help="Grain worker processes for a streamed dataset (default: one per core, at most 8)")
-    add("--crop", choices=CROPS, help="streamed training crop: random-resized (inception) or 224-of-256 (alexnet)")
-    add("--lighting", type=float, help="std of AlexNet's PCA colour noise (0.1 in the paper; 0: off)")
-    add("--ten-crop", action=argparse.BooleanOptionalAction, help="streamed evaluation over ten crops")
-    add("--seed", type=int)
-    add("--checkpoint-every-epochs", type=int)
-    add("--keep-checkpoints", type=int)
-    add("--log-every-steps", type=int)
-    add("--zero-init-residual", action=argparse.BooleanOptionalAction)
-    add("--init-from", help="start from torchvision weights (.pth, .safetensors, .npz); a new head if classes differ")
-    add("--freeze-backbone", action=argparse.BooleanOptionalAction, help="with --init-from: train the head only")
-    add("--distributed", action=argparse.BooleanOptionalAction,
-        help="call jax.distributed.initialize() (cluster environment detected, or the three flags below)")
-    add("--coordinator", help="host:port of process 0, for multi-process runs")
-    add("--num-processes", type=int)
-    add("--process-id", type=int)
-    add("--plots", action=argparse.BooleanOptionalAction, help="write WORKDIR/plots/*.png at the end of the run")
-    add("--lr-find", action=argparse.BooleanOptionalAction,
-        help="instead of training, a learning-rate range test: plot of loss vs rate and a suggested --lr")
-    add("--lr-find-steps", type=int, help="steps of the range test")
-    add("--lr-find-start", type=float, help="first rate of the range test")
-    add("--lr-find-end", type=float, help="last rate of the range test (it stops earlier if the loss diverges)")
+    add("--data-dir", "the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders (--dataset "
+        "folder), or where tensorflow-datasets keeps prepared datasets")
+    add("--val-split", "data to choose the best checkpoint on: a FRACTION of the training split (e.g. 0.1, held out "
+        "per class with a fixed seed) or the NAME of the dataset's own split (e.g. validation); without it the test "
+        "split chooses")
+    add("--workdir", "checkpoints, metrics, plots and config go here; rerun the same command to resume")
+    add("--epochs", "passes over the training split", type=int)
+    add("--batch-size", "global batch, split over all devices and processes", type=int)
+    add("--eval-batch-size", "global batch of evaluation (every example is scored, the last batch padded)", type=int)
+    add("--optimizer", "sgd (with momentum), nesterov, adam or adamw", choices=OPTIMIZERS)
+    add("--lr", "peak learning rate, for the global batch", type=float)
+    add("--momentum", "momentum of sgd and nesterov", type=float)
+    add("--schedule", "learning rate after the warm-up: constant, step, cosine or onecycle", choices=SCHEDULES)
+    add("--warmup-epochs", "linear warm-up from 0 to --lr; at most half the run for a decaying schedule", type=float)
+    add("--lr-decay-epochs", "step schedule: epochs at which the rate is multiplied by --lr-decay-factor, e.g. 30,60",
+        type=_epochs_list)
+    add("--lr-decay-factor", "step schedule: the factor applied at each of --lr-decay-epochs", type=float)
+    add("--weight-decay", "L2 penalty on kernels (not biases nor BatchNorm), applied by the optimizer", type=float)
+    add("--label-smoothing", "weight of the uniform distribution mixed into the one-hot targets", type=float)
+    add("--clip-grad-norm", "clip the gradients' global norm to this", type=float)
+    add("--dtype", "computation dtype; parameters and optimizer state stay float32", choices=DTYPES)
+    add("--parallel", "data-parallel driver: shard_map or pmap (the same numbers)", choices=PARALLEL)
+    add("--image-size", "resize images to this side (none: the data's own, raised to the model's minimum)", type=int)
+    add("--augment", "random crops with padding, and flips where the dataset allows them",
+        action=argparse.BooleanOptionalAction)
+    add("--pipeline", "memory: on the devices; stream: Grain workers; auto: by size", choices=PIPELINES)
+    add("--workers", "Grain worker processes for a streamed dataset (none: one per core, at most 8)", type=int)
+    add("--crop", "streamed training crop: random-resized (inception) or 224-of-256 (alexnet)", choices=CROPS)
+    add("--lighting", "standard deviation of AlexNet's PCA colour noise (0.1 in the paper; 0: off)", type=float)
+    add("--ten-crop", "streamed evaluation over ten crops per image", action=argparse.BooleanOptionalAction)
+    add("--seed", "seed of the initialisation, the data order and the augmentation", type=int)
+    add("--checkpoint-every-epochs", "save a checkpoint every this many epochs (and at the last)", type=int)
+    add("--keep-checkpoints", "how many of the latest checkpoints to keep, besides the best", type=int)
+    add("--log-every-steps", "progress line every this many steps", type=int)
+    add("--zero-init-residual", "ResNets: start each residual branch's last BatchNorm scale at zero",
+        action=argparse.BooleanOptionalAction)
+    add("--init-from", "start from torchvision weights (.pth, .safetensors, .npz); a new head if classes differ")
+    add("--freeze-backbone", "with --init-from: train the class layer(s) only", action=argparse.BooleanOptionalAction)
+    add("--distributed", "call jax.distributed.initialize() (cluster environment detected, or the three flags below)",
+        action=argparse.BooleanOptionalAction)
+    add("--coordinator", "host:port of process 0, for multi-process runs")
+    add("--num-processes", "number of processes of a multi-process run", type=int)
+    add("--process-id", "this process's index in a multi-process run", type=int)
+    add("--plots", "write WORKDIR/plots/*.png at the end of the run", action=argparse.BooleanOptionalAction)
+    add("--lr-find", "instead of training, a learning-rate range test: a plot of loss against rate and a suggested "
+        "--lr", action=argparse.BooleanOptionalAction)
+    add("--lr-find-steps", "steps of the range test", type=int)
+    add("--lr-find-start", "first rate of the range test", type=float)
+    add("--lr-find-end", "last rate of the range test (it stops earlier if the loss diverges)", type=float)
     parser.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
-    parser.epilog = f"Defaults: {json.dumps({k: v for k, v in dataclasses.asdict(defaults).items() if v is not None})}"
     return parser
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -106,6 +107,7 @@ class Run:
     image_side: int
     eval_batch_size: int
     overrides: dict
+    _pretrained: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def selection_split(self) -> str:
@@ -153,6 +155,15 @@ class Run:
             state = self._with_pretrained(state)
         return state
 
+    def pretrained_variables(self) -> dict:
+        """The variables of ``--init-from`` for this model and class count (read and converted once)."""
+        if self._pretrained is None:
+            from flaxnets.convert import load_pretrained
+
+            self._pretrained = load_pretrained(self.config.arch, self.config.init_from, self.data.num_classes,
+                                               rng=self.config.seed, **self.overrides)
+        return self._pretrained
+
     def _with_pretrained(self, state: steps.TrainState) -> steps.TrainState:
         """``state`` with the parameters and statistics of ``--init-from``, a fresh head where classes differ.
 
@@ -160,10 +171,7 @@ class Run:
         which gives the same response to a grey image as the colour network gives to its RGB copy (the
         usual way to reuse ImageNet weights on MNIST-like data).
         """
-        from flaxnets.convert import load_pretrained
-
-        variables = load_pretrained(self.config.arch, self.config.init_from, self.data.num_classes,
-                                    rng=self.config.seed, **self.overrides)
+        variables = dict(self.pretrained_variables())
         for name in ("params", "batch_stats"):
             theirs = flatten_dict(dict(variables.get(name, {})))
             ours = flatten_dict(jax.tree_util.tree_map(jnp.shape, dict(getattr(state, name))))
@@ -220,6 +228,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if in_memory else 0, flip=data.flip and in_memory,
                                   dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec)
+    if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:
+        print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
+              f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
+              flush=True)
     tx, schedule = make_optimizer(config, steps_per_epoch)
     if config.freeze_backbone:
         from flaxnets.convert import head_mask
@@ -333,10 +345,17 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
         from train.lr_find import lr_find
 
         return lr_find(config, stream=stream)
+    workdir = usable_workdir(config.workdir)
     run = build_run(config)
-    workdir = os.path.abspath(config.workdir)
+    fresh = not os.path.isdir(os.path.join(workdir, "checkpoints"))
+    if fresh and config.init_from:
+        run.pretrained_variables()  # read and converted now: a bad weights file fails before anything is written
+    created = not os.path.exists(workdir)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--workdir {config.workdir} cannot be made ({error.strerror}).") from None
     total_steps = config.epochs * run.steps_per_epoch
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
                               warn=lambda message: print(message, file=sys.stderr, flush=True))
@@ -352,8 +371,33 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
             return _train(run, workdir, checkpoints, reporter)
         finally:
             reporter.close()
+    except (TrainError, Interrupted):
+        raise
+    except BaseException:
+        # A workdir this call made and that holds no checkpoint yet is not left half-made behind an error.
+        if created and jax.process_index() == 0 and not checkpoints.steps():
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     finally:
         checkpoints.close()
+
+
+def usable_workdir(path: str) -> str:
+    """``path`` as an absolute folder the run can write into (made later), or a `ConfigError` saying why not."""
+    if not path or not path.strip():
+        raise ConfigError("--workdir must name a folder for the run's checkpoints and logs; an empty one would fill "
+                          "the current directory.")
+    workdir = os.path.abspath(path)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {path} is a file, not a folder.")
+    existing = workdir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--workdir {path} cannot be made: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {path} cannot be written: {existing} is read-only here.")
+    return workdir
 
 
 def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter) -> dict[str, Any]:
