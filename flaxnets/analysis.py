@@ -61,13 +61,16 @@ def abstract_variables(
 
 
 def min_input_size(model: str | nn.Module, in_channels: int | None = None) -> int:
-    """The smallest square side the architecture accepts, found by tracing its shapes.
+    """The smallest square side the architecture accepts: for a registry name as recorded in its spec
+    (`ModelSpec.min_input_size`), else found by tracing the module's shapes.
 
-    One pixel less fails: a window no longer fits or some activation becomes empty. For a registry name
-    ``in_channels`` defaults to the architecture's usual input channels; for a module, to 3.
+    One pixel less fails: a window no longer fits or some activation becomes empty. The side does not
+    depend on the channels; ``in_channels`` (3 by default for a module) is what the search traces with.
     """
     if isinstance(model, str):
         spec = get_spec(model)
+        if spec.min_input_size is not None:  # recorded (checked against the search by tests/test_models.py)
+            return spec.min_input_size
         module = create_model(model, num_classes=10)
         in_channels = spec.in_channels if in_channels is None else in_channels
     else:

@@ -36,6 +36,10 @@ class ModelSpec:
       description: one line for tables and ``--help``.
       reference_overrides: model fields under which ``params`` holds (e.g. GoogLeNet without its
         auxiliary heads, as torchvision counts its pretrained weights).
+      min_input_size: the smallest square input side the default build accepts, as data (the tracing
+        search of `flaxnets.input_size` finds it again in tests/test_models.py).
+      default_params: parameters of the default build at ``num_classes`` classes, as data (checked by
+        tests/test_models.py against `jax.eval_shape`), so tables print without tracing any model.
     """
 
     name: str
@@ -51,6 +55,8 @@ class ModelSpec:
     top1: float | None = None
     description: str = ""
     reference_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    min_input_size: int | None = None
+    default_params: int | None = None
 
     @property
     def num_features(self) -> int | None:

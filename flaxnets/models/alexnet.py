@@ -176,6 +176,8 @@ register(
         gflops=0.714,
         top1=56.522,
         description="torchvision's AlexNet (64-192-384-256-256, no LRN)",
+        min_input_size=63,
+        default_params=61_100_840,
     )
 )
 register(
@@ -186,6 +188,8 @@ register(
         paper=_PAPER,
         input_size=227,
         description="the 2012 paper's AlexNet on one tower, with LRN (227x227)",
+        min_input_size=67,
+        default_params=62_378_344,
     )
 )
 register(
@@ -197,5 +201,7 @@ register(
         input_size=32,
         num_classes=10,
         description="a small AlexNet with LRN for 32x32 input",
+        min_input_size=1,
+        default_params=1_707_658,
     )
 )

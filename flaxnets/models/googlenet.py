@@ -226,6 +226,8 @@ register(
         top1=69.778,
         description="torchvision's GoogLeNet (BatchNorm, 3x3 in the '5x5' branch), auxiliary heads",
         reference_overrides={"aux_logits": False},
+        min_input_size=15,
+        default_params=13_004_888,
     )
 )
 register(
@@ -236,5 +238,7 @@ register(
         paper=_PAPER,
         input_size=224,
         description="the paper's GoogLeNet: LRN, true 5x5 branches, auxiliary heads",
+        min_input_size=79,
+        default_params=13_378_280,
     )
 )

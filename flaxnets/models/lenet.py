@@ -72,10 +72,12 @@ class LeNet5(nn.Module):
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 _PAPER = "LeCun et al., Gradient-Based Learning Applied to Document Recognition, Proc. IEEE 1998"
-for _name, _fields, _what in (
-    ("lenet5", {}, "LeNet-5 as in d2l: sigmoid, average pooling"),
-    ("lenet5_relu", {"activation": "relu", "pool": "max"}, "LeNet-5 with ReLU and max-pooling"),
-    ("lenet5_bn", {"activation": "relu", "pool": "max", "batch_norm": True}, "LeNet-5 with ReLU, max-pooling and BatchNorm"),
+# name, fields, description, parameters at 10 classes
+for _name, _fields, _what, _count in (
+    ("lenet5", {}, "LeNet-5 as in d2l: sigmoid, average pooling", 61_706),
+    ("lenet5_relu", {"activation": "relu", "pool": "max"}, "LeNet-5 with ReLU and max-pooling", 61_706),
+    ("lenet5_bn", {"activation": "relu", "pool": "max", "batch_norm": True},
+     "LeNet-5 with ReLU, max-pooling and BatchNorm", 62_158),
 ):
     register(
         ModelSpec(
@@ -87,5 +89,7 @@ for _name, _fields, _what in (
             num_classes=10,
             in_channels=1,
             description=_what,
+            min_input_size=12,
+            default_params=_count,
         )
     )

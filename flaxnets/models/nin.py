@@ -84,5 +84,7 @@ register(
         paper="Lin, Chen, Yan, Network In Network, ICLR 2014 (arXiv:1312.4400)",
         input_size=224,
         description="Network in Network as in d2l: four mlpconv blocks, no dense layer",
+        min_input_size=67,
+        default_params=7_439_608,
     )
 )

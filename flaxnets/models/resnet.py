@@ -166,10 +166,13 @@ for _depth, (_stages, _block, _params, _gflops, _top1) in _DEPTHS.items():
             gflops=_gflops,
             top1=_top1,
             description=f"ResNet-{_depth}, torchvision layout (v1.5 bottlenecks)",
+            min_input_size=1,
+            default_params=_params,
         )
     )
 
-for _depth in (18, 34, 50):
+# parameters at 10 classes
+for _depth, _count in ((18, 11_173_962), (34, 21_282_122), (50, 23_520_842)):
     _stages, _block = _DEPTHS[_depth][:2]
     register(
         ModelSpec(
@@ -180,5 +183,7 @@ for _depth in (18, 34, 50):
             input_size=32,
             num_classes=10,
             description=f"ResNet-{_depth} with a 3x3 stem and no max-pool, for 32x32 input",
+            min_input_size=1,
+            default_params=_count,
         )
     )

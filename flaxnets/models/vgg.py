@@ -113,6 +113,8 @@ for _name, (_params, _params_bn, _gflops, _top1, _top1_bn) in _REFERENCE.items()
                 gflops=_gflops,
                 top1=_top1_bn if _bn else _top1,
                 description=f"VGG-{_name[3:]}{' with BatchNorm' if _bn else ''}, torchvision layout",
+                min_input_size=32,
+                default_params=_params_bn if _bn else _params,
             )
         )
 
@@ -125,5 +127,7 @@ register(
         input_size=32,
         num_classes=10,
         description="VGG-16 with BatchNorm for 32x32 input (512x1x1 features)",
+        min_input_size=32,
+        default_params=33_646_666,
     )
 )
