@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from train.cli import run_command
-from train.config import ConfigError, _Parser
+from train.config import ConfigError, CommandParser
 
 
 def make_folder(folder: str, images: int, classes: int = 10, seed: int = 0) -> str:
@@ -74,7 +74,7 @@ def measure(folder: str, workers: int, batch: int, batches: int, side: int, crop
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m benchmarks.input_pipeline", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.input_pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", help="folder of generated JPEGs (created or reused); default: a temporary one")
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])

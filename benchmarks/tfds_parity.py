@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from train.cli import run_command
-from train.config import _Parser
+from train.config import CommandParser
 
 
 def _pairs(images: np.ndarray, labels: np.ndarray) -> list[str]:
@@ -28,7 +28,7 @@ def _pairs(images: np.ndarray, labels: np.ndarray) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m benchmarks.tfds_parity", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.tfds_parity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="fashion_mnist", choices=("mnist", "fashion_mnist"))
     parser.add_argument("--files", required=True, help="folder of the four original IDX .gz files")
     parser.add_argument("--tfds-dir", required=True, help="tensorflow-datasets data folder")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         from train.data import fit_in_memory, load_dataset
 
         if args.prepare:
-            from train.data.__main__ import prepare
+            from train.data.prepare import prepare
 
             started = time.perf_counter()
             where = prepare(args.dataset, args.tfds_dir, args.files)

@@ -40,6 +40,8 @@ class ModelSpec:
         search of `flaxnets.input_size` finds it again in tests/test_models.py).
       default_params: parameters of the default build at ``num_classes`` classes, as data (checked by
         tests/test_models.py against `jax.eval_shape`), so tables print without tracing any model.
+      aux_loss_weight: the weight of each auxiliary head's loss in training, for architectures that sow
+        auxiliary logits (0 for the others).
     """
 
     name: str
@@ -57,6 +59,7 @@ class ModelSpec:
     reference_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     min_input_size: int | None = None
     default_params: int | None = None
+    aux_loss_weight: float = 0.0
 
     @property
     def num_features(self) -> int | None:

@@ -11,7 +11,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from benchmarks import common, costs, cpu_kernels, flops, profile, throughput, vs_torch

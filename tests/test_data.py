@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
+import struct
 import sys
 import tarfile
 
@@ -19,11 +21,13 @@ import flaxnets
 from train import loop
 from train import step as steps
 from train.config import Config, ConfigError
-from train.data import DataError, Dataset, Streamed, ensure_statistics, fit_in_memory, load_cifar, load_dataset, load_folder
+from train.data import (DataError, Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_cifar,
+                        load_dataset, load_digits, load_folder, load_idx, read_idx)
 from train.data.stats import pixel_statistics
 from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
 from train.feed import make_feed
 from train.parallel import make_driver
+from train.run import build_run
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -265,7 +269,7 @@ def test_unknown_and_unprepared_tfds_names_are_one_sentence(tmp_path):
 @pytest.mark.parametrize("name,shape,classes", [("cifar10", (32, 32, 3), 10), ("fashion_mnist", (28, 28, 1), 10)])
 def test_mock_tfds_datasets_that_fit_are_held_in_memory(name, shape, classes):
     with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-        run = loop.build_run(Config(arch="lenet5_relu", dataset=name, batch_size=8).validate())
+        run = build_run(Config(arch="lenet5_relu", dataset=name, batch_size=8).validate())
     assert isinstance(run.data, Dataset) and run.data.image_shape == shape and run.data.num_classes == classes
     assert run.data.train_images.shape == (40,) + shape and run.preprocess.crop_padding > 0
     assert len(run.data.class_names) == classes and run.steps_per_epoch == 5
@@ -321,7 +325,7 @@ def test_resuming_mid_epoch_reads_exactly_the_batches_an_uninterrupted_run_reads
     for a, b in zip(whole[2:], resumed):
         for key in ("image", "label", "index"):
             np.testing.assert_array_equal(a[key], b[key])
-    order = loop.epoch_order(5, 3, 40)[:40]
+    order = epoch_order(5, 3, 40)[:40]
     np.testing.assert_array_equal(np.concatenate([b["index"] for b in whole]), order)
     # Each process reads its own rows of every global batch; together they are the global batch.
     halves = [list(train_batches(data, start=0, process_index=p, process_count=2, **kwargs)) for p in (0, 1)]
@@ -395,14 +399,14 @@ def test_pixel_statistics_match_numpy():
 
 def test_host_batches_on_8_devices_train_as_the_device_resident_data_does():
     """The streamed step (examples placed by the host) equals the in-memory one (indices gathered on device)."""
-    data = loop.load_dataset("digits")
-    run = loop.build_run(Config(arch="lenet5_relu", batch_size=32, image_size=16).validate(), data=data)
+    data = load_dataset("digits")
+    run = build_run(Config(arch="lenet5_relu", batch_size=32, image_size=16).validate(), data=data)
     driver = make_driver("shard_map", steps.bind(steps.train_step, model=run.model, tx=run.tx,
                                                  preprocess=run.preprocess, num_classes=10),
                          steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess, num_classes=10))
     feed = make_feed(run, driver)
     state = driver.put_replicated(run.init_state())
-    indices = loop.epoch_order(0, 0, data.train_size)[:32]
+    indices = epoch_order(0, 0, data.train_size)[:32]
     a, metrics_a = driver.train(state, feed.train_data, driver.put_indices(indices))
     b, metrics_b = driver.train_batch(driver.put_replicated(run.init_state()), driver.put_batch(
         {"image": data.train_images[indices], "label": data.train_labels[indices], "index": indices}))
@@ -428,11 +432,11 @@ def test_ten_crop_evaluation_averages_the_softmax_of_the_views():
 
 
 def test_ten_crop_on_in_memory_data_and_bad_pipeline_settings_are_refused():
-    data = loop.load_dataset("digits")
+    data = load_dataset("digits")
     with pytest.raises(ConfigError, match="--ten-crop applies to streamed"):
-        loop.build_run(Config(ten_crop=True).validate(), data=data)
+        build_run(Config(ten_crop=True).validate(), data=data)
     with pytest.raises(DataError, match="--pipeline stream applies"):
-        loop.build_run(Config(pipeline="stream").validate(), data=data)
+        build_run(Config(pipeline="stream").validate(), data=data)
     with pytest.raises(ConfigError, match="--workers"):
         Config(workers=-1).validate()
 
@@ -460,3 +464,54 @@ def test_worker_processes_produce_the_batches_the_main_process_does(tmp_path):
     for a, b in zip(inline, spawned):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["index"], b["index"])
+
+
+# -- the original MNIST files and the bundled digits -------------------------------------------------
+def _write_idx(path, array, magic):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_round_trip_and_errors(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), np.uint8)
+    labels = np.arange(5, dtype=np.uint8)
+    files = {"train-images-idx3-ubyte.gz": (images, 2051), "train-labels-idx1-ubyte.gz": (labels, 2049),
+             "t10k-images-idx3-ubyte.gz": (images[:3], 2051), "t10k-labels-idx1-ubyte.gz": (labels[:3], 2049)}
+    for name, (array, magic) in files.items():
+        _write_idx(tmp_path / name, array, magic)
+    data = load_idx("mnist", str(tmp_path), verify=False)
+    np.testing.assert_array_equal(data.train_images[..., 0], images)
+    np.testing.assert_array_equal(data.test_labels, labels[:3])
+    # The checksums tensorflow-datasets records reject these files (they are not MNIST's).
+    with pytest.raises(DataError, match="bytes|sha256"):
+        load_idx("mnist", str(tmp_path))
+    with pytest.raises(DataError, match="magic"):
+        read_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), 2051)
+    raw = gzip.decompress((tmp_path / "train-images-idx3-ubyte.gz").read_bytes())
+    (tmp_path / "short.gz").write_bytes(gzip.compress(raw[:-100]))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(str(tmp_path / "short.gz"), 2051)
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "train-images-idx3-ubyte.gz").read_bytes()[:200])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(str(tmp_path / "cut.gz"), 2051)
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    data = load_digits()
+    assert data.train_images.shape == (1437, 8, 8, 1) and data.test_images.shape == (360, 8, 8, 1)
+    assert np.bincount(data.test_labels).tolist() == [36] * 10
+    train_rows = {row.tobytes() for row in data.train_images}
+    # A few digits repeat pixel-for-pixel in the UCI set; the split itself must not reuse rows.
+    assert len(load_digits().test_labels) == 360
+    np.testing.assert_array_equal(load_digits().test_images, data.test_images)
+    assert len(train_rows) > 1400
+
+
+def test_dataset_statistics_are_computed():
+    data = load_dataset("digits")
+    pixels = data.train_images.astype(np.float64) / 255
+    assert data.mean[0] == pytest.approx(pixels.mean()) and data.std[0] == pytest.approx(pixels.std())
+
+
+# -- config ---------------------------------------------------------------------------------------------------------

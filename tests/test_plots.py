@@ -17,7 +17,7 @@ import types
 import numpy as np
 import pytest
 
-from train import loop, lr_find, plots
+from train import figures, loop, lr_find, plots
 from train.config import Config, ConfigError, parse_args
 from train.data import load_dataset
 
@@ -115,19 +115,19 @@ def test_samples_show_every_class(tmp_path, capsys):
 
 def test_curves_come_from_metrics_jsonl_one_record_per_step(tiny_run):
     workdir, results, _ = tiny_run
-    records = plots.read_metrics(str(workdir / "metrics.jsonl"))
+    records = figures.read_metrics(str(workdir / "metrics.jsonl"))
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[-1]["test_top1"] == pytest.approx(results["test_top1"])
     with open(workdir / "metrics.jsonl", "a") as handle:  # a resumed epoch and a half-written line
         handle.write('{"step": 132, "epoch": 6, "eval_top1": 0.5}\n{"step": 8')
-    again = plots.read_metrics(str(workdir / "metrics.jsonl"))
+    again = figures.read_metrics(str(workdir / "metrics.jsonl"))
     assert len(again) == 6 and again[-1]["test_top1"] == 0.5
 
 
 # -- the pieces ---------------------------------------------------------------------------------------------
 
 def test_confusion_matrix_rows_are_true_classes():
-    matrix = plots.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
+    matrix = figures.confusion_matrix(np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 2, 0, 2]), 3)
     np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
 
 
@@ -136,26 +136,26 @@ def test_first_conv_kernel_is_the_one_reading_the_image():
     params = {"a_block": {"conv": {"kernel": rng.normal(size=(3, 3, 64, 64))}},
               "stem": {"kernel": rng.normal(size=(7, 7, 3, 64)), "bias": np.zeros(64)},
               "head": {"kernel": rng.normal(size=(64, 10))}}
-    name, kernel = plots.first_conv_kernel(params, in_channels=3)
+    name, kernel = figures.first_conv_kernel(params, in_channels=3)
     assert name == "stem/kernel" and kernel.shape == (7, 7, 3, 64)
     with pytest.raises(ValueError, match="no convolution"):
-        plots.first_conv_kernel({"dense": {"kernel": np.zeros((4, 2))}})
+        figures.first_conv_kernel({"dense": {"kernel": np.zeros((4, 2))}})
 
 
 def test_unnormalize_inverts_the_models_normalisation():
     pixels = np.random.default_rng(0).uniform(size=(2, 4, 4, 3)).astype(np.float32)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     normalised = (pixels - np.asarray(mean)) / np.asarray(std)
-    np.testing.assert_allclose(plots.unnormalize(normalised, mean, std), pixels, atol=1e-6)
+    np.testing.assert_allclose(figures.unnormalize(normalised, mean, std), pixels, atol=1e-6)
 
 
 def test_rgb_filters_and_a_confusion_matrix_without_numbers_in_cells(tmp_path):
     rng = np.random.default_rng(0)
-    width, height = assert_sensible_png(plots.plot_filters(rng.normal(size=(5, 5, 3, 16)), str(tmp_path / "f.png")))
+    width, height = assert_sensible_png(figures.plot_filters(rng.normal(size=(5, 5, 3, 16)), str(tmp_path / "f.png")))
     assert width >= 600 and height < width, "two rows of eight"
     names = [f"class_{i:02d}" for i in range(24)]  # past 20 classes the cells carry colour only
     labels = np.repeat(np.arange(24), 3)
-    path = plots.plot_confusion(plots.confusion_matrix(labels, np.roll(labels, 1), 24), names, str(tmp_path / "c.png"))
+    path = figures.plot_confusion(figures.confusion_matrix(labels, np.roll(labels, 1), 24), names, str(tmp_path / "c.png"))
     width, height = assert_sensible_png(path)
     assert width > 1.8 * height
 
@@ -163,11 +163,11 @@ def test_rgb_filters_and_a_confusion_matrix_without_numbers_in_cells(tmp_path):
 @pytest.mark.parametrize("classes", [10, 100])
 def test_confusion_labels_stay_legible_up_to_a_hundred_classes(classes):
     """Drawing 100 classes takes 7 s here, so the layout is checked instead (the figure was inspected)."""
-    panel, font = plots.confusion_layout(classes)
+    panel, font = figures.confusion_layout(classes)
     row_points = panel * 72 / classes
     assert font >= 6.5, "readable on screen at 100 dpi"
     assert font <= 0.7 * row_points, "labels of neighbouring classes do not overlap"
-    assert panel * 2 * plots.DPI <= 5000, "a PNG an image viewer opens at once"
+    assert panel * 2 * figures.DPI <= 5000, "a PNG an image viewer opens at once"
 
 
 def test_each_failing_plot_is_a_warning_and_the_others_are_drawn(tiny_run, tmp_path):
@@ -177,7 +177,7 @@ def test_each_failing_plot_is_a_warning_and_the_others_are_drawn(tiny_run, tmp_p
     variables, meta = load_variables(*locate(str(workdir)))
     variables = {"params": {"fc": {"kernel": np.zeros((3, 10))}}, "batch_stats": {}}  # no conv, no model fit
     warnings: list[str] = []
-    written = plots.write_run_plots(str(workdir), variables, meta, None, out_dir=str(tmp_path), warn=warnings.append)
+    written = figures.write_run_plots(str(workdir), variables, meta, None, out_dir=str(tmp_path), warn=warnings.append)
     assert [os.path.basename(p) for p in written] == ["curves.png"]
     assert len(warnings) == 1 and "first-layer filters" in warnings[0]
 
@@ -186,11 +186,11 @@ def test_the_trainer_turns_a_plotting_crash_into_a_warning(monkeypatch, tmp_path
     def broken(*args, **kwargs):
         raise RuntimeError("no display")
 
-    monkeypatch.setattr(plots, "write_run_plots", broken)
+    monkeypatch.setattr(figures, "write_run_plots", broken)
     said: list[str] = []
     run = types.SimpleNamespace(meta=lambda epoch, position: {}, data=None, schedule=None)
     state = types.SimpleNamespace(params={}, batch_stats={})
-    loop._write_plots(run, str(tmp_path), state, 1, types.SimpleNamespace(info=said.append))
+    loop._write_plots(run, str(tmp_path), state, 1, types.SimpleNamespace(info=said.append, warn=said.append))
     assert said == ["warning: no plots (RuntimeError: no display)."]
 
 

@@ -235,7 +235,7 @@ def _epochs_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60; got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
+class CommandParser(argparse.ArgumentParser):
     """argparse that reports a bad argument in one sentence and exits 2, as it does, but without usage noise."""
 
     def error(self, message: str):  # noqa: D102
@@ -243,7 +243,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Train a flaxnets architecture, data-parallel over all devices.")
+    parser = CommandParser(prog=prog, description="Train a flaxnets architecture, data-parallel over all devices.")
     defaults = Config()
 
     def add(flag: str, help: str, **kwargs) -> None:

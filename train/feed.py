@@ -96,7 +96,7 @@ def make_feed(run, driver: Driver, with_train: bool = True) -> MemoryFeed | Stre
     """The feed for ``run``'s data: in device memory when it was loaded there, else streamed."""
     common = dict(seed=run.config.seed, batch_size=run.config.batch_size, steps_per_epoch=run.steps_per_epoch,
                   eval_batch_size=run.eval_batch_size)
-    if isinstance(run.data, Dataset):
+    if run.data.in_memory:
         return MemoryFeed(driver, run.data, with_train=with_train, **common)
     workers = run.config.workers
     if workers is None:

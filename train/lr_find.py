@@ -28,8 +28,7 @@ import numpy as np
 import optax
 
 if TYPE_CHECKING:
-    from train.config import Config
-    from train.data import Dataset
+    from train.run import Run
 
 __all__ = ["LRFinding", "exponential_rates", "smooth", "suggest", "range_test", "lr_find"]
 
@@ -90,34 +89,23 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str, float]:
     return float(lrs[steepest]), "steepest fall of the smoothed loss against log(rate)", min_loss_lr
 
 
-def range_test(config: "Config", data: "Dataset | None" = None) -> LRFinding:
-    """Run the range test for ``config`` (its ``lr_find_*`` settings) on a copy of its initial state."""
-    import flaxnets
-    from flaxnets.models.googlenet import AUX_LOSS_WEIGHT
-    from train import loop
-    from train import step as steps
-    from train.feed import make_feed
-    from train.parallel import host, make_driver
+def range_test(run: "Run") -> LRFinding:
+    """Run the range test for ``run`` (its config's ``lr_find_*`` settings) on a copy of its initial state."""
+    from train.parallel import host
+    from train.run import run_optimizer
 
+    config = run.config
     count = config.lr_find_steps
     rates = exponential_rates(config.lr_find_start, config.lr_find_end, count)
     # The run's optimizer at a constant rate of 1, then every update scaled by the sweep's rate: for SGD,
     # Adam and AdamW alike the rate multiplies the whole update last, so this is the run's optimizer at
     # the sweep's rate (with weight decay, clipping and frozen layers as configured).
     unit = dataclasses.replace(config, lr=1.0, schedule="constant", warmup_epochs=0.0, lr_find=False)
-    run = loop.build_run(unit, data=data)
-    tx = optax.chain(run.tx, optax.scale_by_schedule(rates))
-    aux_weight = AUX_LOSS_WEIGHT if flaxnets.get_spec(config.arch).family == "googlenet" else 0.0
-    driver = make_driver(
-        config.parallel,
-        steps.bind(steps.train_step, model=run.model, tx=tx, preprocess=run.preprocess,
-                   num_classes=run.data.num_classes, label_smoothing=config.label_smoothing,
-                   aux_loss_weight=aux_weight),
-        steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess, num_classes=run.data.num_classes),
-    )
+    unit_tx, _ = run_optimizer(unit, run.steps_per_epoch, fence=run.cpu_kernels)
+    run = run.with_optimizer(optax.chain(unit_tx, optax.scale_by_schedule(rates)))
     initial = run.init_state()
-    state = driver.put_replicated(initial.replace(opt_state=tx.init(initial.params)))
-    feed = make_feed(run, driver)
+    state = run.driver.put_replicated(initial)
+    feed = run.feed()
     batches = iter(())
 
     lrs, losses, smoothed = [], [], []
@@ -150,9 +138,9 @@ def range_test(config: "Config", data: "Dataset | None" = None) -> LRFinding:
 
 def plot_finding(finding: LRFinding, path: str, title: str) -> str:
     """Loss against learning rate (log axis): raw and smoothed, the lowest loss and the suggestion marked."""
-    from train.plots import _figure, _save
+    from train.figures import new_figure, save_figure
 
-    figure = _figure(9, 5.2)
+    figure = new_figure(9, 5.2)
     ax = figure.subplots()
     ax.plot(finding.lrs, finding.losses, color="0.75", linewidth=1, label="loss of each step")
     ax.plot(finding.lrs, finding.smoothed, color="C0", linewidth=2, label="smoothed loss")
@@ -171,7 +159,7 @@ def plot_finding(finding: LRFinding, path: str, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     ax.set_title(title, fontsize=11)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def write_finding(finding: LRFinding, out_dir: str, title: str) -> tuple[str, str]:
@@ -185,20 +173,21 @@ def write_finding(finding: LRFinding, out_dir: str, title: str) -> tuple[str, st
     return csv_path, plot_finding(finding, os.path.join(out_dir, "lr_find.png"), title)
 
 
-def lr_find(config: "Config", *, stream: TextIO | None = None) -> dict:
-    """The range test of ``config``, its plot and table in ``WORKDIR/plots``, the suggestion printed.
+def lr_find(run: "Run", *, stream: TextIO | None = None) -> dict:
+    """The range test of ``run``, its plot and table in ``WORKDIR/plots``, the suggestion printed.
 
     Returns `LRFinding.as_dict` plus the paths written. A failure to plot is a warning.
     """
     import jax
 
+    config = run.config
     stream = stream or sys.stdout
     primary = jax.process_index() == 0
     say = (lambda message: print(message, file=stream, flush=True)) if primary else (lambda message: None)
     say(f"learning-rate range test: {config.arch} on {config.dataset}, {config.optimizer}, global batch "
         f"{config.batch_size}, rate {config.lr_find_start:g} to {config.lr_find_end:g} over {config.lr_find_steps} "
         f"steps, from a copy of the initial state (nothing of the run is saved).")
-    finding = range_test(config)
+    finding = range_test(run)
     result = finding.as_dict()
     say(f"stopped: {finding.stop_reason}.")
     say(f"lowest smoothed loss {np.nanmin(finding.smoothed):.4f} at rate {finding.min_loss_lr:.3g} "

@@ -1,4 +1,5 @@
-"""Running the per-device step over every device: `jax.shard_map` over a mesh (default) or `jax.pmap`.
+"""Running the per-device step over every device: `jax.shard_map` over a mesh (default) or `jax.pmap`,
+one `Driver` subclass each.
 
 Both drivers take the global batch either as dataset indices, gathering the examples from the
 device-resident dataset (`Driver.train`, `Driver.evaluate`), or as examples read by the host
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-__all__ = ["Driver", "make_driver", "host", "AXIS"]
+__all__ = ["Driver", "ShardMapDriver", "PmapDriver", "DRIVERS", "make_driver", "host", "AXIS"]
 
 AXIS = "batch"
 
@@ -45,38 +46,24 @@ def host(tree: Any) -> Any:
 
 
 class Driver:
-    """Places data and state on the devices and runs the compiled train and eval steps.
+    """Places data and state on the devices and runs the compiled train and eval steps; one subclass per
+    way of mapping a per-device step over the devices (`ShardMapDriver`, `PmapDriver`).
 
     ``train_step(state, batch)`` and ``eval_step(state, batch)`` are per-device functions whose
     collectives use the axis name `AXIS`. ``traces`` counts how often each was traced: after the first
     step it must stay at one per step kind, or the step is recompiling.
     """
 
-    def __init__(self, kind: str, train_step: Callable, eval_step: Callable):
-        self.kind = kind
+    kind: str
+
+    def __init__(self, train_step: Callable, eval_step: Callable):
         self.devices = jax.devices()
         self.local_devices = jax.local_devices()
         self.traces = {"train": 0, "eval": 0}
-        if kind == "shard_map":
-            self.mesh = _mesh(self.devices)
-            self.replicated = NamedSharding(self.mesh, P())
-            self.split = NamedSharding(self.mesh, P(AXIS))
-            self._train = jax.jit(self._shard_map(train_step, "train", with_state=True), donate_argnums=0)
-            self._eval = jax.jit(self._shard_map(eval_step, "eval", with_state=False))
-            self._train_batch = jax.jit(self._shard_map_batch(train_step, "train", with_state=True), donate_argnums=0)
-            self._eval_batch = jax.jit(self._shard_map_batch(eval_step, "eval", with_state=False))
-        elif kind == "pmap":
-            # pmap runs on this process's devices; inputs are placed there explicitly, since a committed
-            # single-device array is refused rather than moved.
-            self.mesh = _mesh(self.local_devices)
-            self.replicated = NamedSharding(self.mesh, P())
-            self.split = NamedSharding(self.mesh, P(AXIS))
-            self._gather = jax.jit(_gather)
-            self._train = jax.pmap(self._counted(train_step, "train"), axis_name=AXIS, in_axes=(None, 0),
-                                   out_axes=(None, None))
-            self._eval = jax.pmap(self._counted(eval_step, "eval"), axis_name=AXIS, in_axes=(None, 0), out_axes=None)
-        else:
-            raise ValueError(f"parallel driver must be 'shard_map' or 'pmap', got {kind!r}.")
+        self.mesh = _mesh(self._mesh_devices())
+        self.replicated = NamedSharding(self.mesh, P())
+        self.split = NamedSharding(self.mesh, P(AXIS))
+        self._compile(train_step, eval_step)
 
     @property
     def device_count(self) -> int:
@@ -88,7 +75,61 @@ class Driver:
             return fn(*args)
         return traced
 
-    def _shard_map(self, fn: Callable, name: str, with_state: bool) -> Callable:
+    # -- what each strategy defines -------------------------------------------------------------------
+    def _mesh_devices(self) -> list:
+        raise NotImplementedError
+
+    def _compile(self, train_step: Callable, eval_step: Callable) -> None:
+        raise NotImplementedError
+
+    def put_replicated(self, tree: Any) -> Any:
+        """Copy host arrays (the same in every process) to every device."""
+        raise NotImplementedError
+
+    def put_indices(self, indices: np.ndarray) -> Any:
+        """The global batch's dataset indices, each device getting its contiguous share."""
+        raise NotImplementedError
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        """This process's rows of a global batch read on the host, split over the devices (asynchronously)."""
+        raise NotImplementedError
+
+    def train(self, state, data, indices):
+        """A train step on the device-resident ``data``'s examples at ``indices`` (from `put_indices`)."""
+        raise NotImplementedError
+
+    def evaluate(self, state, data, indices):
+        """Eval metric sums of the device-resident ``data``'s examples at ``indices`` (-1: padding)."""
+        raise NotImplementedError
+
+    def train_batch(self, state, batch):
+        """A train step on a batch placed by `put_batch` (keys image, label, index)."""
+        raise NotImplementedError
+
+    def evaluate_batch(self, state, batch):
+        """Eval metric sums of a batch placed by `put_batch` (keys image, label, index, mask)."""
+        raise NotImplementedError
+
+    def _check_divisible(self, indices: np.ndarray) -> None:
+        if len(indices) % self.device_count:
+            raise ValueError(f"a batch of {len(indices)} does not split over {self.device_count} devices.")
+
+
+class ShardMapDriver(Driver):
+    """`jax.shard_map` over a mesh of every device of every process, under `jax.jit` (the default)."""
+
+    kind = "shard_map"
+
+    def _mesh_devices(self) -> list:
+        return self.devices
+
+    def _compile(self, train_step: Callable, eval_step: Callable) -> None:
+        self._train = jax.jit(self._over_indices(train_step, "train", with_state=True), donate_argnums=0)
+        self._eval = jax.jit(self._over_indices(eval_step, "eval", with_state=False))
+        self._train_batch = jax.jit(self._over_batch(train_step, "train", with_state=True), donate_argnums=0)
+        self._eval_batch = jax.jit(self._over_batch(eval_step, "eval", with_state=False))
+
+    def _over_indices(self, fn: Callable, name: str, with_state: bool) -> Callable:
         # check_vma=False: gradients are averaged explicitly with pmean inside the step; with the
         # default check the replicated parameters' gradients would arrive already summed.
         # The dataset is replicated and the indices split, so each device gathers its own examples from
@@ -101,65 +142,86 @@ class Driver:
         return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), P(), P(AXIS)), out_specs=out_specs,
                              check_vma=False)
 
-    def _shard_map_batch(self, fn: Callable, name: str, with_state: bool) -> Callable:
+    def _over_batch(self, fn: Callable, name: str, with_state: bool) -> Callable:
         out_specs = (P(), P()) if with_state else P()
         return jax.shard_map(self._counted(fn, name), mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=out_specs,
                              check_vma=False)
 
-    # -- placement -------------------------------------------------------------------------------------
     def put_replicated(self, tree: Any) -> Any:
-        """Copy host arrays (the same in every process) to every device."""
-        if self.kind == "pmap":
-            return jax.device_put(jax.device_get(tree), self.replicated)
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_callback(np.shape(x), self.replicated, lambda index: np.asarray(x)[index]),
             tree)
 
     def put_indices(self, indices: np.ndarray) -> Any:
-        """The global batch's dataset indices, each device getting its contiguous share."""
-        if len(indices) % self.device_count:
-            raise ValueError(f"a batch of {len(indices)} does not split over {self.device_count} devices.")
-        if self.kind == "pmap":
-            per_device = len(indices) // self.device_count
-            first = jax.process_index() * len(self.local_devices) * per_device
-            return indices[first:first + per_device * len(self.local_devices)]
+        self._check_divisible(indices)
         return jax.make_array_from_callback(indices.shape, self.split, lambda index: indices[index])
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
-        """This process's rows of a global batch read on the host, split over the devices (asynchronously)."""
-        if self.kind == "pmap":
-            return self._split_local(batch)
         return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(self.split, np.asarray(x)),
                                       batch)
 
-    # -- steps ---------------------------------------------------------------------------------------
     def train(self, state, data, indices):
-        if self.kind == "pmap":
-            return self._train(state, self._split_local(self._gather(data, jnp.asarray(indices))))
         return self._train(state, data, indices)
 
     def evaluate(self, state, data, indices):
-        if self.kind == "pmap":
-            return self._eval(state, self._split_local(self._gather(data, jnp.asarray(indices))))
         return self._eval(state, data, indices)
 
     def train_batch(self, state, batch):
-        """A train step on a batch placed by `put_batch` (keys image, label, index)."""
-        if self.kind == "pmap":
-            return self._train(state, batch)
         return self._train_batch(state, batch)
 
     def evaluate_batch(self, state, batch):
-        """Eval metrics of a batch placed by `put_batch` (keys image, label, index, mask)."""
-        if self.kind == "pmap":
-            return self._eval(state, batch)
         return self._eval_batch(state, batch)
+
+
+class PmapDriver(Driver):
+    """`jax.pmap` over this process's devices (``--parallel pmap``). Inputs are placed there explicitly,
+    since pmap refuses a committed single-device array rather than moving it."""
+
+    kind = "pmap"
+
+    def _mesh_devices(self) -> list:
+        return self.local_devices
+
+    def _compile(self, train_step: Callable, eval_step: Callable) -> None:
+        self._gather = jax.jit(_gather)
+        self._train = jax.pmap(self._counted(train_step, "train"), axis_name=AXIS, in_axes=(None, 0),
+                               out_axes=(None, None))
+        self._eval = jax.pmap(self._counted(eval_step, "eval"), axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+
+    def put_replicated(self, tree: Any) -> Any:
+        return jax.device_put(jax.device_get(tree), self.replicated)
+
+    def put_indices(self, indices: np.ndarray) -> Any:
+        self._check_divisible(indices)
+        per_device = len(indices) // self.device_count
+        first = jax.process_index() * len(self.local_devices) * per_device
+        return indices[first:first + per_device * len(self.local_devices)]
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+        return self._split_local(batch)
+
+    def train(self, state, data, indices):
+        return self._train(state, self._split_local(self._gather(data, jnp.asarray(indices))))
+
+    def evaluate(self, state, data, indices):
+        return self._eval(state, self._split_local(self._gather(data, jnp.asarray(indices))))
+
+    def train_batch(self, state, batch):
+        return self._train(state, batch)
+
+    def evaluate_batch(self, state, batch):
+        return self._eval(state, batch)
 
     def _split_local(self, batch):
         n = len(self.local_devices)
         return jax.device_put(jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch), self.split)
 
 
+DRIVERS: dict[str, type[Driver]] = {driver.kind: driver for driver in (ShardMapDriver, PmapDriver)}
+
+
 def make_driver(kind: str, train_step: Callable, eval_step: Callable) -> Driver:
-    """A `Driver` for ``kind`` (``"shard_map"`` or ``"pmap"``) over every device of every process."""
-    return Driver(kind, partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS))
+    """The `Driver` for ``kind`` (``"shard_map"`` or ``"pmap"``) over every device of every process."""
+    if kind not in DRIVERS:
+        raise ValueError(f"parallel driver must be one of {', '.join(DRIVERS)}, got {kind!r}.")
+    return DRIVERS[kind](partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS))

@@ -15,12 +15,12 @@ from flaxnets.layers import (PLAIN, AdaptiveAvgPool, AvgPool, BatchNorm, GlobalA
                              padding)
 from flaxnets.registry import ModelSpec, register
 
-__all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "AUX_LOSS_WEIGHT", "collect_aux_logits"]
+__all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "collect_aux_logits"]
 
 ModuleDef = Callable[..., nn.Module]
 
-# Section 5: "the losses of the auxiliary classifiers were weighted by 0.3".
-AUX_LOSS_WEIGHT = 0.3
+# Section 5: "the losses of the auxiliary classifiers were weighted by 0.3" (the specs' aux_loss_weight).
+_AUX_LOSS_WEIGHT = 0.3
 
 
 class InceptionConfig(NamedTuple):
@@ -128,7 +128,7 @@ class GoogLeNet(nn.Module):
 
     The auxiliary logits are not returned: with ``train=True`` they are sown into the ``"aux_logits"``
     collection (apply with ``mutable=["aux_logits", ...]`` and read them with `collect_aux_logits`; the
-    paper weights their losses by `AUX_LOSS_WEIGHT`). Their parameters exist whenever ``aux_logits`` is
+    paper weights their losses by 0.3, the registry's ``aux_loss_weight``). Their parameters exist whenever ``aux_logits`` is
     set, so a checkpoint does not depend on the mode it was initialised in, and ``init`` returns only
     ``params`` and ``batch_stats``. With ``num_classes=0`` there are no auxiliary heads and the model
     returns the 1024 pooled features (after the dropout). ``transform_input`` re-maps ImageNet-normalised
@@ -226,6 +226,7 @@ register(
         top1=69.778,
         description="torchvision's GoogLeNet (BatchNorm, 3x3 in the '5x5' branch), auxiliary heads",
         reference_overrides={"aux_logits": False},
+        aux_loss_weight=_AUX_LOSS_WEIGHT,
         min_input_size=15,
         default_params=13_004_888,
     )
@@ -238,6 +239,7 @@ register(
         paper=_PAPER,
         input_size=224,
         description="the paper's GoogLeNet: LRN, true 5x5 branches, auxiliary heads",
+        aux_loss_weight=_AUX_LOSS_WEIGHT,
         min_input_size=79,
         default_params=13_378_280,
     )

@@ -135,14 +135,14 @@ def with_validation(data: Dataset | Streamed, val: float | str | None, seed: int
     `stratified_holdout`); unchanged otherwise (a named split is opened by the loader)."""
     if not isinstance(val, float):
         return data
-    labels = data.train_labels if isinstance(data, Dataset) else _training_labels(data, data_dir)
+    labels = data.train_labels if data.in_memory else _training_labels(data, data_dir)
     held = stratified_holdout(labels, val, seed)
     if len(held) == 0:
         raise DataError(f"--val-split {val} holds out nothing from {data.train_size} training examples: no class "
                         "has two examples to share between training and validation.")
     keep = np.setdiff1d(np.arange(len(labels)), held)
     where = f"{val:g} of the training split, per class, seed {seed}"
-    if isinstance(data, Dataset):
+    if data.in_memory:
         # The statistics are recomputed on what is left to train on: nothing of the validation images leaks in.
         return _checked(with_statistics(dataclasses.replace(
             data, train_images=data.train_images[keep], train_labels=data.train_labels[keep],
@@ -240,7 +240,7 @@ def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> S
     if test is None:
         other = f" other than {val_name!r}" if val_name else ""
         raise DataError(f"{name} in {where} has no test or validation split{other} to evaluate on"
-                        + (f"; hold out a fraction instead, e.g. --val-split 0.05." if val_name else "."))
+                        + ("; hold out a fraction instead, e.g. --val-split 0.05." if val_name else "."))
     val = None
     if val_name:
         if val_name == "train":
@@ -323,7 +323,7 @@ def _require_two_classes(classes: tuple[str, ...], folder: str) -> None:
 def fit_in_memory(data: Dataset | Streamed, side: int, pipeline: str = "auto") -> Dataset | Streamed:
     """``data`` in memory when ``pipeline`` is "memory", or "auto" and its training images at ``side`` take
     at most `MEMORY_LIMIT_BYTES`; else the streamed dataset with its statistics (see `ensure_statistics`)."""
-    if isinstance(data, Dataset):
+    if data.in_memory:
         if pipeline == "stream":
             raise DataError(f"{data.name} is read into memory; --pipeline stream applies to tensorflow-datasets "
                             "datasets and folders.")
@@ -370,7 +370,7 @@ def sample_in_memory(data: Dataset | Streamed, side: int, *, test_limit: int = 1
     of each class (found among the first ``scan_limit`` x classes training examples) and the first
     ``test_limit`` test images, all prepared as evaluation prepares them (centre crop at ``side``).
     A `Dataset` already in memory is returned as it is."""
-    if isinstance(data, Dataset):
+    if data.in_memory:
         return data
     from train.data.stream import EvalTransform
 

@@ -17,43 +17,14 @@ import os
 import sys
 
 from train.cli import run_command
-from train.config import _Parser
-from train.data import DataError, Dataset, ensure_statistics, load_dataset
+from train.config import CommandParser
+from train.data import DataError, ensure_statistics, load_dataset
+from train.data.prepare import prepare
 from train.data.stats import stats_path, write_stats
 
 
-def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> str:
-    """Download (or take from ``manual_dir``) and convert ``name`` to ArrayRecord; returns where it went.
-
-    Files in ``manual_dir`` named as tensorflow-datasets records them (the original distribution files:
-    ``train-images-idx3-ubyte.gz``, ``cifar-10-binary.tar.gz``, ImageNet's tars) are used instead of
-    downloading, after the same checksum check a download gets.
-    """
-    if manual_dir and not os.path.isdir(manual_dir):
-        raise DataError(f"--manual-dir {manual_dir} is not a folder.")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banner is not for this user
-    try:
-        import tensorflow  # noqa: F401  (tensorflow-datasets' builders need it to write)
-    except ImportError:
-        raise DataError("preparing a tensorflow-datasets dataset needs TensorFlow: pip install -e \".[prepare]\" "
-                        "(training on the prepared data does not).") from None
-    import tensorflow_datasets as tfds
-
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"tensorflow-datasets has no dataset called {name!r}.") from None
-    config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
-    try:
-        builder.download_and_prepare(download_config=config)
-    except Exception as error:  # network, checksum and manual-file errors all end here
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"preparing {name} failed: {message}") from None
-    return str(builder.data_dir)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m train.data", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m train.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="download/convert a tensorflow-datasets dataset to ArrayRecord")
     p.add_argument("name")
@@ -76,7 +47,7 @@ def main(argv=None) -> int:
             return 0
         data = load_dataset(args.name, args.data_dir)
         if args.command == "stats":
-            if isinstance(data, Dataset):
+            if data.in_memory:
                 folder = args.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "flaxnets")
                 path = stats_path(folder, data.name)
                 write_stats(path, {k: getattr(data, k) for k in ("mean", "std", "eigval", "eigvec")},
@@ -94,7 +65,7 @@ def main(argv=None) -> int:
             print(f"stored in {path}", file=sys.stderr)
             return 0
         described = {k: v for k, v in data.describe().items() if v != []}  # statistics not computed yet
-        described["source"] = "original files" if isinstance(data, Dataset) else (
+        described["source"] = "original files" if data.in_memory else (
             "a folder of images" if data.name == "folder" else f"tensorflow-datasets, split {data.test_split} for testing")
         print(json.dumps(described, indent=1))
         return 0

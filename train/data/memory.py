@@ -30,6 +30,10 @@ class DatasetFacts:
     ``train_size``, ``val_size`` (0 without a validation split) and ``test_size``, ``val_from`` (where the
     validation split came from, "" without one), and the statistics ``mean``, ``std``, ``eigval``,
     ``eigvec``.
+
+    ``in_memory`` is the one fact the trainer branches on: True for a dataset held in host memory, which
+    the trainer places on the devices and augments inside the compiled step; False for a streamed one,
+    whose examples Grain workers read, decode and augment on the host.
     """
 
     @property
@@ -88,6 +92,10 @@ class Dataset(DatasetFacts):
     @property
     def val_size(self) -> int:
         return 0 if self.val_labels is None else len(self.val_labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return True
 
     @property
     def test_size(self) -> int:

@@ -73,6 +73,10 @@ class Streamed(DatasetFacts):
         return 0 if self.val is None else len(self.val)
 
     @property
+    def in_memory(self) -> bool:
+        return False
+
+    @property
     def test_size(self) -> int:
         return len(self.test)
 

@@ -1,0 +1,32 @@
+"""`train.config`: settings from defaults, a JSON file and the command line, checked before anything starts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.config import Config, ConfigError, parse_args
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "epochs"),
+    (["--lr", "-1"], "lr"),
+    (["--batch-size", "0"], "batch-size"),
+    (["--label-smoothing", "1.5"], "label-smoothing"),
+    (["--schedule", "step"], "lr-decay-epochs"),
+])
+def test_config_rejects_nonsense(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"arch": "resnet18_cifar", "epochs": 7, "lr_decay_epochs": [3, 5], "schedule": "step"}')
+    config = parse_args(["--config", str(path), "--epochs", "9"])
+    assert (config.arch, config.epochs, config.lr_decay_epochs) == ("resnet18_cifar", 9, (3, 5))
+    assert Config.from_dict(json.loads(config.to_json())) == config
+    path.write_text('{"arch": "resnet18", "epoch": 3}')
+    with pytest.raises(ConfigError, match="unknown config key"):
+        parse_args(["--config", str(path)])

@@ -1,0 +1,246 @@
+"""`Run`: everything a training run is made of, built once from its `Config` by `build_run`.
+
+The architecture's spec, the data, the model, the optimizer and its schedule, the input preprocessing,
+the train and eval steps bound to them, and the data-parallel driver that runs those steps: each decided
+here, once. The epoch loop (`train.loop`), the learning-rate range test (`train.lr_find`) and the
+commands that evaluate a checkpoint take a `Run` and ask it, rather than deciding again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import flaxnets
+from flaxnets.registry import ModelSpec
+from train import step as steps
+from train.config import Config, ConfigError
+from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
+                        with_validation)
+from train.feed import MemoryFeed, StreamFeed, make_feed
+from train.optim import after_fence, make_optimizer
+from train.parallel import AXIS, Driver, make_driver
+
+__all__ = ["Run", "build_run", "image_side", "run_optimizer"]
+
+
+def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
+    """The side images are resized to: --image-size, or the data's own (the architecture's native input
+    size for images of varying size), raised to the model's minimum."""
+    smallest = flaxnets.min_input_size(arch, in_channels=data.image_shape[-1])
+    if config.image_size is not None:
+        if config.image_size < smallest:
+            raise ConfigError(f"--image-size {config.image_size} is smaller than {arch}'s minimum input of "
+                              f"{smallest}x{smallest} pixels.")
+        return config.image_size
+    height, width = data.image_shape[:2]
+    if height is None or width is None:
+        return max(flaxnets.get_spec(arch).input_size, smallest)
+    return max(height, width, smallest)
+
+
+@dataclasses.dataclass
+class Run:
+    """The pieces of a run that do not change while it trains (built by `build_run`).
+
+    The bound steps and the driver are made on first use and kept; `with_optimizer` gives the same run
+    with another optimizer (and so other steps and driver).
+    """
+
+    config: Config
+    spec: ModelSpec
+    data: Dataset | Streamed
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    preprocess: steps.Preprocess
+    steps_per_epoch: int
+    image_side: int
+    eval_batch_size: int
+    overrides: dict
+    _pretrained: dict | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def train_step(self):
+        """The per-device train step with this run's model, optimizer, preprocessing and loss settings."""
+        return steps.bind(steps.train_step, model=self.model, tx=self.tx, preprocess=self.preprocess,
+                          num_classes=self.data.num_classes, label_smoothing=self.config.label_smoothing,
+                          aux_loss_weight=self.spec.aux_loss_weight)
+
+    @functools.cached_property
+    def eval_step(self):
+        """The per-device eval step with this run's model and preprocessing."""
+        return steps.bind(steps.eval_step, model=self.model, preprocess=self.preprocess,
+                          num_classes=self.data.num_classes)
+
+    @functools.cached_property
+    def driver(self) -> Driver:
+        """The data-parallel driver (``--parallel``) running this run's steps over every device."""
+        return make_driver(self.config.parallel, self.train_step, self.eval_step)
+
+    def feed(self, with_train: bool = True) -> MemoryFeed | StreamFeed:
+        """This run's data fed to its driver: from device memory or streamed, as the data says."""
+        return make_feed(self, self.driver, with_train=with_train)
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """Whether the model runs `flaxnets.cpu`'s kernel set (and the optimizer its gradient fence)."""
+        return self.model.ops is not flaxnets.layers.PLAIN
+
+    def with_optimizer(self, tx: optax.GradientTransformation) -> "Run":
+        """The same run with the optimizer ``tx`` (the range test's sweep), its own steps and driver."""
+        return dataclasses.replace(self, tx=tx)
+
+    @property
+    def selection_split(self) -> str:
+        """The split the best checkpoint is chosen on: "val" with a validation split, else "test"."""
+        return "val" if self.data.val_size else "test"
+
+    def meta(self, epoch: int, position: int) -> dict:
+        """What a checkpoint records beside the state."""
+        return {
+            "best_selected_on": self.selection_split,
+            "arch": self.config.arch,
+            "num_classes": self.data.num_classes,
+            "image_side": self.image_side,
+            "dataset": self.data.describe(),
+            "epoch": epoch,
+            "position": position,
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "config": json.loads(self.config.to_json()),
+        }
+
+    def init_state(self, pretrained: bool = True) -> steps.TrainState:
+        """Fresh parameters, optimizer state and the run's base key, all from ``config.seed``; with
+        ``pretrained`` and ``--init-from``, the parameters of those weights instead.
+
+        Parameters are drawn with the "rbg" generator: XLA compiles threefry's unrolled rounds once per
+        parameter tensor, which made ResNet-18's initialisation compile for 28 s on 2 CPU cores against
+        9 s with rbg. The per-step randomness (augmentation, dropout) stays threefry, whose values do
+        not depend on how a computation is sharded.
+        """
+        init_key = jax.random.key(self.config.seed, impl="rbg")
+        run_key = jax.random.fold_in(jax.random.key(self.config.seed), 1)
+        channels = self.data.image_shape[-1]
+        sample = jnp.zeros((1, self.image_side, self.image_side, channels), self.preprocess.dtype)
+
+        @jax.jit
+        def init():
+            variables = self.model.init({"params": init_key, "dropout": init_key}, sample, train=False)
+            params = variables["params"]
+            return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                    batch_stats=variables.get("batch_stats", {}), opt_state=self.tx.init(params),
+                                    rng=jax.random.key_data(run_key))
+        state = init()
+        if pretrained and self.config.init_from:
+            state = self._with_pretrained(state)
+        return state
+
+    def pretrained_variables(self) -> dict:
+        """The variables of ``--init-from`` for this model and class count (read and converted once)."""
+        if self._pretrained is None:
+            from flaxnets.convert import load_pretrained
+
+            self._pretrained = load_pretrained(self.config.arch, self.config.init_from, self.data.num_classes,
+                                               rng=self.config.seed, **self.overrides)
+        return self._pretrained
+
+    def _with_pretrained(self, state: steps.TrainState) -> steps.TrainState:
+        """``state`` with the parameters and statistics of ``--init-from``, a fresh head where classes differ.
+
+        Colour weights on grey images: a first-layer kernel made for 3 input channels is summed over them,
+        which gives the same response to a grey image as the colour network gives to its RGB copy (the
+        usual way to reuse ImageNet weights on MNIST-like data).
+        """
+        variables = dict(self.pretrained_variables())
+        for name in ("params", "batch_stats"):
+            theirs = flatten_dict(dict(variables.get(name, {})))
+            ours = flatten_dict(jax.tree_util.tree_map(jnp.shape, dict(getattr(state, name))))
+            for key, shape in ours.items():
+                given = np.shape(theirs.get(key))
+                if given == shape:
+                    continue
+                if len(shape) == 4 and given[:2] + given[3:] == shape[:2] + shape[3:] and (given[2], shape[2]) == (3, 1):
+                    theirs[key] = np.asarray(theirs[key]).sum(axis=2, keepdims=True)
+                    continue
+                raise ConfigError(
+                    f"--init-from {self.config.init_from} does not fit this run: {'/'.join(key)} is "
+                    f"{given} in the weights and {shape} here ({self.data.name} images have "
+                    f"{self.data.image_shape[-1]} channel(s) at {self.image_side}x{self.image_side}).")
+            variables[name] = unflatten_dict(theirs)
+        params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
+        return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
+                             opt_state=self.tx.init(params))
+
+
+def build_run(config: Config, data: Dataset | None = None, device_count: int | None = None) -> Run:
+    """Check the config against the data, the architecture and the devices; build model and optimizer."""
+    spec = flaxnets.get_spec(config.arch)
+    device_count = device_count or jax.device_count()
+    if config.batch_size % device_count:
+        raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {device_count} devices; "
+                          f"use a multiple of {device_count}.")
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.val_split, config.seed)
+    elif not data.val_size:
+        data = with_validation(data, parse_val_split(config.val_split), config.seed)
+    side = image_side(config, data, config.arch)
+    data = fit_in_memory(data, side, config.pipeline)
+    if not data.in_memory:
+        data = ensure_statistics(data, config.data_dir)
+    elif config.ten_crop:
+        raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
+                          "(--pipeline stream streams it).")
+    steps_per_epoch = data.train_size // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
+                          f"examples of {data.name}.")
+    overrides = {}
+    if config.zero_init_residual:
+        if spec.family != "resnet":
+            raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
+        overrides["zero_init_residual"] = True
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence: same numbers, faster steps.
+    cpu = flaxnets.cpu.is_cpu_backend()
+    model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
+                                  cpu_kernels=cpu, **overrides)
+    on_device = data.in_memory  # streamed examples arrive cropped and flipped by the host
+    preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
+                                  crop_padding=data.crop_padding if on_device else 0, flip=data.flip and on_device,
+                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec)
+    if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:
+        print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
+              f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
+              flush=True)
+    tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
+    eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
+    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+
+
+def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple[optax.GradientTransformation,
+                                                                                  optax.Schedule]:
+    """The optimizer of a run of ``config`` (`train.optim.make_optimizer`), with frozen layers held still
+    (``--freeze-backbone``) and, with ``fence``, `flaxnets.cpu.tie_gradients` in front."""
+    tx, schedule = make_optimizer(config, steps_per_epoch)
+    if config.freeze_backbone:
+        from flaxnets.convert import head_mask
+
+        # The class layers train; every other parameter gets a zero update (and no optimizer state).
+        labels = lambda params: jax.tree_util.tree_map(lambda head: "head" if head else "frozen",
+                                                       head_mask(config.arch, params))
+        tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
+    if fence:
+        tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
+    return tx, schedule
