@@ -20,6 +20,7 @@ from train import loop
 from train import step as steps
 from train.config import Config, ConfigError
 from train.data import DataError, Dataset, Streamed, ensure_statistics, fit_in_memory, load_cifar, load_dataset, load_folder
+from train.data.memory import RECORDED_CHECKSUMS
 from train.data.stats import pixel_statistics
 from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
 from train.feed import make_feed
@@ -169,6 +170,16 @@ def test_folder_with_train_and_val_and_a_file_truncated_after_its_header(tmp_pat
     with pytest.warns(UserWarning, match="1.jpg"):
         images = [data.train[i][0] for i in range(data.train_size)]
     assert all(image.shape == (120, 120, 3) for image in images)
+
+
+def test_recorded_checksums_are_tensorflow_datasets_own():
+    """The table that checks the original files without tensorflow-datasets holds its records exactly."""
+    folder = os.path.join(os.path.dirname(tfds.__file__), "url_checksums")
+    for name, table in RECORDED_CHECKSUMS.items():
+        with open(os.path.join(folder, f"{name}.txt")) as handle:
+            records = {fields[3]: (int(fields[1]), fields[2]) for fields in (line.rstrip("\n").split("\t")
+                                                                             for line in handle) if len(fields) > 3}
+        assert {file: records[file] for file in table} == table
 
 
 # -- tensorflow-datasets, mocked ----------------------------------------------------------------------------

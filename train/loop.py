@@ -28,6 +28,7 @@ from train import step as steps
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import Config, ConfigError
 from train.data import Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_dataset
+from train.data.stream import require_grain
 from train.feed import make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, host, make_driver
@@ -188,6 +189,7 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
     if isinstance(data, Streamed):
+        require_grain()  # before the statistics and the compilations, not at the first batch
         data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
         raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "

@@ -19,6 +19,7 @@ import sys
 from train.cli import run_command
 from train.config import _Parser
 from train.data import DataError, Dataset, ensure_statistics, load_dataset
+from train.data.optional import require
 from train.data.stats import stats_path, write_stats
 
 
@@ -37,8 +38,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> str:
     except ImportError:
         raise DataError("preparing a tensorflow-datasets dataset needs TensorFlow: pip install -e \".[prepare]\" "
                         "(training on the prepared data does not).") from None
-    import tensorflow_datasets as tfds
-
+    tfds = require("tensorflow_datasets", f"preparing {name}")
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
