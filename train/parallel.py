@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.tuning import StepSettings, step_settings
+
 __all__ = ["Driver", "make_driver", "host", "AXIS"]
 
 AXIS = "batch"
@@ -49,11 +51,16 @@ class Driver:
 
     ``train_step(state, batch)`` and ``eval_step(state, batch)`` are per-device functions whose
     collectives use the axis name `AXIS`. ``traces`` counts how often each was traced: after the first
-    step it must stay at one per step kind, or the step is recompiling.
+    step it must stay at one per step kind, or the step is recompiling. ``settings`` (default: the
+    backend's, `train.tuning.step_settings`) gives the compiled steps their XLA options and matmul
+    precision; `jax.pmap` takes no per-executable options, so under pmap only the precision applies.
     """
 
-    def __init__(self, kind: str, train_step: Callable, eval_step: Callable):
+    def __init__(self, kind: str, train_step: Callable, eval_step: Callable, settings: StepSettings | None = None):
         self.kind = kind
+        settings = step_settings() if settings is None else settings
+        train_step, eval_step = settings.traced(train_step), settings.traced(eval_step)
+        jit = partial(jax.jit, compiler_options=dict(settings.compiler_options) or None)
         self.devices = jax.devices()
         self.local_devices = jax.local_devices()
         self.traces = {"train": 0, "eval": 0}
@@ -61,10 +68,10 @@ class Driver:
             self.mesh = _mesh(self.devices)
             self.replicated = NamedSharding(self.mesh, P())
             self.split = NamedSharding(self.mesh, P(AXIS))
-            self._train = jax.jit(self._shard_map(train_step, "train", with_state=True), donate_argnums=0)
-            self._eval = jax.jit(self._shard_map(eval_step, "eval", with_state=False))
-            self._train_batch = jax.jit(self._shard_map_batch(train_step, "train", with_state=True), donate_argnums=0)
-            self._eval_batch = jax.jit(self._shard_map_batch(eval_step, "eval", with_state=False))
+            self._train = jit(self._shard_map(train_step, "train", with_state=True), donate_argnums=0)
+            self._eval = jit(self._shard_map(eval_step, "eval", with_state=False))
+            self._train_batch = jit(self._shard_map_batch(train_step, "train", with_state=True), donate_argnums=0)
+            self._eval_batch = jit(self._shard_map_batch(eval_step, "eval", with_state=False))
         elif kind == "pmap":
             # pmap runs on this process's devices; inputs are placed there explicitly, since a committed
             # single-device array is refused rather than moved.
@@ -160,6 +167,6 @@ class Driver:
         return jax.device_put(jax.tree_util.tree_map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch), self.split)
 
 
-def make_driver(kind: str, train_step: Callable, eval_step: Callable) -> Driver:
+def make_driver(kind: str, train_step: Callable, eval_step: Callable, settings: StepSettings | None = None) -> Driver:
     """A `Driver` for ``kind`` (``"shard_map"`` or ``"pmap"``) over every device of every process."""
-    return Driver(kind, partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS))
+    return Driver(kind, partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS), settings)
