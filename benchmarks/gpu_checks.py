@@ -141,7 +141,8 @@ def step_against_float64(arch: str, side: int, batch: int, checks: Sequence[str]
     """One train step of ``arch`` on JAX's default device for each of ``checks`` (names of `CHECKS`)
     against the same step in float64 on the CPU, from the same parameters and batch; one row per check
     with its errors, its tolerances and ``ok``. Needs ``jax_enable_x64``, set before JAX computes
-    anything: it also decides the dropout masks' random numbers, which must be the same on both sides."""
+    anything: it also decides the dropout masks' random numbers, which must be the same on both sides.
+    (With it, the loss's one-hot targets are float64 on the device too; the network keeps its dtype.)"""
     import jax
     import jax.numpy as jnp
 
@@ -149,7 +150,7 @@ def step_against_float64(arch: str, side: int, batch: int, checks: Sequence[str]
     from benchmarks.common import synthetic_variables
     from flaxnets.analysis import abstract_variables
 
-    if not jax.config.jax_enable_x64:
+    if jax.dtypes.canonicalize_dtype(np.float64) != np.float64:  # jax_enable_x64 is off
         raise RuntimeError("step_against_float64 needs jax_enable_x64.")
     spec = flaxnets.get_spec(arch)
     model = flaxnets.create_model(arch, num_classes=spec.num_classes)
@@ -196,9 +197,13 @@ def torch_reference(archs: Sequence[str], side: int, batch: int, folder: str, de
         raise RuntimeError(reason)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Full float32 on both sides: PyTorch would otherwise use TF32 in cuDNN convolutions.
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    # Full float32 on both sides: PyTorch would otherwise use TF32 in cuDNN convolutions. The
+    # fp32_precision settings replaced allow_tf32 in PyTorch 2.9; older releases have only the latter.
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for arch in archs:
         model = _torch_model(torchvision, arch, torch).to(device).eval()
         images = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, side, side), np.float32))

@@ -91,7 +91,7 @@ class Plan:
 # that ends early hands its unused seconds to the next (gpu_run.sh); the last two use all they get.
 REAL = Plan(
     limits={"environment": 40, "correctness": 90, "parallel": 30, "accuracy": 155, "throughput": 110, "tune": 100},
-    matmul_side=8192, copy_mib=4096, ceiling_repeats=10,
+    matmul_side=8192, copy_mib=2048, ceiling_repeats=10,
     correctness=(("resnet18", 64), ("alexnet_paper", 67), ("googlenet", 64)), correctness_batch=8, checks=None,
     parity=("resnet18", "googlenet", "vgg11_bn"), parity_side=224, parity_batch=4,
     throughput_archs=None, throughput_batch=256, throughput_small_batch=128,
