@@ -32,8 +32,8 @@ __all__ = ["CHECKS", "PARITY_TOLERANCE", "PARALLEL_TOLERANCE", "step_against_flo
 #
 # At reduced precision (bfloat16, and float32 at JAX's default precision, which on GPUs that have it is
 # TF32, three more mantissa bits than bfloat16) the same effects dominate: on the CPU bfloat16 gradients
-# were 6-88% away from float64 in norm (cosine 0.62 for GoogLeNet, whose max-pools meet many bfloat16
-# ties), while the loss stayed within 2.2e-3 and the statistics within 3.2e-2. So the gradients are held
+# were 6-88% away from float64 in norm (cosine 0.62 for GoogLeNet, likely because its many max-pools
+# meet more ties among bfloat16's coarser values), while the loss stayed within 2.2e-3 and the statistics within 3.2e-2. So the gradients are held
 # to their direction there, and loss and statistics to about three times what the CPU showed.
 REDUCED = {"loss": 1e-2, "grads_cosine": 0.5, "batch_stats": 1e-1}
 CHECKS = {  # name: (dtype, matmul precision while tracing, tolerances)
@@ -272,10 +272,10 @@ def drivers_against_jit(arch: str, batch: int, steps: int, kinds: Sequence[str] 
     order = loop.epoch_order(0, 0, digits.train_size)
     single = initial
     for i in range(steps):
-        rows_ = order[i * batch:(i + 1) * batch]
-        single, _ = reference_step(single, {"image": jnp.asarray(digits.train_images[rows_]),
-                                            "label": jnp.asarray(digits.train_labels[rows_]),
-                                            "index": jnp.asarray(rows_)})
+        picked = order[i * batch:(i + 1) * batch]
+        single, _ = reference_step(single, {"image": jnp.asarray(digits.train_images[picked]),
+                                            "label": jnp.asarray(digits.train_labels[picked]),
+                                            "index": jnp.asarray(picked)})
     single = jax.device_get(single)
     rows = []
     for kind in kinds:
