@@ -10,13 +10,13 @@
 #   mkdir -p data && cp -r ../shared/datasets/fashion_mnist data/
 #
 # Steps, each its own process under its own time limit (`python -m benchmarks.gpu_run limits`), each
-# writing DIR/STEP.json and DIR/STEP.log: environment (device, versions, measured ceilings), correctness,
-# throughput, tune, accuracy, parallel; then the table of results (DIR/summary.md). On one H200 the limits
+# writing DIR/STEP.json and DIR/STEP.log, in this order: environment (device, versions, measured ceilings),
+# correctness, parallel, accuracy, throughput, tune; then the table of results (DIR/summary.md). On one H200 the limits
 # add up to 525 s, plus at most 30 s for pip: 9 min 15 s in the worst case. A step that ends early hands
 # its unused seconds to the next. --dry-run: every step at toy sizes on the CPU (about a minute).
 set -uo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 out="" data_dir="data/fashion_mnist" dry=()
 while (( $# )); do
     case "$1" in
@@ -29,7 +29,9 @@ while (( $# )); do
 done
 [[ -n "$out" ]] || { echo "error: --out DIR is required (see --help)." >&2; exit 2; }
 [[ -f pyproject.toml && -d benchmarks && -d train ]] || { echo "error: run this from the checkout's root." >&2; exit 2; }
-python="${PYTHON:-python3}"
+# $PYTHON, else the checkout's own .venv (as the README sets it up), else python3 from the PATH.
+python="${PYTHON:-}"
+[[ -n "$python" ]] || { [[ -x .venv/bin/python ]] && python=.venv/bin/python; } || python=python3
 mkdir -p "$out" && rm -rf "$out/xla-cache"  # compile times are measured from an empty cache
 # The checkout comes first on the path whether or not the install below works.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
@@ -45,11 +47,14 @@ else
         || echo "install: pip failed; the steps import the checkout directly"
 fi
 
-declare -A limit
-while read -r step seconds; do limit[$step]=$seconds; done < <("$python" -m benchmarks.gpu_run limits "${dry[@]}")
+steps=() limits=()  # in the order they run
+while read -r step seconds; do steps+=("$step") limits+=("$seconds"); done \
+    < <("$python" -m benchmarks.gpu_run limits "${dry[@]}")
+(( ${#steps[@]} )) || { echo "error: $python cannot run benchmarks.gpu_run (see --help)." >&2; exit 2; }
 grace=15 saved=0 codes=()
-for step in environment correctness throughput tune accuracy parallel; do
-    seconds=$(( limit[$step] + saved ))
+for i in "${!steps[@]}"; do
+    step=${steps[$i]}
+    seconds=$(( limits[i] + saved ))
     echo "== $step (at most ${seconds} s) =="
     started=$SECONDS
     timeout -k 10 "$seconds" "$python" -m benchmarks.gpu_run "$step" --out "$out" --budget $(( seconds - grace )) \
