@@ -24,7 +24,7 @@ table of all of them last (also ``DIR/summary.md``). A step is also a command of
   installed.
 
 They run in the order of `STEPS`, not of the numbers (which are the issue's). ``--dry-run`` runs every
-step on the CPU at toy sizes (`DRY`), through the same code, in about a minute; tests/test_gpu_run.py
+step on the CPU at toy sizes (`DRY`), through the same code, in a minute or two; tests/test_gpu_run.py
 runs it. `REAL` holds the sizes of the run on a GPU.
 """
 

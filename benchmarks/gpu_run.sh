@@ -13,7 +13,7 @@
 # writing DIR/STEP.json and DIR/STEP.log, in this order: environment (device, versions, measured ceilings),
 # correctness, parallel, accuracy, throughput, tune; then the table of results (DIR/summary.md). On one H200 the limits
 # add up to 525 s, plus at most 30 s for pip: 9 min 15 s in the worst case. A step that ends early hands
-# its unused seconds to the next. --dry-run: every step at toy sizes on the CPU (about a minute).
+# its unused seconds to the next. --dry-run: every step at toy sizes on the CPU (a minute or two).
 set -uo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }

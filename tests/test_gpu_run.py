@@ -1,7 +1,7 @@
 """benchmarks/gpu_run.sh: its dry run (every step at toy sizes on the CPU) end to end, and the pieces of
 the run that need no JAX: the order of the throughput table and the summary of steps that did not finish.
 
-The dry run takes about a minute on 2 CPU cores (longer when they are shared).
+The dry run takes 1.5-2 minutes on 2 CPU cores shared with other work (70 s of CPU time).
 """
 
 from __future__ import annotations
