@@ -23,7 +23,7 @@ table of all of them last (also ``DIR/summary.md``). A step is also a command of
 * ``parallel`` (5): shard_map and pmap against plain jit after a few steps; Grain's images/s when it is
   installed.
 
-They run in the order of `STEPS`, not of the numbers (which are the issue's). ``--dry-run`` runs every
+They run in the order of `STEPS`, not of the numbers (those of issue 18). ``--dry-run`` runs every
 step on the CPU at toy sizes (`DRY`), through the same code, in a minute or two; tests/test_gpu_run.py
 runs it. `REAL` holds the sizes of the run on a GPU.
 """
