@@ -3,7 +3,8 @@
 * ``throughput``: images/s, ms/step, compile time, memory, achieved TFLOP/s and MFU of a train or inference step;
 * ``flops``: parameters and forward multiply-accumulates per architecture, counted three ways;
 * ``profile``: a per-layer table of shapes, parameters, MACs and activation memory;
-* ``vs_torch``: the same architecture and batch in PyTorch and flaxnets, alternating, and their ratio.
+* ``vs_torch``: the same architecture and batch in PyTorch and flaxnets, alternating, and their ratio;
+* ``gpu_run``: the steps of ``bash benchmarks/gpu_run.sh``, everything claimed for GPUs in one short run.
 
 Every result states its conditions (device, versions, batch, dtype, input size, repeats, median and spread)
 and is written as JSON and CSV under ``benchmarks/results/``; `benchmarks/RESULTS.md` holds the tables.

@@ -23,7 +23,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:
+    from train.tuning import StepSettings
 
 __all__ = [
     "BenchmarkError",
@@ -327,6 +330,8 @@ def build_step(
     cpu_kernels: bool | None = None,
     ops: Any = None,
     tie_gradients: bool | None = None,
+    settings: StepSettings | None = None,
+    donate: bool = True,
 ) -> Step:
     """Compile ``arch``'s train step (``mode="train"``) or inference (``"infer"``) for one batch shape.
 
@@ -337,6 +342,9 @@ def build_step(
     ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
     `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
     ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).
+    ``settings`` (a `train.tuning.StepSettings`; default the backend's, as the trainer uses) adds its XLA
+    options under ``compiler_options`` and traces under its matmul precision. ``donate=False`` keeps the
+    old train state alive (the trainer always donates it).
     """
     import jax
     import jax.numpy as jnp
@@ -347,6 +355,7 @@ def build_step(
     from flaxnets.analysis import abstract_variables
     from train import step as steps
     from train.optim import after_fence
+    from train.tuning import step_settings
 
     spec = flaxnets.get_spec(arch)
     size = spec.input_size if size is None else size
@@ -363,6 +372,8 @@ def build_step(
     if size < smallest:
         raise BenchmarkError(f"--size {size} is smaller than {arch}'s minimum input of {smallest}x{smallest} pixels.")
     jdtype = parse_dtype(dtype)
+    settings = step_settings() if settings is None else settings
+    compiler_options = {**settings.compiler_options, **(compiler_options or {})}
     if cpu_kernels is None:
         cpu_kernels = flaxnets.cpu.is_cpu_backend()
     if ops is None:
@@ -389,14 +400,14 @@ def build_step(
                                  batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                                  rng=jax.random.key_data(jax.random.key(seed + 1)))
         data = {"image": images, "label": labels, "index": jnp.arange(batch, dtype=jnp.int32)}
-        fn = jax.jit(steps.bind(steps.train_step, model=model, tx=tx, preprocess=preprocess,
-                                num_classes=spec.num_classes), donate_argnums=0)
+        fn = jax.jit(settings.traced(steps.bind(steps.train_step, model=model, tx=tx, preprocess=preprocess,
+                                                num_classes=spec.num_classes)), donate_argnums=0 if donate else ())
         args = [jax.device_put(state, replicated), jax.device_put(data, split)]
     else:
         def infer(variables, images):
             return model.apply(variables, preprocess(images, None, train=False), train=False)
 
-        fn = jax.jit(infer)
+        fn = jax.jit(settings.traced(infer))
         args = [jax.device_put(variables, replicated), jax.device_put(images, split)]
     start = time.perf_counter()
     lowered = fn.lower(*args)

@@ -47,14 +47,16 @@ def model_flops(arch: str, mode: str, batch: int, size: int | None = None) -> fl
 
 def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
                    devices: int = 1, repeats: int = 5, warmup: int = 2, steps: int = 1,
-                   peak: float | None = None, cpu_kernels: bool | None = None, log=print) -> dict[str, Any]:
+                   peak: float | None = None, cpu_kernels: bool | None = None, settings: Any = None,
+                   donate: bool = True, log=print) -> dict[str, Any]:
     """Compile and time one configuration; return its result row (every number with its conditions).
-    ``cpu_kernels`` as for `benchmarks.common.build_step`."""
+    ``cpu_kernels``, ``settings`` and ``donate`` as for `benchmarks.common.build_step`."""
     import jax
 
     from benchmarks.common import build_step
 
-    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels)
+    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
+                      settings=settings, donate=donate)
     log(f"{arch} {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
 
     def call():

@@ -11,6 +11,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import common, costs, cpu_kernels, flops, profile, throughput, vs_torch
@@ -146,3 +147,23 @@ def test_vs_torch_keeps_the_maths_of_torchvision():
         row["torch_ms"] / row["flax_ms"], rel=0.01)
     assert 0 < row["speed_pairs_min"] <= row["speed_pairs_median"] <= row["speed_pairs_max"]
 
+
+
+def test_step_settings_reach_the_benchmark_step_and_the_trainer_drivers():
+    """`train.tuning`'s settings are the options of the compiled step: an unknown XLA option fails to
+    compile in both places, a known one and a matmul precision give the plain step's numbers."""
+    from train.parallel import make_driver
+    from train.tuning import GPU_SETTINGS, StepSettings, step_settings
+
+    assert step_settings("cpu") == StepSettings() and step_settings("gpu") is GPU_SETTINGS
+    bad = StepSettings(compiler_options={"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        common.build_step("lenet5", "infer", 2, settings=bad)
+    plain = common.build_step("lenet5", "infer", 2, settings=StepSettings())
+    tuned = common.build_step("lenet5", "infer", 2, settings=StepSettings({"xla_cpu_enable_fast_math": False}, "highest"))
+    np.testing.assert_allclose(tuned.compiled(*tuned.args), plain.compiled(*plain.args), rtol=1e-6)
+    driver = make_driver("shard_map", lambda state, batch, axis_name: (state, {}),
+                         lambda state, batch, axis_name: {}, settings=bad)
+    data = driver.put_replicated({"image": np.zeros((8, 4, 4, 1), np.uint8), "label": np.zeros(8, np.int32)})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        driver.train({"w": jnp.zeros(())}, data, driver.put_indices(np.arange(8)))

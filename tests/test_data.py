@@ -23,6 +23,7 @@ from train import step as steps
 from train.config import Config, ConfigError
 from train.data import (DataError, Dataset, Streamed, ensure_statistics, epoch_order, fit_in_memory, load_cifar,
                         load_dataset, load_digits, load_folder, load_idx, read_idx)
+from train.data.memory import RECORDED_CHECKSUMS
 from train.data.stats import pixel_statistics
 from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
 from train.feed import make_feed
@@ -256,6 +257,16 @@ def test_tfds_validation_split_by_name_and_by_stratified_fraction(tfds_home):
         held = sum(min(max(1, round(0.25 * n)), n - 1) for n in np.bincount(labels) if n >= 2)
         assert (fraction.train_size, fraction.val_size) == (40 - held, held) and held > 0
         assert len(labels) == 40  # read once, without decoding images, and kept for the next run
+
+
+def test_recorded_checksums_are_tensorflow_datasets_own():
+    """The table that checks the original files without tensorflow-datasets holds its records exactly."""
+    folder = os.path.join(os.path.dirname(tfds.__file__), "url_checksums")
+    for name, table in RECORDED_CHECKSUMS.items():
+        with open(os.path.join(folder, f"{name}.txt")) as handle:
+            records = {fields[3]: (int(fields[1]), fields[2]) for fields in (line.rstrip("\n").split("\t")
+                                                                             for line in handle) if len(fields) > 3}
+        assert {file: records[file] for file in table} == table
 
 
 # -- tensorflow-datasets, mocked ----------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from train.tuning import StepSettings, step_settings
+
 __all__ = ["Driver", "ShardMapDriver", "PmapDriver", "DRIVERS", "make_driver", "host", "AXIS"]
 
 AXIS = "batch"
@@ -51,19 +53,22 @@ class Driver:
 
     ``train_step(state, batch)`` and ``eval_step(state, batch)`` are per-device functions whose
     collectives use the axis name `AXIS`. ``traces`` counts how often each was traced: after the first
-    step it must stay at one per step kind, or the step is recompiling.
+    step it must stay at one per step kind, or the step is recompiling. ``settings`` (default: the
+    backend's, `train.tuning.step_settings`) gives the compiled steps their XLA options and matmul
+    precision; `jax.pmap` takes no per-executable options, so under pmap only the precision applies.
     """
 
     kind: str
 
-    def __init__(self, train_step: Callable, eval_step: Callable):
+    def __init__(self, train_step: Callable, eval_step: Callable, settings: StepSettings | None = None):
+        self.settings = step_settings() if settings is None else settings
         self.devices = jax.devices()
         self.local_devices = jax.local_devices()
         self.traces = {"train": 0, "eval": 0}
         self.mesh = _mesh(self._mesh_devices())
         self.replicated = NamedSharding(self.mesh, P())
         self.split = NamedSharding(self.mesh, P(AXIS))
-        self._compile(train_step, eval_step)
+        self._compile(self.settings.traced(train_step), self.settings.traced(eval_step))
 
     @property
     def device_count(self) -> int:
@@ -124,10 +129,11 @@ class ShardMapDriver(Driver):
         return self.devices
 
     def _compile(self, train_step: Callable, eval_step: Callable) -> None:
-        self._train = jax.jit(self._over_indices(train_step, "train", with_state=True), donate_argnums=0)
-        self._eval = jax.jit(self._over_indices(eval_step, "eval", with_state=False))
-        self._train_batch = jax.jit(self._over_batch(train_step, "train", with_state=True), donate_argnums=0)
-        self._eval_batch = jax.jit(self._over_batch(eval_step, "eval", with_state=False))
+        jit = partial(jax.jit, compiler_options=dict(self.settings.compiler_options) or None)
+        self._train = jit(self._over_indices(train_step, "train", with_state=True), donate_argnums=0)
+        self._eval = jit(self._over_indices(eval_step, "eval", with_state=False))
+        self._train_batch = jit(self._over_batch(train_step, "train", with_state=True), donate_argnums=0)
+        self._eval_batch = jit(self._over_batch(eval_step, "eval", with_state=False))
 
     def _over_indices(self, fn: Callable, name: str, with_state: bool) -> Callable:
         # check_vma=False: gradients are averaged explicitly with pmean inside the step; with the
@@ -220,8 +226,8 @@ class PmapDriver(Driver):
 DRIVERS: dict[str, type[Driver]] = {driver.kind: driver for driver in (ShardMapDriver, PmapDriver)}
 
 
-def make_driver(kind: str, train_step: Callable, eval_step: Callable) -> Driver:
+def make_driver(kind: str, train_step: Callable, eval_step: Callable, settings: StepSettings | None = None) -> Driver:
     """The `Driver` for ``kind`` (``"shard_map"`` or ``"pmap"``) over every device of every process."""
     if kind not in DRIVERS:
         raise ValueError(f"parallel driver must be one of {', '.join(DRIVERS)}, got {kind!r}.")
-    return DRIVERS[kind](partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS))
+    return DRIVERS[kind](partial(train_step, axis_name=AXIS), partial(eval_step, axis_name=AXIS), settings)

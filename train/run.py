@@ -27,6 +27,7 @@ from train import step as steps
 from train.config import Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
                         with_validation)
+from train.data.stream import require_grain
 from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
@@ -198,6 +199,7 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
+        require_grain()  # before the statistics and the compilations, not at the first batch
         data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
         raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "

@@ -36,6 +36,7 @@ import numpy as np
 from train.data.cifar import CIFAR, load_cifar
 from train.data.memory import (FASHION_CLASSES, IDX_FILES, DataError, Dataset, load_digits, load_idx, read_idx,
                                recorded_checksums, verify_file, with_statistics)
+from train.data.optional import require
 from train.data.sources import FolderSource, Subset, TfdsSource, scan_folder, source_labels
 from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
 from train.data.stream import Streamed, epoch_order, materialize
@@ -200,11 +201,9 @@ def _checked(data: Dataset) -> Dataset:
 def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> Streamed:
     """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow); with
     ``val_name``, that split of it is the validation split."""
-    try:
-        import tensorflow_datasets as tfds
-        from tensorflow_datasets.core import registered
-    except ImportError:
-        raise DataError(f"--dataset {name} reads tensorflow-datasets, which is not installed.") from None
+    tfds = require("tensorflow_datasets", f"--dataset {name}")
+    require("array_record", f"--dataset {name}")  # tfds.data_source reads ArrayRecord files through it
+    from tensorflow_datasets.core import registered
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except (registered.DatasetNotFoundError, ValueError):  # ValueError: not even a well-formed name

@@ -16,7 +16,8 @@ import struct
 import numpy as np
 
 __all__ = ["DataError", "Dataset", "with_statistics", "load_digits", "load_idx", "read_idx", "recorded_checksums",
-           "verify_file", "FASHION_CLASSES", "IDX_FILES"]
+           "verify_file", "FASHION_CLASSES", "IDX_FILES",
+           "RECORDED_CHECKSUMS"]
 
 
 class DataError(ValueError):
@@ -173,21 +174,34 @@ def read_idx(path: str, expected_magic: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
 
 
-def recorded_checksums(name: str) -> dict[str, tuple[int, str]]:
-    """File name -> (size, sha256) as tensorflow-datasets records them for ``name``'s download URLs.
+# Size and SHA-256 of the original distribution files, as tensorflow-datasets 4.9 records them for its
+# downloads (url_checksums/NAME.txt), held here so that checking the files needs no tensorflow-datasets;
+# tests/test_data.py compares the table with the installed package's records.
+RECORDED_CHECKSUMS: dict[str, dict[str, tuple[int, str]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": (9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        "train-labels-idx1-ubyte.gz": (28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        "t10k-images-idx3-ubyte.gz": (1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        "t10k-labels-idx1-ubyte.gz": (4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": (26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+        "train-labels-idx1-ubyte.gz": (29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+        "t10k-images-idx3-ubyte.gz": (4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+        "t10k-labels-idx1-ubyte.gz": (5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+    },
+    "cifar10": {
+        "cifar-10-binary.tar.gz": (170052171, "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),
+    },
+    "cifar100": {
+        "cifar-100-binary.tar.gz": (168513733, "58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"),
+    },
+}
 
-    Read from the installed package's ``url_checksums/NAME.txt`` (tab-separated: url, size, sha256, file
-    name) without importing tensorflow-datasets itself.
-    """
-    path = _package_file("tensorflow_datasets", "url_checksums", f"{name}.txt")
-    records = {}
-    with open(path) as handle:
-        for line in handle:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) >= 3:
-                file = fields[3] if len(fields) > 3 else fields[0].rsplit("/", 1)[-1]
-                records[file] = (int(fields[1]), fields[2])
-    return records
+
+def recorded_checksums(name: str) -> dict[str, tuple[int, str]]:
+    """File name -> (size, sha256) of ``name``'s original files, as tensorflow-datasets records them."""
+    return dict(RECORDED_CHECKSUMS[name])
 
 
 def verify_file(path: str, size: int, sha256: str, what: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from train.data import DataError
+from train.data.optional import require
 
 __all__ = ["prepare"]
 
@@ -25,7 +26,7 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> str:
     except ImportError:
         raise DataError("preparing a tensorflow-datasets dataset needs TensorFlow: pip install -e \".[prepare]\" "
                         "(training on the prepared data does not).") from None
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets", f"preparing {name}")
 
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from train.data.memory import DataError
+from train.data.optional import require
 
 __all__ = ["TfdsSource", "FolderSource", "Subset", "source_labels", "scan_folder", "decode_image",
            "IMAGE_EXTENSIONS"]
@@ -38,8 +39,7 @@ class TfdsSource:
 
     def _open(self):
         if self._source is None:
-            import tensorflow_datasets as tfds
-
+            tfds = require("tensorflow_datasets", f"reading {self.name}")
             self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
         return self._source
 

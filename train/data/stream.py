@@ -28,9 +28,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from train.data.memory import Dataset, DatasetFacts
+from train.data.optional import require
 
 __all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
-           "materialize", "prefetch", "CROPS"]
+           "materialize", "prefetch", "require_grain", "CROPS"]
 
 CROPS = ("inception", "alexnet")
 
@@ -192,8 +193,14 @@ class EvalTransform:
                 "mask": np.bool_(index >= 0)}
 
 
+def require_grain() -> Any:
+    """The ``grain`` module, or a `DataError` naming the package (streaming is the only part that needs it)."""
+    return require("grain", "streaming a dataset through worker processes (--pipeline stream, or a dataset "
+                            "too large for memory)")
+
+
 def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -> Iterator[dict]:
-    import grain
+    grain = require_grain()
     from absl import flags
 
     # Grain 0.2.18 reads one of its absl flags in mp_prefetch even when no absl app parsed them, which

@@ -1,0 +1,58 @@
+"""benchmarks/gpu_run.sh: its dry run (every step at toy sizes on the CPU) end to end, and the pieces of
+the run that need no JAX: the order of the throughput table and the summary of steps that did not finish.
+
+The dry run takes 1.5-2 minutes on 2 CPU cores shared with other work (70 s of CPU time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from benchmarks import gpu_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
+    out = tmp_path / "run"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHON": sys.executable,
+           "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    for step in gpu_run.STEPS:
+        data = json.loads((out / f"{step}.json").read_text())
+        assert data["status"] == "ok" and data["ok"] and data["dry_run"], (step, data.get("headline"), data.get("error"))
+        assert (out / f"{step}.log").read_text().strip()
+    table = result.stdout[result.stdout.index("| step | status"):]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(gpu_run.STEPS)
+    assert all(line.split("|")[2].strip() == "ok" for line in table.splitlines()[2:])
+    assert (out / "summary.md").read_text().endswith(table)
+    correctness = json.loads((out / "correctness.json").read_text())
+    assert {row["check"] for row in correctness["steps"]} == {"float32", "bfloat16"}
+    assert correctness["parity"][0]["logits_error"] < correctness["parity"][0]["tolerance"]
+    tune = json.loads((out / "tune.json").read_text())
+    assert tune["gpu_settings_line"].startswith("GPU_SETTINGS = StepSettings(")
+    assert any(row["xla_flags"] and "images_per_s" in row for row in tune["rows"])  # the variant in its own process
+
+
+def test_throughput_order_puts_the_first_architecture_then_bfloat16_training_first():
+    order = gpu_run.throughput_order(["resnet50", "resnet18", "vgg16"])
+    assert order[:4] == [("resnet50", "train", "bfloat16"), ("resnet50", "infer", "bfloat16"),
+                         ("resnet50", "train", "float32"), ("resnet50", "infer", "float32")]
+    assert order[4:6] == [("resnet18", "train", "bfloat16"), ("vgg16", "train", "bfloat16")]
+    assert len(order) == len(set(order)) == 12
+
+
+def test_summary_names_steps_that_timed_out_crashed_or_never_ran(tmp_path):
+    gpu_run.Record(tmp_path, "environment", dry=True, budget=10).finish(True, "fine")
+    gpu_run.Record(tmp_path, "correctness", dry=True, budget=10)  # killed while running
+    gpu_run.Record(tmp_path, "parallel", dry=True, budget=10)
+    text = gpu_run.summary(tmp_path, {"environment": 0, "correctness": 124, "parallel": 1}, dry=True)
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ")}
+    assert rows["environment"] == "ok" and rows["correctness"] == "timeout" and rows["parallel"] == "crashed (exit 1)"
+    assert rows["tune"] == "missing" and (tmp_path / "summary.md").read_text() == text

@@ -1,0 +1,30 @@
+"""The packages only some datasets need, imported where they are used.
+
+tensorflow-datasets (with array_record) reads datasets it prepared; Grain streams datasets too large for
+memory. Neither is needed to import flaxnets, `train` or `benchmarks`, nor to train on a dataset held in
+memory (digits, the MNIST and CIFAR files), so a machine with jax, flax and optax but without them, such
+as an accelerator host set up with ``pip install --no-deps -e .``, still trains and benchmarks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from train.data.memory import DataError
+
+__all__ = ["require", "PACKAGES"]
+
+# import name -> the name pip installs it by (both are dependencies of flaxnets in pyproject.toml)
+PACKAGES = {"tensorflow_datasets": "tensorflow-datasets", "array_record": "array-record", "grain": "grain"}
+
+
+def require(module: str, needed_for: str) -> ModuleType:
+    """``module`` imported; if it is missing, a `DataError` saying that ``needed_for`` needs it and how to
+    install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = PACKAGES.get(module, module)
+        raise DataError(f"{needed_for} needs {package}, which is not installed here: pip install {package} "
+                        "(pip install -e . installs it with the rest of flaxnets).") from None
