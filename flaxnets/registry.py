@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import json
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-__all__ = ["ModelSpec", "UnknownModelError", "register", "get_spec", "list_models", "model_info", "create_model"]
+__all__ = ["ModelSpec", "UnknownModelError", "UnknownOptionError", "register", "get_spec", "list_models", "model_info",
+           "create_model", "model_options", "parse_model_arg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,10 @@ class ModelSpec:
 
 class UnknownModelError(ValueError):
     """An architecture name the registry does not hold; the message suggests close names."""
+
+
+class UnknownOptionError(ValueError):
+    """A model option (`create_model` keyword) the architecture does not have; the message lists them."""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -158,12 +164,34 @@ def create_model(
         return spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
                           **overrides)
     except TypeError as err:
-        fields = sorted(
-            f.name for f in dataclasses.fields(spec.build(num_classes=num_classes)) if f.init and f.name != "parent"
-        )
+        fields = model_options(name)
         unknown = sorted(set(overrides) - set(fields))
         if not unknown:
             raise
-        raise ValueError(
-            f"{name} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(fields)}."
+        close = difflib.get_close_matches(unknown[0], fields, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownOptionError(
+            f"{name} has no option {', '.join(map(repr, unknown))};{hint} its options are {', '.join(fields)}."
         ) from err
+
+
+def model_options(name: str) -> list[str]:
+    """The fields ``create_model(name, ...)`` accepts as keyword arguments (the module's dataclass fields)."""
+    module = get_spec(name).build(num_classes=get_spec(name).num_classes)
+    return sorted(f.name for f in dataclasses.fields(module) if f.init and f.name != "parent")
+
+
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """``"KEY=VALUE"`` (a command line's ``--model-arg``) as ``(key, value)``: VALUE read as JSON when it is
+    JSON (``0.3``, ``true``, ``[64, 128]``, ``null``), else kept as a string (``relu``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not key.strip().isidentifier():
+        raise ValueError(f"--model-arg takes KEY=VALUE with KEY a model option, e.g. dropout=0.3; got {text!r}.")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    # JSON lists become tuples: module fields must be hashable.
+    def freeze(v):
+        return tuple(freeze(x) for x in v) if isinstance(v, list) else v
+    return key.strip(), freeze(parsed)

@@ -96,3 +96,67 @@ def test_bfloat16_computes_in_bf16_and_keeps_float32_state(digits, reference_ste
     assert {leaf.dtype for leaf in leaves if jnp.issubdtype(leaf.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(float(metrics["loss_sum"]))
     assert not np.allclose(after.params["conv1"]["kernel"], state.params["conv1"]["kernel"])
+
+
+def test_model_args_reach_the_model_and_bad_ones_are_one_sentence(digits):
+    run = build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropout": 0.3}).validate(), data=digits)
+    assert run.model.dropout == 0.3
+    with pytest.raises(ConfigError, match=r"--model-arg: alexnet_small has no option 'dropuot'; Did you mean 'dropout'\?"):
+        build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropuot": 0.3}).validate(), data=digits)
+    with pytest.raises(ConfigError, match=r"lenet5 with \{'activation': 'tanh'\} does not build \(KeyError"):
+        build_run(Config(arch="lenet5", batch_size=64, model_args={"activation": "tanh"}).validate(), data=digits)
+
+
+def test_model_args_from_the_command_line_and_a_config_file(tmp_path):
+    from train.config import parse_args
+
+    path = tmp_path / "run.json"
+    path.write_text('{"arch": "vgg16_cifar", "model_args": {"dropout": 0.2, "hidden": [256]}}')
+    config = parse_args(["--config", str(path), "--model-arg", "dropout=0.4", "--model-arg", "batch_norm=false"])
+    assert config.model_args == {"dropout": 0.4, "hidden": [256], "batch_norm": False}
+    with pytest.raises(SystemExit):
+        parse_args(["--model-arg", "no equals sign"])
+
+
+def test_a_user_factory_is_an_architecture(tmp_path, digits):
+    from train.config import parse_args
+
+    (tmp_path / "mynet.py").write_text(USER_MODEL)
+    config = parse_args(["--arch", f"{tmp_path / 'mynet.py'}:make", "--batch-size", "64", "--model-arg", "width=6"])
+    run = build_run(config, data=digits)
+    assert run.spec.family == "user" and run.model.width == 6 and run.image_side == 8
+    state = run.init_state()
+    assert state.params["conv"]["kernel"].shape == (3, 3, 1, 6)
+    with pytest.raises(ConfigError, match="has no callable 'nothing'"):
+        build_run(Config(arch=f"{tmp_path / 'mynet.py'}:nothing"), data=digits)
+
+
+# A model of a user's own, as a file: the usual fields, `__call__(x, train)`, a factory.
+USER_MODEL = '''
+from typing import Any
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class MyNet(nn.Module):
+    num_classes: int = 10
+    width: int = 8
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    bn_axis_name: Any = None
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.relu(nn.Conv(self.width, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x))
+        x = nn.BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name, name="bn")(x)
+        return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+def make(num_classes, **fields):
+    """A two-layer network of my own."""
+    return MyNet(num_classes=num_classes, **fields)
+
+
+make.input_size = 8
+make.in_channels = 1
+'''

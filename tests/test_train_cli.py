@@ -789,6 +789,35 @@ def test_without_a_validation_split_the_run_says_the_test_split_chose_best(refer
     assert all("val_top1" not in r for r in metrics_lines(reference_dir))
 
 
+def test_a_model_of_ones_own_trains_resumes_evaluates_predicts_and_plots(compile_cache, tmp_path):
+    """--arch FILE.py:FACTORY with --model-arg: recorded in config.json, so every later command finds it."""
+    from PIL import Image
+
+    from test_run import USER_MODEL
+
+    (tmp_path / "mynet.py").write_text(USER_MODEL)
+    workdir = tmp_path / "mine"
+    args = ("--arch", tmp_path / "mynet.py:make", "--model-arg", "width=6", "--dataset", "digits", "--epochs", 1,
+            "--batch-size", 64, "--workdir", workdir)
+    trained = run_cli(compile_cache, args)
+    assert_ok(trained)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["arch"] == f"{tmp_path / 'mynet.py'}:make" and config["model_args"] == {"width": 6}
+    image = tmp_path / "seven.png"
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(image)
+    resumed, evaluated, predicted, plotted = run_many(compile_cache, [
+        dict(args=(*args[:-6], "--epochs", 2, "--batch-size", 64, "--workdir", workdir)),
+        dict(module="train.evaluate", args=("--workdir", workdir)),
+        dict(module="train.predict", args=("--workdir", workdir, image)),
+        dict(module="train.plots", args=("run", workdir, "--out", tmp_path / "plots"))])
+    for result in (resumed, evaluated, predicted, plotted):
+        assert_ok(result)
+    assert "resuming from" in resumed.stdout and "1 of 2 epochs done" in resumed.stdout
+    assert 0 <= json.loads(evaluated.stdout)["test_top1"] <= 1
+    assert predicted.stdout.startswith(f"{image}: ")
+    assert "confusion.png" in plotted.stdout, plotted.stdout
+
+
 def test_predict_prints_classes_with_probabilities(compile_cache, reference_run, tmp_path):
     from PIL import Image
 

@@ -37,7 +37,9 @@ class ConfigError(ValueError):
 class Config:
     """A training run. Defaults train LeNet-5 (ReLU) on the embedded digits set to about 98% in a minute."""
 
-    arch: str = "lenet5_relu"
+    arch: str = "lenet5_relu"  # a registry name, or FILE.py:FACTORY / MODULE:FACTORY (train.archs)
+    # Options of the architecture (create_model keywords), from --model-arg KEY=VALUE.
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset: str = "digits"
     data_dir: str | None = None
     # A fraction of the training split held out per class (seeded), or the name of the dataset's own
@@ -199,6 +201,8 @@ def _type_name(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is tuple:
         return "a list of whole numbers"
+    if typing.get_origin(hint) is dict:
+        return "an object of names to values"
     if args:
         return " or ".join(_type_name(a) for a in args) + " or null"
     return names.get(hint, getattr(hint, "__name__", str(hint)))
@@ -213,6 +217,8 @@ def _conforms(value: Any, hint: Any) -> bool:
         return isinstance(value, hint)
     if typing.get_origin(hint) is tuple:
         return isinstance(value, (tuple, list)) and all(_conforms(v, typing.get_args(hint)[0]) for v in value)
+    if typing.get_origin(hint) is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
     args = typing.get_args(hint)
     if args:  # X | None
         return any(value is None if a is type(None) else _conforms(value, a) for a in args)
@@ -226,6 +232,15 @@ def _check_types(config: "Config") -> None:
         value = getattr(config, field.name)
         if not _conforms(value, hints[field.name]):
             raise ConfigError(f"{field.name} must be {_type_name(hints[field.name])}, got {value!r}.")
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    from flaxnets.registry import parse_model_arg
+
+    try:
+        return parse_model_arg(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _epochs_list(text: str) -> tuple[int, ...]:
@@ -257,7 +272,12 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
 
     parser.add_argument("--config", help="settings as a JSON file, or a JSON object in quotes; flags given on the "
                         "command line win")
-    add("--arch", "architecture name; python -m flaxnets lists them")
+    add("--arch", "architecture name (python -m flaxnets lists them), or a model of your own as FILE.py:FACTORY "
+        "or MODULE:FACTORY")
+    parser.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, metavar="KEY=VALUE",
+                        help="an option of the architecture (repeatable; VALUE as JSON, else a string), e.g. "
+                        "dropout=0.3 or activation=relu; kept in config.json for resume, evaluate and predict "
+                        "(default: none)")
     add("--dataset", "digits (ships with the install), mnist, fashion_mnist, cifar10, cifar100, folder, or any "
         "tensorflow-datasets image-classification name (imagenet2012, imagenette, ...)")
     add("--data-dir", "the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders (--dataset "
@@ -321,6 +341,17 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m train")
     given = {k: v for k, v in args.items() if v is not None}
     if given.get("coordinator") or given.get("num_processes") is not None:
         given.setdefault("distributed", True)
+    if "model_args" in given:  # each --model-arg adds to (or overrides) the config file's
+        given["model_args"] = {**config.model_args, **dict(given["model_args"])}
     config = dataclasses.replace(config, **given)
-    return config.validate()
+    return dataclasses.replace(config, arch=absolute_arch(config.arch)).validate()
+
+
+def absolute_arch(arch: str) -> str:
+    """``arch`` with a factory file's path (``FILE.py:FACTORY``, `train.archs`) made absolute, so that the
+    saved config finds the file from any working directory."""
+    where, sep, name = arch.rpartition(":")
+    if sep and where.endswith(".py"):
+        return f"{os.path.abspath(where)}:{name}"
+    return arch
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from train.data import Dataset
 
 __all__ = [
-    "confusion_matrix", "confusion_layout", "first_conv_kernel", "read_metrics", "unnormalize", "predict_probabilities",
+    "confusion_matrix", "confusion_layout", "first_conv_kernel", "read_metrics", "unnormalize",
     "plot_samples", "plot_curves", "plot_confusion", "plot_predictions", "plot_filters", "write_run_plots",
     "new_figure", "save_figure",
 ]
@@ -94,36 +94,6 @@ def read_metrics(path: str) -> list[dict]:
                 by_step[int(record["step"])] = {("test_" + k[5:] if k.startswith("eval_") else k): v
                                                 for k, v in record.items()}
     return [by_step[step] for step in sorted(by_step)]
-
-
-def predict_probabilities(variables: dict, meta: dict, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
-    """Class probabilities ``(N, classes)`` of uint8 ``images`` for a checkpoint's ``variables`` and ``meta``.
-
-    One compiled function for every batch: the last batch is padded to ``batch_size``, not compiled again.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    import flaxnets
-    from train.step import Preprocess
-
-    dataset = meta["dataset"]
-    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"])
-    preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
-                            augment=False)
-    variables = jax.tree_util.tree_map(jnp.asarray, variables)
-
-    @jax.jit
-    def probabilities(batch):
-        return jax.nn.softmax(model.apply(variables, preprocess(batch, None, train=False), train=False))
-
-    batch_size = max(1, min(batch_size, len(images)))
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
-        out.append(np.asarray(probabilities(jnp.asarray(padded)))[:len(batch)])
-    return np.concatenate(out) if out else np.zeros((0, meta["num_classes"]), np.float32)
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -398,7 +368,9 @@ def write_run_plots(workdir: str, variables: dict, meta: dict, data: "Dataset | 
         data = sample_in_memory(data, meta["image_side"], per_class=0, test_limit=limit)
     if data is not None:
         try:
-            probabilities = predict_probabilities(variables, meta, data.test_images)
+            from train.inference import predict_images
+
+            probabilities = predict_images(variables, meta, data.test_images)
         except Exception as error:  # noqa: BLE001
             warn(f"warning: could not predict the test images for the plots ({type(error).__name__}: {error}).")
         else:

@@ -106,15 +106,30 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
     return np.stack(out)
 
 
-def predict_images(variables: dict, meta: dict, images: np.ndarray) -> np.ndarray:
-    """Class probabilities ``(N, classes)`` for uint8 images already in the training data's shape."""
+def predict_images(variables: dict, meta: dict, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """Class probabilities ``(N, classes)`` of uint8 images already in the training data's shape, by the
+    model a checkpoint's ``meta`` describes (architecture, options, classes, input side, normalisation).
+
+    One compiled function for every batch: the last batch is padded to ``batch_size``, not compiled again.
+    """
+    from train.archs import resolve_arch
+
     dataset = meta["dataset"]
-    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"])
+    resolve_arch(meta["arch"])  # a model of the user's own is registered again in this process
+    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"],
+                                  **(meta.get("config") or {}).get("model_args", {}))
     preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
                             augment=False)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
 
     @jax.jit
     def probabilities(batch):
         return jax.nn.softmax(model.apply(variables, preprocess(batch, None, train=False), train=False))
 
-    return np.asarray(probabilities(jnp.asarray(images)))
+    batch_size = max(1, min(batch_size, len(images)))
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
+        out.append(np.asarray(probabilities(jnp.asarray(padded)))[:len(batch)])
+    return np.concatenate(out) if out else np.zeros((0, meta["num_classes"]), np.float32)

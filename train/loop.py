@@ -80,6 +80,10 @@ def _check_compatible(meta: dict, run: Run, directory: str) -> None:
     if meta.get("image_side") != run.image_side:
         raise CheckpointError(f"{directory} was trained on {meta.get('image_side')}-pixel images, this run would "
                               f"use {run.image_side}; use the same --image-size or another --workdir.")
+    theirs_args = (meta.get("config") or {}).get("model_args") or {}
+    if theirs_args != dict(run.config.model_args):
+        raise CheckpointError(f"{directory} was trained with --model-arg {theirs_args or '(none)'}, not "
+                              f"{dict(run.config.model_args) or '(none)'}; use the same or another --workdir.")
     theirs_val = (meta.get("config") or {}).get("val_split")
     if str(theirs_val or "") != str(run.config.val_split or ""):
         raise CheckpointError(f"{directory} was trained with --val-split {theirs_val or '(none)'}; resume with the same "

@@ -22,7 +22,8 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import flaxnets
-from flaxnets.registry import ModelSpec
+from flaxnets.registry import ModelSpec, UnknownOptionError
+from train.archs import resolve_arch
 from train import step as steps
 from train.config import Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
@@ -194,7 +195,7 @@ class Run:
 
 def build_run(config: Config, data: Dataset | None = None, device_count: int | None = None) -> Run:
     """Check the config against the data, the architecture and the devices; build model and optimizer."""
-    spec = flaxnets.get_spec(config.arch)
+    spec = resolve_arch(config.arch)
     device_count = device_count or jax.device_count()
     if config.batch_size % device_count:
         raise ConfigError(f"--batch-size {config.batch_size} does not split evenly over {device_count} devices; "
@@ -215,16 +216,27 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
                           f"examples of {data.name}.")
-    overrides = {}
+    overrides = dict(config.model_args)
     if config.zero_init_residual:
         if spec.family != "resnet":
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
+    if (config.init_from or config.freeze_backbone) and spec.family == "user":
+        raise ConfigError("--init-from and --freeze-backbone convert torchvision weights, which fit flaxnets' own "
+                          f"architectures, not {config.arch}.")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence: same numbers, faster steps.
-    cpu = flaxnets.cpu.is_cpu_backend()
-    model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                                  cpu_kernels=cpu, **overrides)
+    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
+    # every model built from flaxnets' kernel set (a model of the user's own may not take one).
+    cpu = flaxnets.cpu.is_cpu_backend() and "ops" in flaxnets.registry.model_options(config.arch)
+    try:
+        model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
+                                      cpu_kernels=cpu, **overrides)
+    except UnknownOptionError as error:
+        raise ConfigError(f"--model-arg: {error}") from None
+    except (TypeError, ValueError) as error:  # a value the module refuses (or a user factory's own complaint)
+        raise ConfigError(f"{config.arch} cannot be built with {overrides or 'its defaults'}: {error}") from None
+    if config.model_args or spec.family == "user":  # options are read when the model is traced: trace it now
+        _check_traces(model, config.arch, overrides, side, data.image_shape[-1])
     on_device = data.in_memory  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if on_device else 0, flip=data.flip and on_device,
@@ -236,6 +248,17 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
     return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+
+
+def _check_traces(model, arch: str, options: dict, side: int, channels: int) -> None:
+    """Trace ``model`` once (nothing computed) so that an option it refuses is one sentence, not a traceback."""
+    images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
+    try:
+        jax.eval_shape(functools.partial(model.init, train=False), {"params": jax.random.key(0)}, images)
+    except Exception as error:  # noqa: BLE001 - whatever the module raises, it is about these options
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(f"{arch} with {options or 'its defaults'} does not build ({type(error).__name__}"
+                          f"{': ' + text if text else ''}).") from None
 
 
 def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple[optax.GradientTransformation,

@@ -1,0 +1,67 @@
+"""What ``--arch`` names: an architecture of the registry, or a model of the user's own.
+
+``--arch path/to/file.py:factory`` and ``--arch package.module:factory`` name a callable that takes
+``num_classes`` and the fields every flaxnets model has (``dtype``, ``param_dtype``, ``bn_axis_name``, and
+any ``--model-arg``) and returns a `flax.linen` module whose ``__call__(x, train)`` returns logits. It is
+added to the registry under that very name, once per process, so that training, resuming, evaluating,
+predicting and plotting all find it the same way as a built-in architecture. Attributes of the factory
+give what the registry records: ``input_size`` (default 224), ``in_channels`` (3), ``num_classes`` (10).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+from flaxnets.registry import ModelSpec, get_spec, list_models, register
+from train.config import ConfigError
+
+__all__ = ["ArchError", "resolve_arch", "is_user_arch"]
+
+
+class ArchError(ConfigError):
+    """A user architecture that cannot be loaded; the message says why in one sentence."""
+
+
+def is_user_arch(arch: str) -> bool:
+    """Whether ``arch`` names a factory (``FILE.py:NAME`` or ``MODULE:NAME``) rather than a registry entry."""
+    return ":" in arch
+
+
+def _load_factory(arch: str) -> Callable:
+    where, _, name = arch.rpartition(":")
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            raise ArchError(f"--arch {arch}: {where} is not a file.")
+        module_name = "flaxnets_user_" + os.path.splitext(os.path.basename(where))[0]
+        spec = importlib.util.spec_from_file_location(module_name, where)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:  # noqa: BLE001 - the user's file: any failure is theirs to see, in one line
+            raise ArchError(f"--arch {arch}: importing {where} failed ({type(error).__name__}: {error}).") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as error:
+            raise ArchError(f"--arch {arch}: cannot import {where} ({error}).") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ArchError(f"--arch {arch}: {where} has no callable {name!r}.")
+    return factory
+
+
+def resolve_arch(arch: str) -> ModelSpec:
+    """The registry's spec of ``arch``; a user factory is loaded and registered first (once per process)."""
+    if not is_user_arch(arch) or arch in list_models():
+        return get_spec(arch)
+    factory = _load_factory(arch)
+    doc = (getattr(factory, "__doc__", None) or "").strip().splitlines()
+    return register(ModelSpec(
+        name=arch, build=factory, family="user", paper=getattr(factory, "paper", "a model of the user's own"),
+        input_size=int(getattr(factory, "input_size", 224)), in_channels=int(getattr(factory, "in_channels", 3)),
+        num_classes=int(getattr(factory, "num_classes", 10)), description=doc[0] if doc else arch))
