@@ -1,6 +1,11 @@
 """ResNet-18/34/50/101/152 (He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016,
 arXiv:1512.03385), laid out as torchvision's ``resnet*`` so that parameter counts and weights carry over,
 plus the small-input variants used on CIFAR-10 and Fashion-MNIST.
+
+The same module with grouped or wider bottlenecks gives ResNeXt (Xie, Girshick, Dollar, Tu, He, "Aggregated
+Residual Transformations for Deep Neural Networks", CVPR 2017, arXiv:1611.05431) and torchvision's Wide
+ResNets (Zagoruyko and Komodakis, "Wide Residual Networks", BMVC 2016, arXiv:1605.07146): the bottleneck's
+``groups`` and ``width_per_group``, as torchvision parameterises them.
 """
 
 from __future__ import annotations
@@ -26,17 +31,27 @@ dense_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; ResNet-18 and -34."""
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; ResNet-18 and -34.
+
+    ``groups`` and ``width_per_group`` exist so that every block takes the same fields; only the plain
+    values (1 and 64) are defined for this block, as in torchvision.
+    """
 
     filters: int
     conv: ModuleDef
     norm: ModuleDef
     strides: int = 1
     zero_init_last: bool = False
+    groups: int = 1
+    width_per_group: int = 64
     expansion = 1
 
     @nn.compact
     def __call__(self, x):
+        if (self.groups, self.width_per_group) != (1, 64):
+            raise ValueError(f"BasicBlock has no grouped or widened form (groups={self.groups}, "
+                             f"width_per_group={self.width_per_group}); use Bottleneck blocks for ResNeXt and "
+                             f"Wide ResNets.")
         y = self.conv(self.filters, (3, 3), self.strides, padding=padding(1), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=padding(1), name="conv2")(y)
@@ -45,10 +60,16 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4); ResNet-50/101/152.
+    """1x1 reduce, 3x3, 1x1 expand (to 4x ``filters``); ResNet-50/101/152, ResNeXt, Wide ResNet.
 
     The stride sits on the 3x3 convolution ("ResNet v1.5", as torchvision and NVIDIA's reference place it);
-    the paper puts it on the first 1x1, which costs about 0.5% top-1 on ImageNet.
+    the paper puts it on the first 1x1, which costs about 0.5% top-1 on ImageNet. ResNeXt's official code
+    puts it on the 3x3 too.
+
+    The inner width is ``int(filters * width_per_group / 64) * groups`` (torchvision's rule) and the 3x3
+    convolution is split into ``groups`` groups: ``groups=32, width_per_group=4`` is ResNeXt's "32x4d"
+    (cardinality 32, 4 channels per group, figure 3c of Xie et al.), ``width_per_group=128`` doubles the
+    inner width of every block (torchvision's ``wide_resnet*_2``); the output width stays ``4 * filters``.
     """
 
     filters: int
@@ -56,12 +77,16 @@ class Bottleneck(nn.Module):
     norm: ModuleDef
     strides: int = 1
     zero_init_last: bool = False
+    groups: int = 1
+    width_per_group: int = 64
     expansion = 4
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(self.norm(name="bn1")(self.conv(self.filters, (1, 1), name="conv1")(x)))
-        y = self.conv(self.filters, (3, 3), self.strides, padding=padding(1), name="conv2")(y)
+        width = int(self.filters * (self.width_per_group / 64.0)) * self.groups
+        y = nn.relu(self.norm(name="bn1")(self.conv(width, (1, 1), name="conv1")(x)))
+        y = self.conv(width, (3, 3), self.strides, padding=padding(1), feature_group_count=self.groups,
+                      name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
         y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_last else nn.initializers.ones, name="bn3")(y)
@@ -78,7 +103,8 @@ def _shortcut(block, x):
 
 
 class ResNet(nn.Module):
-    """A residual network: a stem, four stages of residual blocks (64, 128, 256, 512 filters), a linear head.
+    """A residual network: a stem, stages of residual blocks (64, 128, 256, 512 filters for the four
+    ``stage_sizes`` of the ImageNet networks, each stage doubling the last), a linear head.
 
     ``stem="imagenet"`` is the paper's 7x7/2 convolution and 3x3/2 max-pool (224x224 input, 7x7 final
     maps). ``stem="cifar"`` is the 3x3/1 convolution without max-pool used for 32x32 input (section 4.2 of
@@ -86,6 +112,14 @@ class ResNet(nn.Module):
     "ResNet-18 on CIFAR" of the literature). ``zero_init_residual`` starts each residual branch's last
     BatchNorm scale at zero, so every block begins as the identity: Goyal et al. 2017 (arXiv:1706.02677)
     report it helps large-batch training, and torchvision notes +0.2-0.3% top-1.
+
+    ``groups`` and ``width_per_group`` go to every `Bottleneck`: ResNeXt (``resnext50_32x4d``: 32 groups of
+    4 channels in the first stage) and Wide ResNet (``wide_resnet50_2``: ``width_per_group=128``). The Wide
+    ResNet paper widens the 3x3 convolutions of pre-activation basic blocks (WRN-28-10 and kin, mostly on
+    CIFAR); torchvision's ``wide_resnet*_2``, kept here, are instead ResNet-50/101 with bottlenecks twice as
+    wide inside, the paper's "WRN-50-2-bottleneck" of its ImageNet experiments.
+    ``resnext29_8x64d`` is the CIFAR ResNeXt of section 5.3 of Xie et al.: the 3x3 stem, three stages of
+    three bottlenecks (29 layers), cardinality 8 at 64 channels per group (``groups=16`` is their 16x64d).
     """
 
     stage_sizes: Sequence[int]
@@ -93,6 +127,8 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     stem: Literal["imagenet", "cifar"] = "imagenet"
     width: int = 64
+    groups: int = 1
+    width_per_group: int = 64
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -136,6 +172,8 @@ class ResNet(nn.Module):
                     norm=norm,
                     strides=2 if stage > 0 and index == 0 else 1,
                     zero_init_last=self.zero_init_residual,
+                    groups=self.groups,
+                    width_per_group=self.width_per_group,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
         x = GlobalAvgPool(name="avgpool")(x)
@@ -187,3 +225,49 @@ for _depth, _count in ((18, 11_173_962), (34, 21_282_122), (50, 23_520_842)):
             default_params=_count,
         )
     )
+
+# torchvision's ResNeXt and Wide ResNet: (stage sizes, groups, width per group, params, GFLOPS, top-1 of V1 weights).
+_VARIANTS = {
+    "resnext50_32x4d": ((3, 4, 6, 3), 32, 4, 25_028_904, 4.23, 77.618),
+    "resnext101_32x8d": ((3, 4, 23, 3), 32, 8, 88_791_336, 16.414, 79.312),
+    "wide_resnet50_2": ((3, 4, 6, 3), 1, 128, 68_883_240, 11.398, 78.468),
+    "wide_resnet101_2": ((3, 4, 23, 3), 1, 128, 126_886_696, 22.753, 78.848),
+}
+_RESNEXT = "Xie et al., Aggregated Residual Transformations for Deep Neural Networks, CVPR 2017 (arXiv:1611.05431)"
+_WIDE = "Zagoruyko and Komodakis, Wide Residual Networks, BMVC 2016 (arXiv:1605.07146)"
+
+for _name, (_stages, _groups, _per_group, _params, _gflops, _top1) in _VARIANTS.items():
+    _depth = sum(_stages) * 3 + 2
+    register(
+        ModelSpec(
+            name=_name,
+            build=partial(ResNet, stage_sizes=_stages, block=Bottleneck, groups=_groups, width_per_group=_per_group),
+            family="resnet",
+            paper=_RESNEXT if _groups > 1 else _WIDE,
+            input_size=224,
+            torchvision=_name,
+            params=_params,
+            gflops=_gflops,
+            top1=_top1,
+            description=(f"ResNeXt-{_depth} ({_groups}x{_per_group}d: grouped 3x3 in the bottleneck)" if _groups > 1
+                         else f"Wide ResNet-{_depth}-2: ResNet-{_depth} with bottlenecks twice as wide"),
+            min_input_size=1,
+            default_params=_params,
+        )
+    )
+
+# Section 5.3 and Table 7 of Xie et al.: 34.4M parameters for 8x64d (34,426,698 with a CIFAR-10 head);
+# ``groups=16`` gives their 16x64d, 68.1M (68,155,210).
+register(
+    ModelSpec(
+        name="resnext29_8x64d",
+        build=partial(ResNet, stage_sizes=(3, 3, 3), block=Bottleneck, stem="cifar", groups=8, width_per_group=64),
+        family="resnet",
+        paper=_RESNEXT,
+        input_size=32,
+        num_classes=10,
+        description="ResNeXt-29 (8x64d) for 32x32 input: 3x3 stem, three stages of three bottlenecks",
+        min_input_size=1,
+        default_params=34_426_698,
+    )
+)
