@@ -15,7 +15,8 @@ from flaxnets.layers import (PLAIN, AdaptiveAvgPool, AvgPool, BatchNorm, GlobalA
                              padding)
 from flaxnets.registry import ModelSpec, register
 
-__all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "collect_aux_logits"]
+__all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "ConvUnit", "collect_aux_logits",
+           "imagenet_to_half_range"]
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -51,22 +52,37 @@ _init = nn.initializers.truncated_normal(0.01)
 
 
 class ConvUnit(nn.Module):
-    """Convolution, optional BatchNorm (then the convolution has no bias), ReLU: torchvision's BasicConv2d."""
+    """Convolution, optional BatchNorm (then the convolution has no bias), ReLU: torchvision's BasicConv2d.
+
+    ``kernel`` and ``pad`` are one number for a square kernel and symmetric padding, or (height, width)
+    pairs (Inception v3's 1x7 and 7x1 kernels). ``conv`` carries the initialiser.
+    """
 
     features: int
-    kernel: int
+    kernel: int | tuple[int, int]
     strides: int = 1
-    pad: int = 0
+    pad: int | tuple[int, int] = 0
     conv: ModuleDef = nn.Conv
     norm: ModuleDef | None = None
 
     @nn.compact
     def __call__(self, x):
-        x = self.conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
-                      use_bias=self.norm is None, kernel_init=_init, name="conv")(x)
+        kernel = (self.kernel, self.kernel) if isinstance(self.kernel, int) else tuple(self.kernel)
+        x = self.conv(self.features, kernel, self.strides, padding=padding(self.pad), use_bias=self.norm is None,
+                      name="conv")(x)
         if self.norm is not None:
             x = self.norm(name="bn")(x)
         return nn.relu(x)
+
+
+def imagenet_to_half_range(x: jnp.ndarray) -> jnp.ndarray:
+    """Images normalised with ImageNet's channel mean and std, re-normalised to ``(x - 0.5) / 0.5``.
+
+    The weights torchvision ported from Google's TensorFlow models (GoogLeNet, Inception v3) expect that
+    range; their ``transform_input=True`` applies this map so that the usual ImageNet preprocessing serves.
+    """
+    mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
+    return x * (std / 0.5) + (mean - 0.5) / 0.5
 
 
 class Inception(nn.Module):
@@ -159,13 +175,12 @@ class GoogLeNet(nn.Module):
     @checks_input_size
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.transform_input:
-            mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
-            x = x * (std / 0.5) + (mean - 0.5) / 0.5
+            x = imagenet_to_half_range(x)
         norm = None
         if self.batch_norm:
             norm = partial(BatchNorm, use_running_average=not train, epsilon=1e-3, dtype=self.dtype,
                            param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
-        conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = partial(self.ops.conv, kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
         dense = partial(self.ops.dense, kernel_init=_init, dtype=self.dtype, param_dtype=self.param_dtype)
         pool = self.ops.max_pool
         unit = partial(ConvUnit, conv=conv, norm=norm)
