@@ -1,8 +1,10 @@
 """One module per family; importing this package registers every architecture."""
 
-from flaxnets.models import alexnet, googlenet, lenet, nin, resnet, vgg  # noqa: F401  (registration)
+from flaxnets.models import alexnet, densenet, googlenet, inception, lenet, nin, resnet, vgg  # noqa: F401  (registration)
 from flaxnets.models.alexnet import AlexNet, AlexNetPaper, AlexNetSmall
+from flaxnets.models.densenet import DenseNet
 from flaxnets.models.googlenet import GoogLeNet, Inception
+from flaxnets.models.inception import InceptionV3
 from flaxnets.models.lenet import LeNet5
 from flaxnets.models.nin import NiN
 from flaxnets.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -14,8 +16,10 @@ __all__ = [
     "AlexNetSmall",
     "BasicBlock",
     "Bottleneck",
+    "DenseNet",
     "GoogLeNet",
     "Inception",
+    "InceptionV3",
     "LeNet5",
     "NiN",
     "ResNet",
