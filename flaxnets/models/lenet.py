@@ -25,15 +25,20 @@ class LeNet5(nn.Module):
     is dropped); pooling has no trainable coefficients; the output is a dense layer, not Euclidean RBF
     units. With the defaults (sigmoid, average pooling) it has 61,706 parameters at 28x28 and 10 classes.
 
+    ``activation`` (sigmoid or ReLU) and ``pool`` (average or max) are chosen independently:
     ``activation="relu", pool="max"`` is the modern variant that trains to about 91% on Fashion-MNIST;
-    ``batch_norm=True`` adds BatchNorm after every convolution and hidden dense layer (d2l section 8.5).
-    ``num_classes=0`` drops the output layer: the model returns the 84 features before it.
+    ``activation="relu"`` alone keeps the average pooling. ``batch_norm=True`` adds BatchNorm after every
+    convolution and hidden dense layer (d2l section 8.5). ``dropout`` above 0 adds dropout after both hidden
+    dense layers, as AlexNet has it (d2l's AlexNet exercise: "apply dropout and ReLU to LeNet-5";
+    ``activation="relu", dropout=0.5``). ``num_classes=0`` drops the output layer: the model returns the
+    84 features before it.
     """
 
     num_classes: int = 10
     activation: Literal["sigmoid", "relu"] = "sigmoid"
     pool: Literal["avg", "max"] = "avg"
     batch_norm: bool = False
+    dropout: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
@@ -60,13 +65,19 @@ class LeNet5(nn.Module):
                 y = norm(name=f"bn{index}")(y)
             return act(y)
 
+        def hidden(width, y, index):
+            y = block(dense(width, name=f"fc{index}"), y, index + 2)
+            if self.dropout > 0:
+                y = nn.Dropout(self.dropout, deterministic=not train, name=f"dropout{index}")(y)
+            return y
+
         x = block(conv(6, (5, 5), padding=padding(2), name="conv1"), x, 1)
         x = pool(2, 2, name="pool1")(x)
         x = block(conv(16, (5, 5), padding="VALID", name="conv2"), x, 2)
         x = pool(2, 2, name="pool2")(x)
         x = x.reshape((x.shape[0], -1))
-        x = block(dense(120, name="fc1"), x, 3)
-        x = block(dense(84, name="fc2"), x, 4)
+        x = hidden(120, x, 1)
+        x = hidden(84, x, 2)
         if self.num_classes:
             x = dense(self.num_classes, name="fc3")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -18,7 +18,8 @@ __all__ = ["NiN", "NiNBlock"]
 
 
 class NiNBlock(nn.Module):
-    """One "mlpconv" layer: a spatial convolution followed by two 1x1 convolutions, each with ReLU.
+    """One "mlpconv" layer: a spatial convolution followed by ``mlp_layers`` 1x1 convolutions (``mlp1``,
+    ``mlp2``, ...), each with ReLU.
 
     The 1x1 convolutions are the paper's per-pixel multilayer perceptron (section 3.1).
     """
@@ -28,13 +29,15 @@ class NiNBlock(nn.Module):
     conv: Callable[..., nn.Module]
     strides: int = 1
     pad: int = 0
+    mlp_layers: int = 2
 
     @nn.compact
     def __call__(self, x):
         x = nn.relu(self.conv(self.features, (self.kernel, self.kernel), self.strides, padding=padding(self.pad),
                               name="conv")(x))
-        x = nn.relu(self.conv(self.features, (1, 1), name="mlp1")(x))
-        return nn.relu(self.conv(self.features, (1, 1), name="mlp2")(x))
+        for index in range(self.mlp_layers):
+            x = nn.relu(self.conv(self.features, (1, 1), name=f"mlp{index + 1}")(x))
+        return x
 
 
 class NiN(nn.Module):
@@ -46,10 +49,14 @@ class NiN(nn.Module):
     model is not fully specified), and, as in d2l and the paper's own code, a ReLU on the class maps
     before the average, so logits are non-negative. With ``num_classes=0`` the class block is left out:
     the model returns the global average of the third block's 384 maps (after the dropout).
+
+    ``mlp_layers`` sets the 1x1 convolutions per block: two in the paper and d2l; d2l's NiN exercise 2 asks
+    what one or three change (``mlp_layers=1`` or ``3``; 0 leaves plain convolutions).
     """
 
     num_classes: int = 1000
     dropout: float = 0.5
+    mlp_layers: int = 2
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
@@ -63,7 +70,8 @@ class NiN(nn.Module):
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        block = partial(NiNBlock, conv=partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype))
+        block = partial(NiNBlock, conv=partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype),
+                        mlp_layers=self.mlp_layers)
         pool = self.ops.max_pool
         x = block(96, 11, strides=4, pad=0, name="block1")(x)
         x = pool(3, 2, name="pool1")(x)

@@ -15,7 +15,7 @@ from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AdaptiveAvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
-__all__ = ["VGG", "CONFIGS"]
+__all__ = ["VGG", "CONFIGS", "D2L_CONV_ARCH", "layer_table"]
 
 # Table 1 of the paper: an int is a 3x3 convolution with that many filters, "M" a 2x2/2 max-pool.
 CONFIGS: dict[str, tuple[int | str, ...]] = {
@@ -25,6 +25,22 @@ CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),  # E
 }
 
+# The same configuration A in the block form of the Dive into Deep Learning book (section 8.2): one
+# (number of convolutions, channels) pair per block, each block ending in a max-pool.
+D2L_CONV_ARCH: tuple[tuple[int, int], ...] = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+
+
+def layer_table(config: Sequence[int | str | Sequence[int]]) -> tuple[int | str, ...]:
+    """``config`` as a row of `CONFIGS`: a row is returned as it is, and d2l's ``conv_arch`` blocks,
+    ``(num_convs, channels)`` pairs (tuples or the lists JSON gives), become ``num_convs`` widths and an "M"."""
+    if all(isinstance(layer, (int, str)) for layer in config):
+        return tuple(config)
+    if all(isinstance(block, Sequence) and not isinstance(block, str) and len(block) == 2 for block in config):
+        return tuple(layer for convs, width in config for layer in (*(int(width),) * int(convs), "M"))
+    raise ValueError(f"a VGG config is a row of widths and 'M' (e.g. (64, 'M', 128, 'M')) or d2l's blocks of "
+                     f"(num_convs, channels) (e.g. ((1, 64), (1, 128))), got {config!r}.")
+
+
 # torchvision's initialisation: kaiming_normal_(fan_out, relu) for convolutions, N(0, 0.01) for Linear.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 dense_init = nn.initializers.normal(0.01)
@@ -33,15 +49,21 @@ dense_init = nn.initializers.normal(0.01)
 class VGG(nn.Module):
     """Stacks of 3x3 convolutions (padding 1) and 2x2 max-pools, then two hidden dense layers.
 
-    ``config`` is a row of `CONFIGS`. With ``pool_size=(7, 7)`` (torchvision's layout) an adaptive
-    average pool maps the last feature maps to 7x7 before the 25088-wide first dense layer, so inputs
-    from 32x32 up give the same parameter count; the paper, trained at 224x224, has no such pool. With
-    ``pool_size=None`` the features are flattened as they are: at 32x32 input that is 512x1x1, the
-    CIFAR form. ``batch_norm`` inserts BatchNorm after every convolution (not in the paper, which
-    predates it; torchvision's ``vgg*_bn``). Dropout 0.5 follows each hidden dense layer, as in section 3.1.
+    ``config`` is a row of `CONFIGS` or any other such row (3x3 convolution widths, "M" for a max-pool), or
+    the blocks of d2l's ``conv_arch``: ``(num_convs, channels)`` pairs, each block ending in a max-pool
+    (`D2L_CONV_ARCH` is VGG-11; ``tuple((n, c // 4) for n, c in D2L_CONV_ARCH)`` the narrow one d2l
+    trains on Fashion-MNIST). With ``pool_size=(7, 7)`` (torchvision's layout) an adaptive average pool
+    maps the last feature maps to 7x7 before the 25088-wide first dense layer, so inputs from 32x32 up
+    give the same parameter count; the paper, trained at 224x224, has no such pool. With
+    ``pool_size=None`` the features are flattened as they are, so the first dense layer follows the
+    input size: 512x1x1 at 32x32 (the CIFAR form), 512x3x3 at 96x96 (d2l's VGG exercise on 96-pixel
+    Fashion-MNIST, 44,920,074 parameters with one input channel and 10 classes). ``hidden`` gives the widths
+    of the hidden dense layers. ``batch_norm`` inserts BatchNorm after every convolution (not in the paper,
+    which predates it; torchvision's ``vgg*_bn``). Dropout 0.5 follows each hidden dense layer, as in
+    section 3.1.
     """
 
-    config: Sequence[int | str]
+    config: Sequence[int | str | Sequence[int]]
     num_classes: int = 1000
     batch_norm: bool = False
     hidden: Sequence[int] = (4096, 4096)
@@ -58,7 +80,7 @@ class VGG(nn.Module):
         flattened maps' without hidden layers (`None` when that depends on the input size)."""
         if self.hidden:
             return self.hidden[-1]
-        channels = [layer for layer in self.config if layer != "M"][-1]
+        channels = [layer for layer in layer_table(self.config) if layer != "M"][-1]
         return channels * self.pool_size[0] * self.pool_size[1] if self.pool_size is not None else None
 
     @nn.compact
@@ -70,7 +92,7 @@ class VGG(nn.Module):
         norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
                        axis_name=self.bn_axis_name)
         conv_index, pool_index = 0, 0
-        for layer in self.config:
+        for layer in layer_table(self.config):
             if layer == "M":
                 pool_index += 1
                 x = self.ops.max_pool(2, 2, name=f"pool{pool_index}")(x)
