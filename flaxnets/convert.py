@@ -1,8 +1,9 @@
 """Weights in and out: torchvision ``state_dict``s to flaxnets variables and back, with numerical parity.
 
-Every architecture torchvision has (alexnet, vgg11..19 with and without BatchNorm, googlenet, resnet18..152)
-is laid out in flaxnets with module names that mirror torchvision's ``state_dict`` keys, so a conversion is
-a table of names plus four layout changes:
+Every architecture torchvision has (alexnet, vgg11..19 with and without BatchNorm, googlenet, inception_v3,
+resnet18..152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2, wide_resnet101_2, densenet121..201) is
+laid out in flaxnets with module names that mirror torchvision's ``state_dict`` keys, so a conversion is a
+table of names plus four layout changes:
 
 * convolution kernels: PyTorch ``(out, in, kh, kw)`` (OIHW) -> flax ``(kh, kw, in, out)`` (HWIO);
 * dense kernels: ``torch.nn.Linear`` stores ``(out, in)`` and computes ``x @ W.T``; flax stores ``(in, out)``;
@@ -15,12 +16,13 @@ a table of names plus four layout changes:
 Nothing else changes: `flaxnets.layers` pools, pads and normalises as PyTorch does (unbiased running
 variance included), so converted weights give torchvision's outputs in both modes (tests/test_convert.py).
 
-Two facts of torchvision's GoogLeNet live outside its ``state_dict``. ``transform_input`` is a model field:
-torchvision's ImageNet weights were trained with it on (its ``googlenet()`` builder sets it whenever weights
-are given), so build with `pretrained_overrides` (``transform_input=True``) to reproduce them. The auxiliary
-heads are in a checkpoint only if the torch model had them; `from_torch` follows the checkpoint, and
-`load_pretrained` initialises them afresh when they are missing (torchvision's are untrained anyway: "the
-auxiliary heads in the pretrained googlenet model are NOT pretrained", its builder warns).
+Two facts of torchvision's GoogLeNet and Inception v3 live outside their ``state_dict``. ``transform_input``
+is a model field: torchvision's ImageNet weights were trained with it on (its ``googlenet()`` and
+``inception_v3()`` builders set it whenever weights are given), so build with `pretrained_overrides`
+(``transform_input=True``) to reproduce them. The auxiliary heads are in a checkpoint only if the torch
+model had them; `from_torch` follows the checkpoint, and `load_pretrained` initialises GoogLeNet's afresh
+when they are missing (torchvision's are untrained anyway: "the auxiliary heads in the pretrained googlenet
+model are NOT pretrained", its builder warns). Inception v3's pretrained checkpoint has its trained head.
 
 Files: ``.pth``/``.pt``/``.bin`` need torch (imported only when such a file is read or written);
 ``.safetensors`` and ``.npz`` are read and written with numpy alone. This module imports jax, flax and
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flaxnets.models.vgg import layer_table
 from flaxnets.registry import create_model, get_spec, list_models
 
 __all__ = [
@@ -111,7 +114,7 @@ def _vgg_names(model: nn.Module, paths: list[tuple[str, ...]]) -> dict[tuple[str
     """torchvision's ``make_layers``: ``features`` holds Conv, [BatchNorm], ReLU per number and MaxPool per "M";
     ``classifier`` is (Linear, ReLU, Dropout) per hidden layer, then the class layer."""
     table, index, conv = {}, 0, 0
-    for layer in model.config:
+    for layer in layer_table(model.config):
         if layer == "M":
             index += 1
             continue
@@ -125,11 +128,23 @@ def _vgg_names(model: nn.Module, paths: list[tuple[str, ...]]) -> dict[tuple[str
     return {path: table[path[0]] for path in paths}
 
 
+def _same_names(model: nn.Module, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """Inception v3: the flax modules carry torchvision's names (``Mixed_6e/branch7x7_2/conv``)."""
+    return {path: ".".join(path) for path in paths}
+
+
+def _densenet_names(model: nn.Module, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """torchvision's DenseNet keeps all but its class layer in one ``features`` Sequential."""
+    return {path: ".".join(path if path[0] == "classifier" else ("features", *path)) for path in paths}
+
+
 _NAMES: dict[str, Callable[[nn.Module, list], dict]] = {
     "alexnet": _alexnet_names,
     "vgg": _vgg_names,
     "googlenet": _dotted_names,
+    "inception": _same_names,
     "resnet": _dotted_names,
+    "densenet": _densenet_names,
 }
 
 # Dense layers that follow a flatten of (C, H, W) maps in torchvision, and the (H, W) grid they flatten:
@@ -156,7 +171,9 @@ _HEADS: dict[str, tuple[tuple[str, ...], ...]] = {
     "alexnet": (("fc3",),),
     "vgg": (("fc3",),),
     "googlenet": (("fc",), ("aux1", "fc2"), ("aux2", "fc2")),
+    "inception": (("fc",), ("AuxLogits", "fc")),
     "resnet": (("fc",),),
+    "densenet": (("classifier",),),
     "lenet": (("fc3",),),
     "nin": (("block4",),),  # every layer of NiN's last mlpconv block has num_classes channels
 }
@@ -164,8 +181,12 @@ _HEADS: dict[str, tuple[tuple[str, ...], ...]] = {
 # Sub-trees a checkpoint may lack that `load_pretrained` then initialises afresh (see the module docstring).
 _UNTRAINED: dict[str, tuple[tuple[str, ...], ...]] = {"googlenet": (("aux1",), ("aux2",))}
 
+# The auxiliary heads of each family that has them (the model field ``aux_logits`` says whether they exist).
+_AUX_HEADS: dict[str, tuple[str, ...]] = {"googlenet": ("aux1", "aux2"), "inception": ("AuxLogits",)}
+
 # Model fields under which torchvision's own ImageNet weights reproduce torchvision's pretrained model.
-_PRETRAINED_OVERRIDES: dict[str, dict[str, Any]] = {"googlenet": {"transform_input": True}}
+_PRETRAINED_OVERRIDES: dict[str, dict[str, Any]] = {"googlenet": {"transform_input": True},
+                                                    "inception_v3": {"transform_input": True}}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -357,9 +378,10 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fields_from_torch(arch: str, keys: list[str]) -> dict[str, Any]:
-    """Model fields a state_dict implies beyond num_classes: whether GoogLeNet has auxiliary heads."""
-    if get_spec(arch).family == "googlenet":
-        return {"aux_logits": any(key.startswith(("aux1.", "aux2.")) for key in keys)}
+    """Model fields a state_dict implies beyond num_classes: whether GoogLeNet or Inception v3 has auxiliary heads."""
+    heads = _AUX_HEADS.get(get_spec(arch).family)
+    if heads:
+        return {"aux_logits": any(key.startswith(tuple(f"{head}." for head in heads)) for key in keys)}
     return {}
 
 
@@ -379,8 +401,8 @@ def from_torch(
       state_dict: ``torchvision.models.<arch>().state_dict()`` or the same mapping loaded from a file
         (torch tensors or numpy arrays; see `load_state_dict`).
       num_classes: by default read from the class layer's weight.
-      **overrides: model fields, as for `flaxnets.create_model`. For GoogLeNet, ``aux_logits`` defaults to
-        whether the state_dict has the auxiliary heads.
+      **overrides: model fields, as for `flaxnets.create_model`. For GoogLeNet and Inception v3,
+        ``aux_logits`` defaults to whether the state_dict has the auxiliary heads.
 
     Returns:
       Variables (float32 jax arrays) for ``create_model(arch, num_classes=num_classes, **overrides)``.
@@ -418,16 +440,16 @@ def _fields_from_flax(arch: str, params: Mapping) -> dict[str, Any]:
         head = head.get(name, {}) if isinstance(head, Mapping) else {}
     if isinstance(head, Mapping) and "kernel" in head:
         fields["num_classes"] = int(head["kernel"].shape[-1])
-    if family == "googlenet":
-        fields["aux_logits"] = "aux1" in params
+    if family in _AUX_HEADS:
+        fields["aux_logits"] = _AUX_HEADS[family][0] in params
     return fields
 
 
 def to_torch(arch: str, variables: Mapping[str, Any], *, return_numpy: bool = False, **overrides: Any) -> dict:
     """Convert flaxnets variables of ``arch`` to a torchvision ``state_dict``, the inverse of `from_torch`.
 
-    ``variables`` are those of ``create_model(arch, ...)`` (``num_classes`` and GoogLeNet's ``aux_logits``
-    are read from them; other collections than params and batch_stats are ignored). The result loads
+    ``variables`` are those of ``create_model(arch, ...)`` (``num_classes`` and GoogLeNet's or Inception v3's
+    ``aux_logits`` are read from them; other collections than params and batch_stats are ignored). The result loads
     with ``torchvision.models.<arch>(num_classes=...).load_state_dict(sd)`` (strict) and holds torch
     tensors, or numpy arrays with ``return_numpy=True`` (no torch needed). BatchNorm's
     ``num_batches_tracked``, which flax does not keep, is 0. ``to_torch(from_torch(sd))`` equals ``sd`` exactly.
@@ -630,8 +652,9 @@ def head_mask(arch: str, params: Mapping[str, Any]) -> Any:
 
 def pretrained_overrides(arch: str) -> dict[str, Any]:
     """Model fields under which torchvision's own ImageNet weights reproduce its pretrained model:
-    ``{"transform_input": True}`` for GoogLeNet (torchvision's ``googlenet()`` sets it whenever weights are
-    given), nothing for the others. Use as ``create_model(arch, num_classes=..., **pretrained_overrides(arch))``."""
+    ``{"transform_input": True}`` for GoogLeNet and Inception v3 (torchvision's builders set it whenever
+    weights are given), nothing for the others. Use as
+    ``create_model(arch, num_classes=..., **pretrained_overrides(arch))``."""
     return dict(_PRETRAINED_OVERRIDES.get(arch, {}))
 
 
