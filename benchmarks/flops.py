@@ -1,7 +1,8 @@
 """``python -m benchmarks.flops [--arch PATTERN]``: parameters and forward multiply-accumulates per architecture.
 
-For one image at each architecture's native input size (GoogLeNet without its auxiliary heads, as
-torchvision counts it), side by side:
+For one image at each architecture's native input size, side by side (the forward pass of inference, which
+runs no auxiliary classifier: GoogLeNet's and Inception v3's are left out, as torchvision counts them; the
+parameters are those of torchvision's reference count, which has Inception v3's head and not GoogLeNet's):
 
 * ``gmacs``: the analytic count of convolutions and dense layers (`benchmarks.costs`), torchvision's
   convention; compared with torchvision's published GFLOPS (`flaxnets.registry.ModelSpec.gflops`, which are
@@ -57,11 +58,11 @@ def flops_row(arch: str) -> dict[str, Any]:
 
     spec = flaxnets.get_spec(arch)
     model = model_for(arch, jnp.float32)
+    inference = model.clone(aux_logits=False) if hasattr(model, "aux_logits") else model
     shape = (1, spec.input_size, spec.input_size, spec.in_channels)
-    variables = abstract_variables(model, shape)
-    total = totals(layer_costs(model, shape))
-    flops = xla_forward_flops(model, shape, variables)
-    params = count_params(variables["params"])
+    params = count_params(abstract_variables(model, shape)["params"])
+    total = totals(layer_costs(inference, shape))
+    flops = xla_forward_flops(inference, shape, abstract_variables(inference, shape))
     gmacs, valid = total["macs"] / 1e9, total["macs_valid"] / 1e9
     xla_gmacs = flops / 2e9
     elementwise = (flops - 2 * total["macs_valid"] - total["bias_adds"]) / 1e9
