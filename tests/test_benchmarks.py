@@ -32,7 +32,7 @@ def test_valid_taps_counts_only_taps_inside_the_input(size, kernel, stride, pad,
 
 
 @pytest.mark.parametrize("arch,shape", [("lenet5", (2, 28, 28, 1)), ("alexnet_small", (1, 32, 32, 3)),
-                                        ("resnet18_cifar", (1, 8, 8, 3))])
+                                        ("resnet18_cifar", (1, 8, 8, 3)), ("resnext29_8x64d", (1, 4, 4, 3))])
 def test_analytic_macs_equal_xla_for_every_conv_and_dense_layer(arch, shape):
     """XLA's flops of each convolution and dense layer, lowered alone, are 2 * valid MACs + bias adds."""
     rows, _, _ = trace_layers(arch, shape)
@@ -54,13 +54,18 @@ def test_whole_model_xla_count_is_analytic_plus_elementwise_work():
     assert 0 <= row["elementwise_gflops"] < 0.1 * row["xla_gmacs"] * 2
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "alexnet"])
+NEWER = ["inception_v3", "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2", "densenet121",
+         "densenet161", "densenet169", "densenet201"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet", "alexnet", *NEWER])
 def test_analytic_count_matches_torchvision_within_one_percent(arch):
     row = flops.flops_row(arch)
     assert row["params"] == row["torchvision_params"]
     assert abs(row["gmacs_vs_torchvision_pct"]) < 1.0
-    # XLA leaves out the padding taps; with them added back it agrees too.
-    assert abs(row["xla_plus_padding_vs_torchvision_pct"]) < 1.0
+    # XLA leaves out the padding taps; with them added back it agrees too, but for the elementwise work XLA
+    # also counts: DenseNet's BatchNorm and ReLU before every convolution come to 1.2% of its MACs.
+    assert abs(row["xla_plus_padding_vs_torchvision_pct"]) < (1.5 if arch.startswith("densenet") else 1.0)
 
 
 def test_per_layer_table_sums_to_the_totals():

@@ -13,8 +13,11 @@ Errors are relative to the reference's scale: ``max|flax - torch| / max|torch|``
 in train mode, where torch's own float32 result is further than that from its float64 one (ResNet-101 and
 -152: BatchNorm on a small batch amplifies rounding), below twice torch's own error (`torch_float32_error`).
 Inputs are small where the architecture allows (the suite runs on two CPU cores), 224x224 for resnet18 and
-alexnet. VGG-13/19 and the BatchNorm VGG-16/19 are compared by keys and shapes only (each has ~140M
-parameters; VGG-11, VGG-11-BN and VGG-16 run fully and share all conversion code with them).
+alexnet, and 299x299 for Inception v3 with its auxiliary head (which needs that size to run). VGG-13/19 and
+the BatchNorm VGG-16/19 are compared by keys and shapes only (each has ~140M parameters; VGG-11, VGG-11-BN
+and VGG-16 run fully and share all conversion code with them), and so are ResNeXt-101, Wide ResNet-50 and
+-101 (ResNeXt-50 and Wide ResNet-50 run, with grouped and widened bottlenecks) and DenseNet-161, -169 and -201 (DenseNet-121
+runs; they differ in depth, growth rate and stem width only).
 Without torch/torchvision these tests skip with the reason; the format and error tests need numpy only.
 """
 
@@ -34,6 +37,7 @@ import flaxnets
 from flaxnets import convert
 from flaxnets.analysis import abstract_variables
 from flaxnets.models.googlenet import collect_aux_logits
+from flaxnets.models.vgg import D2L_CONV_ARCH
 from reference import torch_or_skip, torchvision_or_skip
 
 TOLERANCE = 1e-4
@@ -52,20 +56,32 @@ SIDES = {
     "vgg11": 32,
     "vgg11_bn": 32,
     "vgg16": 32,
+    "resnext50_32x4d": 64,
+    "wide_resnet50_2": 64,
+    "densenet121": 64,
 }
+# (arch, input side, fields of both models): the above, and Inception v3 at its native 299x299, the smallest
+# input its auxiliary head (compared in training) runs at.
+CASES = [(arch, side, {}) for arch, side in sorted(SIDES.items())] + [("inception_v3", 299, {"aux_logits": True})]
 FULL_SIZE = ("alexnet", "resnet18")
 # torchvision's own constructor arguments; GoogLeNet with its input transform on (as its ImageNet weights are
 # used) and its auxiliary heads, whose outputs are compared too.
-TORCH_KWARGS = {"googlenet": {"init_weights": True, "transform_input": True, "aux_logits": True}}
-FLAX_OVERRIDES = {"googlenet": {"transform_input": True}}
-# GoogLeNet has some 240 differently shaped operations: compiled as a whole it runs 2-3x sooner than op by
-# op. The ResNets repeat a few block shapes, so op by op is quicker than compiling 150 layers.
-JITTED = {"googlenet"}
+TORCH_KWARGS = {"googlenet": {"init_weights": True, "transform_input": True, "aux_logits": True},
+                "inception_v3": {"init_weights": True, "transform_input": True}}
+FLAX_OVERRIDES = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
+# GoogLeNet and Inception v3 have hundreds of differently shaped operations, and DenseNet's layers all differ
+# in width: compiled as a whole (without XLA's slower optimisations, which buy nothing for one call) they
+# run 2-3x sooner than op by op. The ResNets repeat a few block shapes, so op by op is quicker than
+# compiling 150 layers.
+JITTED = {"googlenet", "inception_v3", "densenet121"}
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def apply_fn(model, arch: str, **kwargs):
     apply = functools.partial(model.apply, **kwargs)
-    return jax.jit(apply) if arch in JITTED else apply
+    if arch not in JITTED:
+        return apply
+    return lambda *args: jax.jit(apply).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def rel_err(actual, reference) -> float:
@@ -127,8 +143,8 @@ def test_keys_and_shapes_match_torchvision(arch):
     torch, torchvision = torchvision_or_skip()
     builder = getattr(torchvision.models, flaxnets.get_spec(arch).torchvision)
     # torchvision's GoogLeNet class has the auxiliary heads, its pretrained model not: both must convert.
-    variants = [{"aux_logits": True}, {"aux_logits": False}] if arch == "googlenet" else [{}]
-    init = {"init_weights": True} if arch == "googlenet" else {}  # GoogLeNet warns without it
+    variants = [{"aux_logits": True}, {"aux_logits": False}] if arch in ("googlenet", "inception_v3") else [{}]
+    init = {"init_weights": True} if arch in ("googlenet", "inception_v3") else {}  # they warn without it
     for fields in variants:
         with torch.device("meta"):
             expected = builder(**fields, **init).state_dict()
@@ -146,43 +162,57 @@ def _check_keys(torch_state_dict, shapes):
     assert in_order(shapes) == in_order(expected)
 
 
+def test_vgg_from_d2l_blocks_converts_as_its_table_row():
+    d2l = convert.torch_shapes("vgg11", config=D2L_CONV_ARCH)
+    assert d2l == convert.torch_shapes("vgg11") and list(d2l) == list(convert.torch_shapes("vgg11"))
+
+
 def test_supported_models_are_the_ones_torchvision_has():
     assert set(SUPPORTED) == {n for n in flaxnets.list_models() if flaxnets.get_spec(n).torchvision}
     assert {"alexnet", "googlenet", "resnet18", "resnet152", "vgg11", "vgg19_bn"} <= set(SUPPORTED)
-    assert len(SUPPORTED) == 15
+    assert len(SUPPORTED) == 24
 
 
 # ------------------------------------------------------------------------------------------------------
 # Numerical parity
 
 
-@pytest.mark.parametrize("arch", sorted(SIDES))
-def test_matches_torchvision(arch):
+def logits_and_aux(outputs) -> list:
+    """A torch model's training outputs as a list: the logits, then the auxiliary logits in network order."""
+    if hasattr(outputs, "aux_logits1"):  # GoogLeNet
+        return [outputs.logits, outputs.aux_logits1, outputs.aux_logits2]
+    if hasattr(outputs, "aux_logits"):  # Inception v3
+        return [outputs.logits, outputs.aux_logits]
+    return [outputs]
+
+
+@pytest.mark.parametrize(("arch", "side", "fields"), CASES, ids=[f"{arch}-{side}" for arch, side, _ in CASES])
+def test_matches_torchvision(arch, side, fields):
     torch, _ = torchvision_or_skip()
-    reference = torch_model(arch).eval()
+    reference = torch_model(arch, **fields).eval()
     state_dict = state_dict_numpy(reference)
     variables = convert.from_torch(arch, reference.state_dict())
-    x = images(SIDES[arch])
+    x = images(side)
 
     # Eval mode: running statistics, no dropout.
-    model = flaxnets.create_model(arch, num_classes=1000, **FLAX_OVERRIDES.get(arch, {}))
+    model = flaxnets.create_model(arch, num_classes=1000, **FLAX_OVERRIDES.get(arch, {}), **fields)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
     eval_err = rel_err(apply_fn(model, arch, train=False)(variables, nhwc(x)), expected)
-    report = f"\n{arch} @{SIDES[arch]}: eval {eval_err:.1e}"
+    report = f"\n{arch} @{side}: eval {eval_err:.1e}"
     assert eval_err < TOLERANCE, report
 
     # Train mode (BatchNorm models; without BatchNorm and dropout it is eval mode): batch statistics, and
     # the running statistics they update.
     if "batch_stats" in variables:
-        fields = no_dropout(reference, arch)
+        fields = {**fields, **no_dropout(reference, arch)}
         model = flaxnets.create_model(arch, num_classes=1000, **FLAX_OVERRIDES.get(arch, {}), **fields)
         reference.train()
         with torch.no_grad():
             outputs = reference(torch.from_numpy(x))
         train = apply_fn(model, arch, train=True, mutable=["batch_stats", "aux_logits"])
         logits, mutated = train(variables, nhwc(x))
-        torch_outputs = [outputs.logits, outputs.aux_logits1, outputs.aux_logits2] if arch == "googlenet" else [outputs]
+        torch_outputs = logits_and_aux(outputs)
         train_err = max(rel_err(a, b.numpy()) for a, b in zip([logits, *collect_aux_logits(mutated)], torch_outputs))
         assert len(collect_aux_logits(mutated)) == len(torch_outputs) - 1
         torch_stats = convert.from_torch(arch, reference.state_dict())["batch_stats"]
@@ -198,7 +228,7 @@ def test_matches_torchvision(arch):
     reference.load_state_dict(back, strict=True)
 
     if "batch_stats" in variables and max(train_err, stats_err) >= TOLERANCE:
-        floor = torch_float32_error(arch, reference, x, torch_outputs[0], torch_stats)
+        floor = torch_float32_error(arch, reference, x, torch_outputs, torch_stats)
         report += f" (torch float32 vs float64: {floor:.1e})"
         assert max(train_err, stats_err) < 2 * floor, report
     print(report)
@@ -210,21 +240,21 @@ def max_err(actual_tree, reference_tree) -> float:
     return max(rel_err(actual[key], reference[key]) for key in actual)
 
 
-def torch_float32_error(arch, reference, x, logits32, stats32) -> float:
-    """How far torch's own float32 train step (logits and running statistics) is from a float64 one.
+def torch_float32_error(arch, reference, x, outputs32, stats32) -> float:
+    """How far torch's own float32 train step (logits, auxiliary logits, running statistics) is from a float64 one.
 
-    ``reference`` holds the weights from before the float32 step, which gave ``logits32`` and ``stats32``.
+    ``reference`` holds the weights from before the float32 step, which gave ``outputs32`` and ``stats32``.
     Deep ResNets in train mode on a small batch amplify float32 rounding through every BatchNorm: ResNet-152's
     torch float32 logits differ from float64 ones by ~1e-3, so no float32 implementation can match them to 1e-4.
-    Where the 1e-4 check fails, flaxnets must be as close to torch as torch's float32 is to its float64.
-    (In float64, flaxnets and torchvision agree to ~1e-8.) Leaves ``reference`` in float64.
+    So does Inception v3's auxiliary head, whose last BatchNorm sees one pixel of each of the batch's two
+    images. Where the 1e-4 check fails, flaxnets must be as close to torch as torch's float32 is to its
+    float64. (In float64, flaxnets and torchvision agree to ~1e-8.) Leaves ``reference`` in float64.
     """
     torch = torch_or_skip()
     with torch.no_grad():
-        logits64 = reference.double().train()(torch.from_numpy(x).double())
-    logits64 = getattr(logits64, "logits", logits64)
+        outputs64 = logits_and_aux(reference.double().train()(torch.from_numpy(x).double()))
     stats64 = convert.from_torch(arch, reference.state_dict())["batch_stats"]
-    return max(rel_err(logits32.numpy(), logits64.numpy()), max_err(stats32, stats64))
+    return max(*(rel_err(a.numpy(), b.numpy()) for a, b in zip(outputs32, outputs64)), max_err(stats32, stats64))
 
 
 @pytest.mark.parametrize("arch", FULL_SIZE)
@@ -254,6 +284,7 @@ def test_googlenet_without_auxiliary_heads():
 
 def test_pretrained_overrides():
     assert convert.pretrained_overrides("googlenet") == {"transform_input": True}
+    assert convert.pretrained_overrides("inception_v3") == {"transform_input": True}
     assert convert.pretrained_overrides("resnet50") == {}
 
 

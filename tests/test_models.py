@@ -31,6 +31,8 @@ import flaxnets
 from flaxnets.analysis import abstract_variables, count_params
 from flaxnets.input_size import smallest_input
 from flaxnets.models.googlenet import collect_aux_logits
+from flaxnets.models.inception import AUX_MIN_INPUT
+from flaxnets.models.vgg import CONFIGS, D2L_CONV_ARCH
 from flaxnets.registry import register
 from reference import torchvision_or_skip
 
@@ -73,9 +75,11 @@ def zoo_shapes(name: str, side: int) -> dict:
 # --------------------------------------------------------------------------------------------------------
 
 
-def conv(k: int, cin: int, cout: int, bias: bool = True) -> int:
-    """A k x k convolution: one k*k*cin filter per output channel, plus a bias per output channel."""
-    return k * k * cin * cout + (cout if bias else 0)
+def conv(k: int | tuple[int, int], cin: int, cout: int, bias: bool = True, groups: int = 1) -> int:
+    """A k x k (or kh x kw) convolution: one filter over the cin / groups channels of its group per output
+    channel, plus a bias per output channel."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    return kh * kw * (cin // groups) * cout + (cout if bias else 0)
 
 
 def dense(fan_in: int, fan_out: int) -> int:
@@ -105,11 +109,11 @@ def alexnet_small() -> int:
     return convs + dense(2 * 2 * 192, 512) + dense(512, 512) + dense(512, 10)
 
 
-def nin() -> int:
-    def mlpconv(k, cin, cout):  # a k x k convolution, then two 1x1 convolutions of the same width
-        return conv(k, cin, cout) + 2 * conv(1, cout, cout)
+def nin(mlp: int = 2, channels: int = 3, classes: int = 1000) -> int:
+    def mlpconv(k, cin, cout):  # a k x k convolution, then `mlp` 1x1 convolutions of the same width
+        return conv(k, cin, cout) + mlp * conv(1, cout, cout)
 
-    return mlpconv(11, 3, 96) + mlpconv(5, 96, 256) + mlpconv(3, 256, 384) + mlpconv(3, 384, 1000)
+    return mlpconv(11, channels, 96) + mlpconv(5, 96, 256) + mlpconv(3, 256, 384) + mlpconv(3, 384, classes)
 
 
 # Table 1 of Simonyan and Zisserman: the widths of the 3x3 convolutions of configurations A, B, D and E.
@@ -121,26 +125,32 @@ VGG_CONVS = {
 }
 
 
-def vgg(config: str, bn: bool, features: int = 512 * 7 * 7, classes: int = 1000) -> int:
-    total, cin = 0, 3
+def vgg(config: str, bn: bool, features: int = 512 * 7 * 7, classes: int = 1000, channels: int = 3) -> int:
+    total, cin = 0, channels
     for width in VGG_CONVS[config]:
         total += conv(3, cin, width) + (batch_norm(width) if bn else 0)  # torchvision keeps the bias with BN
         cin = width
     return total + dense(features, 4096) + dense(4096, 4096) + dense(4096, classes)
 
 
-def resnet(stages: tuple[int, ...], bottleneck: bool, stem_kernel: int = 7, classes: int = 1000) -> int:
-    def conv_bn(k, cin, cout):  # convolutions followed by BatchNorm have no bias
-        return conv(k, cin, cout, bias=False) + batch_norm(cout)
+def conv_bn(k, cin: int, cout: int, groups: int = 1) -> int:
+    """A convolution followed by BatchNorm, hence without bias."""
+    return conv(k, cin, cout, bias=False, groups=groups) + batch_norm(cout)
 
+
+def resnet(stages: tuple[int, ...], bottleneck: bool, stem_kernel: int = 7, classes: int = 1000, groups: int = 1,
+           per_group: int = 64) -> int:
+    """ResNet, and with ``groups`` x ``per_group`` channels in the first stage's 3x3 ResNeXt (Xie et al., Table 1:
+    ResNeXt-50 32x4d has a 128-wide grouped 3x3 where ResNet-50 has 64) and Wide ResNet (``per_group=128``)."""
     total, cin = conv_bn(stem_kernel, 3, 64), 64
     for stage, blocks in enumerate(stages):
         width = 64 * 2**stage
+        inner = width * per_group // 64 * groups
         cout = 4 * width if bottleneck else width
         for index in range(blocks):
             strided = stage > 0 and index == 0
-            if bottleneck:  # 1x1 reduce, 3x3, 1x1 expand
-                total += conv_bn(1, cin, width) + conv_bn(3, width, width) + conv_bn(1, width, cout)
+            if bottleneck:  # 1x1 reduce, grouped 3x3, 1x1 expand
+                total += conv_bn(1, cin, inner) + conv_bn(3, inner, inner, groups) + conv_bn(1, inner, cout)
             else:
                 total += conv_bn(3, cin, width) + conv_bn(3, width, width)
             if strided or cin != cout:  # projection shortcut
@@ -183,6 +193,76 @@ def googlenet(bn: bool, wide_kernel: int, aux: bool, classes: int = 1000) -> int
 
 RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
+
+def densenet(k: int, blocks: tuple[int, ...], stem: int, imagenet: bool = True, classes: int = 1000) -> int:
+    """DenseNet-BC: each layer BN-ReLU-1x1 (4k maps)-BN-ReLU-3x3 (k maps) on all earlier maps of its block;
+    transitions BN-ReLU-1x1 halving the maps; BatchNorm after the last block; no convolution has a bias."""
+    total = conv(7, 3, stem, bias=False) + batch_norm(stem) if imagenet else conv(3, 3, stem, bias=False)
+    channels = stem
+    for index, layers in enumerate(blocks):
+        for _ in range(layers):
+            total += batch_norm(channels) + conv(1, channels, 4 * k, bias=False)
+            total += batch_norm(4 * k) + conv(3, 4 * k, k, bias=False)
+            channels += k
+        if index < len(blocks) - 1:
+            total += batch_norm(channels) + conv(1, channels, channels // 2, bias=False)
+            channels //= 2
+    return total + batch_norm(channels) + dense(channels, classes)
+
+
+def inception_v3(aux: bool = True, classes: int = 1000) -> int:
+    """torchvision's Inception v3, module by module (every convolution followed by BatchNorm)."""
+
+    def module_a(cin, pool):  # 35x35: 1x1 | 1x1, 5x5 | 1x1, 3x3, 3x3 | pool, 1x1
+        return (conv_bn(1, cin, 64) + conv_bn(1, cin, 48) + conv_bn(5, 48, 64) + conv_bn(1, cin, 64)
+                + conv_bn(3, 64, 96) + conv_bn(3, 96, 96) + conv_bn(1, cin, pool)), 64 + 64 + 96 + pool
+
+    def module_c(cin, c7):  # 17x17: 1x1 | 1x1, 1x7, 7x1 | 1x1, 7x1, 1x7, 7x1, 1x7 | pool, 1x1
+        return (conv_bn(1, cin, 192) + conv_bn(1, cin, c7) + conv_bn((1, 7), c7, c7) + conv_bn((7, 1), c7, 192)
+                + conv_bn(1, cin, c7) + 3 * conv_bn((7, 1), c7, c7) + conv_bn((1, 7), c7, 192)
+                + conv_bn(1, cin, 192)), 4 * 192
+
+    def module_e(cin):  # 8x8: 1x1 | 1x1, (1x3 + 3x1) | 1x1, 3x3, (1x3 + 3x1) | pool, 1x1
+        expanded = conv_bn((1, 3), 384, 384) + conv_bn((3, 1), 384, 384)
+        return (conv_bn(1, cin, 320) + conv_bn(1, cin, 384) + expanded + conv_bn(1, cin, 448)
+                + conv_bn(3, 448, 384) + expanded + conv_bn(1, cin, 192)), 320 + 768 + 768 + 192
+
+    total = conv_bn(3, 3, 32) + conv_bn(3, 32, 32) + conv_bn(3, 32, 64) + conv_bn(1, 64, 80) + conv_bn(3, 80, 192)
+    cin = 192
+    for pool in (32, 64, 64):
+        count, cin = module_a(cin, pool)
+        total += count
+    total += conv_bn(3, cin, 384) + conv_bn(1, cin, 64) + conv_bn(3, 64, 96) + conv_bn(3, 96, 96)  # reduction
+    cin += 384 + 96  # the max-pool branch passes its input through
+    for c7 in (128, 160, 160, 192):
+        count, cin = module_c(cin, c7)
+        total += count
+    if aux:  # on the 17x17 maps: 128@1x1, 768@5x5, dense
+        total += conv_bn(1, cin, 128) + conv_bn(5, 128, 768) + dense(768, classes)
+    total += conv_bn(1, cin, 192) + conv_bn(3, 192, 320) + conv_bn(1, cin, 192) + conv_bn((1, 7), 192, 192)
+    total += conv_bn((7, 1), 192, 192) + conv_bn(3, 192, 192)  # reduction
+    cin += 320 + 192
+    for _ in range(2):
+        count, cin = module_e(cin)
+        total += count
+    return total + dense(cin, classes)
+
+
+# ResNeXt and Wide ResNet: (stages, groups, channels per group), as torchvision builds them.
+RESNET_VARIANTS = {
+    "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
+    "wide_resnet50_2": ((3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": ((3, 4, 23, 3), 1, 128),
+}
+# DenseNet: (growth rate, layers per block, stem channels), Table 1 of Huang et al. and torchvision.
+DENSENETS = {
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
+}
+
 # Every registered architecture at its native input and usual class count, with its default fields.
 HAND_COUNTS = {
     "alexnet": conv(11, 3, 64) + conv(5, 64, 192) + conv(3, 192, 384) + conv(3, 384, 256) + conv(3, 256, 256)
@@ -197,6 +277,11 @@ HAND_COUNTS = {
     "nin": nin(),
     **{f"resnet{d}": resnet(stages, bottleneck=d >= 50) for d, stages in RESNET_STAGES.items()},
     **{f"resnet{d}_cifar": resnet(RESNET_STAGES[d], d >= 50, stem_kernel=3, classes=10) for d in (18, 34, 50)},
+    **{name: resnet(stages, True, groups=g, per_group=d) for name, (stages, g, d) in RESNET_VARIANTS.items()},
+    "resnext29_8x64d": resnet((3, 3, 3), True, stem_kernel=3, classes=10, groups=8),
+    **{name: densenet(*fields) for name, fields in DENSENETS.items()},
+    "densenet_bc100_k12": densenet(12, (16, 16, 16), 24, imagenet=False, classes=10),
+    "inception_v3": inception_v3(),
     **{config: vgg(config, bn=False) for config in VGG_CONVS},
     **{f"{config}_bn": vgg(config, bn=True) for config in VGG_CONVS},
     "vgg16_cifar": vgg("vgg16", bn=True, features=512, classes=10),  # 32x32 input: 512x1x1 features
@@ -219,6 +304,15 @@ PUBLISHED = {
     "resnet50": 25_557_032,
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+    "densenet121": 7_978_856,
+    "densenet161": 28_681_000,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
+    "inception_v3": 27_161_264,  # with its auxiliary head, as torchvision's pretrained weights have it
 }
 TORCHVISION_MODELS = [name for name in MODELS if flaxnets.get_spec(name).torchvision]
 
@@ -247,10 +341,33 @@ def test_hand_formulas_give_torchvision_published_counts():
         ("alexnet_paper", {}, 62_378_344),  # the number AlexNetPaper's docstring quotes
         ("googlenet", {}, 13_004_888),  # with its two auxiliary heads
         ("googlenet", {"aux_logits": False}, 6_624_904),  # as torchvision counts its published weights
+        ("inception_v3", {"aux_logits": False}, 23_834_568),
+        ("resnext29_8x64d", {}, 34_426_698),  # the counts the CIFAR variants' registry comments quote
+        ("resnext29_8x64d", {"groups": 16}, 68_155_210),
+        ("densenet_bc100_k12", {}, 769_162),
     ],
 )
 def test_parameter_counts_quoted_in_the_docs(name, overrides, count):
     assert param_count(name, **overrides) == count
+
+
+# The CIFAR variants against the counts their papers print, in millions to one decimal (CIFAR-10, 10 classes):
+# Xie et al. 2017, Table 7 (ResNeXt-29, 8x64d and 16x64d); Huang et al. 2017, Table 2 (DenseNet-BC, L=100
+# k=12; the same module with L=250 k=24, another row of the table, checks the layer formula). The papers'
+# last digit is not always rounded: 68,155,210 parameters are printed 68.1M.
+PAPER_COUNTS = [
+    ("resnext29_8x64d", {}, 34.4),
+    ("resnext29_8x64d", {"groups": 16}, 68.1),
+    ("densenet_bc100_k12", {}, 0.8),
+    ("densenet_bc100_k12", {"block_sizes": (41, 41, 41), "growth_rate": 24, "num_init_features": 48}, 15.3),
+]
+
+
+@pytest.mark.parametrize(("name", "overrides", "millions"), PAPER_COUNTS,
+                         ids=[f"{name}-{millions}M" for name, _, millions in PAPER_COUNTS])
+def test_cifar_variants_have_their_papers_parameter_counts(name, overrides, millions):
+    model = flaxnets.create_model(name, num_classes=10, **overrides)
+    assert abs(count_params(abstract_variables(model, (1, 32, 32, 3))["params"]) / 1e6 - millions) < 0.1
 
 
 def test_lenet5_count_at_mnist_size():
@@ -274,6 +391,7 @@ def test_published_counts_cover_every_torchvision_model():
 TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "googlenet"] + [
     ("googlenet", {"aux_logits": False}, {"aux_logits": False}),
     ("googlenet", {"aux_logits": True}, {"aux_logits": True}),
+    ("inception_v3", {"aux_logits": False}, {"aux_logits": False}),
 ]
 
 
@@ -281,16 +399,17 @@ TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "g
                          ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o, _ in TORCHVISION_CASES])
 def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_kwargs):
     torch, torchvision = torchvision_or_skip()
-    builder = flaxnets.get_spec(name).torchvision
-    if name == "googlenet":
-        # init_weights=False skips GoogLeNet's initialisation (and the warning that it will change).
+    spec = flaxnets.get_spec(name)
+    builder = spec.torchvision
+    if name in ("googlenet", "inception_v3"):
+        # init_weights=False skips their initialisation (and the warning that it will change).
         torchvision_kwargs = {**torchvision_kwargs, "init_weights": False}
     # On the meta device torch records shapes only: VGG's 138M parameters are not allocated.
     with torch.device("meta"):
         reference = torchvision.models.get_model(builder, weights=None, **torchvision_kwargs)
     theirs = sum(p.numel() for p in reference.parameters())
     assert param_count(name, **overrides) == theirs
-    if not overrides.get("aux_logits"):  # torchvision's published weights carry no auxiliary heads
+    if overrides == spec.reference_overrides:  # as torchvision counts its published weights (GoogLeNet: no heads)
         assert torchvision.models.get_model_weights(builder).DEFAULT.meta["num_params"] == theirs
 
 
@@ -317,6 +436,26 @@ def test_min_input_size_equals_torchvision_published(name):
     _, torchvision = torchvision_or_skip()
     weights = torchvision.models.get_model_weights(flaxnets.get_spec(name).torchvision).DEFAULT
     assert (flaxnets.min_input_size(name),) * 2 == weights.meta["min_size"]
+
+
+def test_inception_v3_trains_its_auxiliary_head_from_299_pixels():
+    """Evaluation works from 75 pixels (torchvision's minimum), with the same variables at every size; the
+    auxiliary head, which runs only in training, needs 299: smaller inputs train with ``aux_logits=False``."""
+    assert jax.tree.map(jnp.shape, zoo_shapes("inception_v3", 75)) == jax.tree.map(jnp.shape, zoo_shapes(
+        "inception_v3", 299))
+    variables = zoo_shapes("inception_v3", 299)
+
+    def train(side, **overrides):
+        model = flaxnets.create_model("inception_v3", num_classes=NUM_CLASSES, **overrides)
+        apply = functools.partial(model.apply, train=True, mutable=["batch_stats", "aux_logits"],
+                                  rngs={"dropout": jax.random.key(0)})
+        return jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((BATCH, side, side, 3), jnp.float32))
+
+    assert [a.shape for a in collect_aux_logits(train(299)[1])] == [(BATCH, NUM_CLASSES)]
+    with pytest.raises(ValueError, match="at least 299x299 .* aux_logits=False"):
+        train(298)
+    logits, mutated = train(75, aux_logits=False)
+    assert logits.shape == (BATCH, NUM_CLASSES) and collect_aux_logits(mutated) == []
 
 
 def test_wrong_rank_input_is_a_clear_error():
@@ -375,10 +514,14 @@ def _free_weight_cache():
 def forward_side(name: str) -> int:
     """The input side of the forward tests: the model's smallest input, and at least 32 pixels.
 
-    The CIFAR ResNets take 8: their blocks then see the 8x8 maps the ImageNet ResNets' blocks see at 32
-    (whose stem divides by four), so the layers compiled for one family serve the other.
+    The models with a small-image stem (the CIFAR ResNets, ResNeXt-29, DenseNet-BC) take 8: the CIFAR
+    ResNets' blocks then see the 8x8 maps the ImageNet ResNets' blocks see at 32 (whose stem divides by
+    four), so the layers compiled for one family serve the other. Inception v3 takes 299, the smallest
+    input its auxiliary head trains at (it evaluates from 75).
     """
-    if name.startswith("resnet") and name.endswith("_cifar"):
+    if name == "inception_v3":
+        return AUX_MIN_INPUT
+    if getattr(flaxnets.create_model(name, num_classes=NUM_CLASSES), "stem", None) == "cifar":
         return max(flaxnets.min_input_size(name), 8)
     return max(flaxnets.min_input_size(name), 32)
 
@@ -389,15 +532,26 @@ def random_images(name: str) -> jax.Array:
 
 
 def expects_batch_norm(name: str) -> bool:
-    return name.startswith("resnet") or name.endswith("_bn") or name in ("googlenet", "vgg16_cifar")
+    family = flaxnets.get_spec(name).family
+    return family in ("resnet", "densenet", "inception") or name.endswith("_bn") or name in ("googlenet", "vgg16_cifar")
 
 
 def expects_dropout(name: str) -> bool:
-    return flaxnets.get_spec(name).family in ("alexnet", "vgg", "nin", "googlenet")
+    return flaxnets.get_spec(name).family in ("alexnet", "vgg", "nin", "googlenet", "inception")
 
 
-def is_googlenet(name: str) -> bool:
-    return flaxnets.get_spec(name).family == "googlenet"
+# Auxiliary classifiers, whose logits a training apply sows into "aux_logits".
+AUX_HEADS = {"googlenet": 2, "inception": 1}
+
+
+def aux_heads(name: str) -> int:
+    return AUX_HEADS.get(flaxnets.get_spec(name).family, 0)
+
+
+# Families run as one program per kind of apply (see `Forward`), compiled without XLA's slower optimisations,
+# which buy nothing for the few calls a test makes.
+WHOLE_PROGRAM = ("googlenet", "densenet")
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass
@@ -405,9 +559,9 @@ class Forward:
     """One model with variables and a batch of images; applies that several tests need are computed once.
 
     Models run eagerly: each distinct layer compiles once, and is reused by every later call and model (a
-    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ:
-    eagerly, its two forms compile some 600 small programs, half of all this file compiles; as one
-    program per kind of apply they take half the time on two cores.
+    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ, and
+    so do DenseNet's layers (each sees more channels than the last): eagerly they compile hundreds of
+    small programs each; as one program per kind of apply they take half the time or less on two cores.
     """
 
     name: str
@@ -420,15 +574,16 @@ class Forward:
 
     @property
     def writes(self) -> list[str]:
-        """The collections a training step makes writable: BatchNorm statistics, GoogLeNet's auxiliary logits."""
-        return ["batch_stats", "aux_logits"] if is_googlenet(self.name) else ["batch_stats"]
+        """The collections a training step makes writable: BatchNorm statistics, auxiliary logits."""
+        return ["batch_stats", "aux_logits"] if aux_heads(self.name) else ["batch_stats"]
 
     def apply(self, *, train: bool, mutable=False, rngs=None):
-        if not is_googlenet(self.name):
+        if flaxnets.get_spec(self.name).family not in WHOLE_PROGRAM:
             return self.model.apply(self.variables, self.images, train=train, mutable=mutable, rngs=rngs)
         kind = (train, tuple(mutable or ()), rngs is not None)
         if kind not in self._programs:
-            self._programs[kind] = jax.jit(functools.partial(self.model.apply, train=train, mutable=mutable))
+            program = jax.jit(functools.partial(self.model.apply, train=train, mutable=mutable))
+            self._programs[kind] = program.lower(self.variables, self.images, rngs=rngs).compile(FAST_COMPILE)
         return self._programs[kind](self.variables, self.images, rngs=rngs)
 
     @functools.cached_property
@@ -436,9 +591,11 @@ class Forward:
         return self.apply(train=False)
 
     def train(self, seed: int) -> tuple[jax.Array, dict]:
-        """Logits and updated collections of a training apply with dropout rng ``seed``."""
+        """Logits and updated collections of a training apply with dropout rng ``seed`` (without an rng for
+        models without dropout: they must train without one, see `test_dropout_needs_and_follows_its_rng`)."""
         if seed not in self._train:
-            self._train[seed] = self.apply(train=True, mutable=self.writes, rngs={"dropout": jax.random.key(seed)})
+            rngs = {"dropout": jax.random.key(seed)} if expects_dropout(self.name) else None
+            self._train[seed] = self.apply(train=True, mutable=self.writes, rngs=rngs)
         return self._train[seed]
 
 
@@ -477,7 +634,7 @@ def test_train_logits(forward):
     logits, updates = forward.train(seed=1)
     assert_logits(logits)
     expected = {"batch_stats"} if "batch_stats" in forward.variables else set()
-    assert set(updates) == expected | ({"aux_logits"} if is_googlenet(forward.name) else set())
+    assert set(updates) == expected | ({"aux_logits"} if aux_heads(forward.name) else set())
 
 
 def test_batch_stats_change_only_when_training(forward):
@@ -507,7 +664,7 @@ def test_dropout_needs_and_follows_its_rng(forward):
         with pytest.raises(flax.errors.InvalidRngError, match="dropout"):
             forward.apply(train=True, mutable=forward.writes)
     else:
-        # No dropout: training needs no rng, and its output cannot depend on one.
+        # No dropout: training takes no rng (`Forward.train` gave it none) and is a function of its inputs.
         logits, _ = forward.apply(train=True, mutable=forward.writes)
         np.testing.assert_array_equal(np.asarray(logits), np.asarray(first))
 
@@ -515,10 +672,10 @@ def test_dropout_needs_and_follows_its_rng(forward):
 def test_auxiliary_logits_only_when_training(forward):
     # Initialisation returns parameters and statistics only, GoogLeNet's auxiliary heads included.
     assert forward.init_collections <= {"params", "batch_stats"}
-    if not is_googlenet(forward.name):
+    if not aux_heads(forward.name):
         return
     heads = collect_aux_logits(forward.train(seed=1)[1])
-    assert len(heads) == 2
+    assert len(heads) == aux_heads(forward.name)
     for logits in heads:
         assert_logits(logits)
     # Evaluation runs no head: see test_eval_is_deterministic_and_writes_nothing.
@@ -558,6 +715,80 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters(name):
         scale = float(np.abs(np.asarray(high)).max())
         np.testing.assert_allclose(np.asarray(low), np.asarray(high), atol=0.05 * scale, rtol=0)
         assert not np.array_equal(np.asarray(low), np.asarray(high))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Architecture options for the d2l exercises
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_lenet5_activation_pooling_and_dropout_are_independent():
+    """d2l's AlexNet exercise, "apply dropout and ReLU to LeNet-5", keeps average pooling: each of the
+    three options changes the network alone, and dropout adds no parameters."""
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, 28, 28, 1), np.float32))
+    base = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES)
+    variables = random_variables(init_shapes(base, images))
+    logits = {}
+    for activation in ("sigmoid", "relu"):
+        for pool in ("avg", "max"):
+            model = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES, activation=activation, pool=pool)
+            logits[activation, pool] = np.asarray(model.apply(variables, images, train=False))
+    assert len({values.tobytes() for values in logits.values()}) == 4
+    model = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES, activation="relu", dropout=0.5)
+    assert jax.tree.map(jnp.shape, init_shapes(model, images)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_array_equal(model.apply(variables, images, train=False), logits["relu", "avg"])
+    first, second = (model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(seed)})
+                     for seed in (1, 2))
+    assert not np.allclose(first, second)
+    with pytest.raises(flax.errors.InvalidRngError, match="dropout"):
+        model.apply(variables, images, train=True)
+    base.apply(variables, images, train=True)  # without dropout, training needs no rng
+
+
+@pytest.mark.parametrize("mlp", [1, 2, 3])
+def test_nin_with_one_two_or_three_1x1_layers_per_block(mlp):
+    """d2l's NiN exercise 2; d2l's NiN on 224x224 Fashion-MNIST (1 channel, 10 classes) has 1,992,166
+    parameters with two."""
+    model = flaxnets.create_model("nin", num_classes=NUM_CLASSES, mlp_layers=mlp)
+    params = abstract_variables(model, (1, 224, 224, 1))["params"]
+    assert count_params(params) == nin(mlp, channels=1, classes=NUM_CLASSES)
+    assert set(params["block1"]) == {"conv", *(f"mlp{index + 1}" for index in range(mlp))}
+    assert nin(2, channels=1, classes=10) == 1_992_166
+
+
+def test_vgg_from_d2l_conv_arch():
+    """d2l's ``conv_arch`` blocks build the same network as the matching row of VGG's table; without the
+    adaptive pool the first dense layer follows the input: d2l's VGG exercise, Fashion-MNIST at 96x96
+    (1 channel, 10 classes), flattens 512x3x3 = 4,608 features and has 44,920,074 parameters (44.9M), where
+    torchvision's 7x7 pool would keep 25,088 and 128,806,154. d2l trains the narrow form (channels / 4)
+    at 224x224: 6,272 features, 43,093,322 parameters."""
+    def count(side, **fields):
+        model = flaxnets.create_model("vgg11", num_classes=NUM_CLASSES, **fields)
+        rows = flaxnets.summary(model, (1, side, side, 1), print_fn=None)
+        fc1 = next(row for row in rows if row.path == "fc1")
+        return count_params(abstract_variables(model, (1, side, side, 1))["params"]), fc1.input_shape[-1]
+
+    assert count(96, config=D2L_CONV_ARCH, pool_size=None) == (44_920_074, 4608)
+    assert vgg("vgg11", bn=False, features=4608, classes=NUM_CLASSES, channels=1) == 44_920_074
+    as_json = [[convs, width] for convs, width in D2L_CONV_ARCH]  # what a JSON option gives
+    assert count(96, config=as_json, pool_size=None) == count(96, config=CONFIGS["vgg11"], pool_size=None)
+    assert count(96) == (128_806_154, 25_088)
+    narrow = tuple((convs, width // 4) for convs, width in D2L_CONV_ARCH)
+    assert count(224, config=narrow, pool_size=None) == (43_093_322, 6272)
+    with pytest.raises(ValueError, match="num_convs, channels"):
+        count(96, config=((1, 64, 3),))
+
+
+@pytest.mark.parametrize(("name", "batch_norm", "lrn"), [("googlenet", True, True), ("googlenet_paper", True, True),
+                                                         ("googlenet", False, False)])
+def test_googlenet_batch_norm_and_lrn_are_chosen_independently(name, batch_norm, lrn):
+    """BatchNorm in every convolution unit (and no biases then) and LRN after the stem's first pool and
+    third convolution, in any combination; LRN has no parameters."""
+    wide = 3 if name == "googlenet" else 5
+    rows = flaxnets.summary(name, print_fn=None, batch_norm=batch_norm, lrn=lrn)
+    assert sum(row.params for row in rows) == googlenet(bn=batch_norm, wide_kernel=wide, aux=True)
+    kinds = [row.kind for row in rows]
+    assert (kinds.count("LocalResponseNorm"), "BatchNorm" in kinds) == (2 if lrn else 0, batch_norm)
 
 
 # --------------------------------------------------------------------------------------------------------

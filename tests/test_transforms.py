@@ -8,7 +8,10 @@ against central finite differences. ReLU and max-pool kinks make finite differen
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import re
 from functools import partial
 
 import flax.linen as nn
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import flaxnets
@@ -47,13 +51,22 @@ def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+# ResNeXt-29's grouped convolutions, 512 to 2048 channels wide, on maps of 16 to 4 pixels at a 16-pixel input
+# cost over 200 s in float64 on two cores; from a 4-pixel input (maps of 4, 2 and 1 pixels) some 13 s.
+SIDES = {"resnext29_8x64d": 4}
+# Inception v3's auxiliary head trains only from 299 pixels up (tests/test_models.py runs it there); at the
+# small inputs of this file the model trains without it, as its docstring says to.
+SMALL_INPUT_FIELDS = {"inception_v3": {"aux_logits": False}}
+
+
 def _float64_setup(name: str, batch: int = 2):
     """A float64 model at a small input (16 pixels or its smallest), its variables drawn from their
     shapes, and an image batch."""
     spec = flaxnets.get_spec(name)
     num_classes = min(spec.num_classes, 10)
-    model = flaxnets.create_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64)
-    side = max(flaxnets.min_input_size(name), 16)
+    model = flaxnets.create_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
+                                  **SMALL_INPUT_FIELDS.get(name, {}))
+    side = SIDES.get(name, max(flaxnets.min_input_size(name), 16))
     shapes = abstract_variables(model, (1, side, side, spec.in_channels))
     rng = np.random.default_rng(1)
 
@@ -71,19 +84,30 @@ def _float64_setup(name: str, batch: int = 2):
 
 # One architecture of each family also takes tangents on every parameter; the rest on the images alone,
 # which runs through the same layers at half the cost (the suite's time is the limit).
-WITH_PARAMETER_TANGENTS = ("lenet5_bn", "alexnet_paper", "vgg11_bn", "nin", "googlenet_paper", "resnet18_cifar")
+WITH_PARAMETER_TANGENTS = ("lenet5_bn", "alexnet_paper", "vgg11_bn", "nin", "googlenet_paper", "resnet18_cifar",
+                           "densenet_bc100_k12")
+# The ImageNet members of the newer families are built from the layers of members checked in full (DenseNet-BC's
+# dense layers and transitions, ResNeXt-29's grouped bottlenecks, ResNet-50's stem), and compiling these checks
+# for them in float64 takes 10-50 s each on two cores. The smallest of each compare forward and reverse mode in
+# training (the mode with batch statistics) without `linearize`, a third of the program to compile; the deeper
+# ones, which repeat those layers only more often, have the same two transformations traced through them (where
+# a layer without a differentiation rule would fail) but not compiled.
+TRAINING_ONLY = ("densenet121", "resnext50_32x4d", "wide_resnet50_2")
+TRACED_ONLY = ("densenet161", "densenet169", "densenet201", "resnext101_32x8d", "wide_resnet101_2")
 
 
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_mode_agrees_with_reverse_mode_in_float64(name):
-    """`jax.jvp` and `jax.linearize` through ``apply``, in eval and train mode, against `jax.vjp`."""
+    """`jax.jvp` and `jax.linearize` through ``apply``, in eval and train mode, against `jax.vjp` (`jax.jvp` in
+    train mode alone for `TRAINING_ONLY`, and only traced for `TRACED_ONLY`)."""
     model, variables, images = _float64_setup(name)
     on_params = name in WITH_PARAMETER_TANGENTS
+    reduced = name in TRAINING_ONLY or name in TRACED_ONLY
 
     def check(params, images, tangents):
         results = []
-        for train in (False, True):
+        for train in (True,) if reduced else (False, True):
             def f(*inputs):
                 state = {**variables, "params": inputs[0] if on_params else params}
                 out = model.apply(state, inputs[-1], train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
@@ -91,15 +115,20 @@ def test_forward_mode_agrees_with_reverse_mode_in_float64(name):
 
             primals = (params, images) if on_params else (images,)
             out, jt = jax.jvp(f, primals, tangents)
-            _, lin = jax.linearize(f, *primals)
+            linearized = jt if reduced else jax.linearize(f, *primals)[1](*tangents)
             cotangent = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
             _, vjp = jax.vjp(f, *primals)
-            results.append((out, jt, lin(*tangents), jnp.vdot(cotangent, jt), _vdot(vjp(cotangent), tangents)))
+            results.append((out, jt, linearized, jnp.vdot(cotangent, jt), _vdot(vjp(cotangent), tangents)))
         return results
 
     tangents = (_random_like(variables["params"], 4),) if on_params else ()
     tangents += (_random_like(images, 5),)
     args = (variables["params"], images, tangents)
+    if name in TRACED_ONLY:
+        for out, jt, linearized, forward, reverse in jax.eval_shape(check, *args):
+            assert out.shape == jt.shape == linearized.shape and forward.shape == reverse.shape == ()
+            assert {out.dtype, jt.dtype, linearized.dtype, forward.dtype, reverse.dtype} == {jnp.dtype(jnp.float64)}
+        return
     # XLA's slower optimisations buy nothing for one call: compiling without them halves the test's time.
     compiled = jax.jit(check).lower(*args).compile(FAST_COMPILE)
     for out, jt, linearized, forward, reverse in compiled(*args):
@@ -221,6 +250,42 @@ def test_remat_of_a_whole_model_gives_the_same_gradients():
     got = jax.grad(partial(loss, remat), has_aux=True)(variables["params"])
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_memory_efficient_densenet_recomputes_with_the_same_values_and_gradients():
+    """``memory_efficient=True`` keeps nothing the dense layers' concatenation, BatchNorm, ReLU and 1x1
+    convolution compute for the backward pass (it recomputes them: fewer saved values in all), with the same
+    variables, loss, gradients and statistics. A small DenseNet-BC."""
+    fields = dict(block_sizes=(2, 2), growth_rate=4, num_init_features=8, stem="cifar", num_classes=10)
+    plain = flaxnets.models.DenseNet(**fields)
+    efficient = flaxnets.models.DenseNet(**fields, memory_efficient=True)
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = plain.init(jax.random.key(1), images, False)
+    assert jax.tree.map(jnp.shape, efficient.init(jax.random.key(1), images, False)) == jax.tree.map(
+        jnp.shape, variables)
+
+    def loss(model, params):
+        logits, updates = model.apply({**variables, "params": params}, images, True, mutable=["batch_stats"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(4))), updates
+
+    expected = jax.jit(jax.grad(partial(loss, plain), has_aux=True))(variables["params"])
+    got = jax.jit(jax.grad(partial(loss, efficient), has_aux=True))(variables["params"])
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def residuals(model) -> tuple[int, int]:
+        """Values the backward pass keeps (not the parameters): their elements, and how many come from a
+        dense layer's bottleneck."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda params: loss(model, params)[0], variables["params"])
+        kept = [line for line in out.getvalue().splitlines() if "from the argument" not in line]
+        sizes = [math.prod(map(int, filter(None, re.match(r"\w+\[([\d,]*)\]", line)[1].split(",")))) for line in kept]
+        return sum(sizes), sum("DenseLayer.bottleneck" in line for line in kept)
+
+    (plain_kept, plain_bottleneck), (efficient_kept, efficient_bottleneck) = residuals(plain), residuals(efficient)
+    assert plain_bottleneck > 0 and efficient_bottleneck == 0
+    assert efficient_kept < plain_kept
 
 
 @pytest.mark.parametrize("name", ["lenet5_bn"])
