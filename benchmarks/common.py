@@ -292,11 +292,9 @@ class Step:
 
     def memory_bytes(self) -> int | None:
         """Peak device memory of the compiled step: arguments, outputs and temporaries, less what aliases."""
-        stats = self.compiled.memory_analysis()
-        if stats is None:
-            return None
-        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                   - stats.alias_size_in_bytes)
+        from flaxnets.analysis import compiled_memory_bytes
+
+        return compiled_memory_bytes(self.compiled)
 
 
 # --kernels: flaxnets.cpu's kernel set and gradient fence, plain JAX, or the first exactly on a CPU backend.
