@@ -346,8 +346,9 @@ def build_step(
     ``arch`` is a registry name or a `flaxnets.cli.ModelRequest` (options, channels, classes, input side);
     ``size`` replaces its input side, by default the architecture's native one. With ``devices > 1`` the
     batch is split over a mesh of the first ``devices`` devices and the state replicated; BatchNorm then
-    normalises with the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted from torchvision)
-    replace the synthetic ones. ``compiler_options`` are XLA debug options for this executable only.
+    normalises with the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted
+    from torchvision) replace the synthetic ones. ``compiler_options`` are XLA debug options for this
+    executable only.
     ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
     `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
     ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).

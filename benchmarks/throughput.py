@@ -59,9 +59,11 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
 
     from benchmarks.common import build_step
 
-    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
+    request = as_request(arch, size)
+    step = build_step(request, mode, batch, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
                       settings=settings, donate=donate)
-    log(f"{as_request(arch).describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
+    log(f"{request.describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s "
+        f"(lowering {step.lower_s:.1f} s)")
 
     def call():
         for _ in range(steps):
@@ -70,12 +72,13 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
     timing = measure(call, repeats, warmup)
     per_step = [t / steps for t in timing.times]
     median = statistics.median(per_step)
-    flops = model_flops(arch, mode, batch, step.size)
+    flops = model_flops(request, mode, batch)
     device = jax.devices()[0]
     peak = peak if peak is not None else peak_tflops(device.device_kind, dtype)
     cost = step.cost()
     row = {
-        "arch": step.arch, "model_args": dict(as_request(arch).options), "mode": mode, "batch": batch, "size": step.size, "dtype": dtype, "devices": devices,
+        "arch": step.arch, "model_args": dict(request.options), "mode": mode, "batch": batch, "size": step.size,
+        "dtype": dtype, "devices": devices,
         "device": device.device_kind, "cpu_kernels": step.cpu_kernels,
         "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
         "ms_per_step": round(median * 1e3, 3), "ms_min": round(min(per_step) * 1e3, 3),

@@ -73,7 +73,7 @@ class ModelRequest:
         return (batch, self.side, self.side, self.in_channels)
 
     def build(self, **fields: Any) -> nn.Module:
-        """The module: `create_model` with the request's classes and options, then ``fields`` (``dtype``, ``ops``...)."""
+        """The module: `create_model` with the request's classes and options, then ``fields`` (``dtype``...)."""
         return create_model(self.name, num_classes=self.classes, **{**self.options, **fields})
 
     def describe(self) -> str:
