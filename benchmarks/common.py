@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:
+    from flaxnets.cli import ModelRequest
     from train.tuning import StepSettings
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "write_results",
     "run_cli",
     "parse_dtype",
+    "as_request",
     "model_for",
     "markdown_table",
     "KERNELS",
@@ -64,6 +66,7 @@ def run_cli(body: Callable[[], int]) -> int:
     (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training runs; ``XLA_FLAGS`` naming
     the option overrides it.
     """
+    from flaxnets.cli import ModelRequestError
     from flaxnets.cpu import prefer_eigen
     from flaxnets.registry import UnknownModelError
 
@@ -71,7 +74,7 @@ def run_cli(body: Callable[[], int]) -> int:
 
     try:
         return body()
-    except (BenchmarkError, UnknownModelError) as error:
+    except (BenchmarkError, UnknownModelError, ModelRequestError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -289,11 +292,9 @@ class Step:
 
     def memory_bytes(self) -> int | None:
         """Peak device memory of the compiled step: arguments, outputs and temporaries, less what aliases."""
-        stats = self.compiled.memory_analysis()
-        if stats is None:
-            return None
-        return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-                   - stats.alias_size_in_bytes)
+        from flaxnets.analysis import compiled_memory_bytes
+
+        return compiled_memory_bytes(self.compiled)
 
 
 # --kernels: flaxnets.cpu's kernel set and gradient fence, plain JAX, or the first exactly on a CPU backend.
@@ -307,17 +308,24 @@ def add_kernels_option(parser: Any) -> None:
                              "exactly when JAX runs on the CPU ('auto', as python -m train does)")
 
 
-def model_for(arch: str, dtype: Any, **overrides: Any):
-    """The registry's model with torchvision's reference fields (GoogLeNet without auxiliary heads)."""
-    import flaxnets
+def as_request(arch: str | ModelRequest, size: int | None = None) -> ModelRequest:
+    """``arch`` as a `flaxnets.cli.ModelRequest` (a name is the architecture with every default), its input
+    side replaced by ``size`` when given."""
+    from flaxnets.cli import ModelRequest
 
-    spec = flaxnets.get_spec(arch)
-    fields = {**spec.reference_overrides, **overrides}
-    return flaxnets.create_model(arch, num_classes=spec.num_classes, dtype=dtype, **fields)
+    request = arch if isinstance(arch, ModelRequest) else ModelRequest(arch)
+    return request if size is None else dataclasses.replace(request, input_size=size)
+
+
+def model_for(arch: str | ModelRequest, dtype: Any, **overrides: Any):
+    """The requested model (a registry name: with every default) at its class count, with torchvision's
+    reference fields (GoogLeNet without auxiliary heads) unless its ``--model-arg`` options say otherwise."""
+    request = as_request(arch)
+    return request.build(dtype=dtype, **{**request.spec.reference_overrides, **request.options, **overrides})
 
 
 def build_step(
-    arch: str,
+    arch: str | ModelRequest,
     mode: str,
     batch: int,
     *,
@@ -335,10 +343,12 @@ def build_step(
 ) -> Step:
     """Compile ``arch``'s train step (``mode="train"``) or inference (``"infer"``) for one batch shape.
 
-    ``size`` defaults to the architecture's native input side. With ``devices > 1`` the batch is split
-    over a mesh of the first ``devices`` devices and the state replicated; BatchNorm then normalises with
-    the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted from torchvision)
-    replace the synthetic ones. ``compiler_options`` are XLA debug options for this executable only.
+    ``arch`` is a registry name or a `flaxnets.cli.ModelRequest` (options, channels, classes, input side);
+    ``size`` replaces its input side, by default the architecture's native one. With ``devices > 1`` the
+    batch is split over a mesh of the first ``devices`` devices and the state replicated; BatchNorm then
+    normalises with the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted
+    from torchvision) replace the synthetic ones. ``compiler_options`` are XLA debug options for this
+    executable only.
     ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
     `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
     ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).
@@ -357,8 +367,7 @@ def build_step(
     from train.optim import after_fence
     from train.tuning import step_settings
 
-    spec = flaxnets.get_spec(arch)
-    size = spec.input_size if size is None else size
+    request = as_request(arch, size)
     if mode not in ("train", "infer"):
         raise BenchmarkError(f"--mode must be 'train' or 'infer', got {mode!r}.")
     if batch < 1:
@@ -368,9 +377,8 @@ def build_step(
         raise BenchmarkError(f"--devices {devices} asks for more devices than the {available} this machine has.")
     if batch % devices:
         raise BenchmarkError(f"--batch {batch} does not split evenly over {devices} devices.")
-    smallest = flaxnets.min_input_size(arch)
-    if size < smallest:
-        raise BenchmarkError(f"--size {size} is smaller than {arch}'s minimum input of {smallest}x{smallest} pixels.")
+    request.checked()
+    size, channels, num_classes = request.side, request.in_channels, request.classes
     jdtype = parse_dtype(dtype)
     settings = step_settings() if settings is None else settings
     compiler_options = {**settings.compiler_options, **(compiler_options or {})}
@@ -379,8 +387,7 @@ def build_step(
     if ops is None:
         ops = flaxnets.cpu.ops() if cpu_kernels else flaxnets.layers.PLAIN
     tie_gradients = cpu_kernels if tie_gradients is None else tie_gradients
-    model = model_for(arch, jdtype, ops=ops)
-    channels = spec.in_channels
+    model = model_for(request, jdtype, ops=ops)
     if variables is None:
         variables = synthetic_variables(abstract_variables(model, (1, size, size, channels)), seed)
     mesh = jax.make_mesh((devices,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,),
@@ -388,7 +395,7 @@ def build_step(
     replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("batch"))
     key = jax.random.key(seed)
     images = jax.random.randint(key, (batch, size, size, channels), 0, 256, jnp.int32).astype(jnp.uint8)
-    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, spec.num_classes, jnp.int32)
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes, jnp.int32)
     preprocess = steps.Preprocess(mean=(0.45,) * channels, std=(0.225,) * channels, size=size, augment=False,
                                   dtype=jdtype)
     if mode == "train":
@@ -401,7 +408,7 @@ def build_step(
                                  rng=jax.random.key_data(jax.random.key(seed + 1)))
         data = {"image": images, "label": labels, "index": jnp.arange(batch, dtype=jnp.int32)}
         fn = jax.jit(settings.traced(steps.bind(steps.train_step, model=model, tx=tx, preprocess=preprocess,
-                                                num_classes=spec.num_classes)), donate_argnums=0 if donate else ())
+                                                num_classes=num_classes)), donate_argnums=0 if donate else ())
         args = [jax.device_put(state, replicated), jax.device_put(data, split)]
     else:
         def infer(variables, images):
@@ -415,7 +422,7 @@ def build_step(
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     compile_s = time.perf_counter() - start
-    return Step(arch, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, cpu_kernels)
+    return Step(request.name, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, cpu_kernels)
 
 
 # ------------------------------------------------------------------------------------------------------

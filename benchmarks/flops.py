@@ -1,5 +1,10 @@
 """``python -m benchmarks.flops [--arch PATTERN]``: parameters and forward multiply-accumulates per architecture.
 
+``--input-size``, ``--channels``, ``--num-classes`` and ``--model-arg KEY=VALUE`` (repeatable) count each
+matching architecture as an exercise asks for it instead (``--arch nin --channels 1 --num-classes 10``: d2l's
+NiN on Fashion-MNIST); the torchvision columns then compare with figures for another network and are left
+empty.
+
 For one image at each architecture's native input size, side by side (the forward pass of inference, which
 runs no auxiliary classifier: GoogLeNet's and Inception v3's are left out, as torchvision counts them; the
 parameters are those of torchvision's reference count, which has Inception v3's head and not GoogLeNet's):
@@ -13,7 +18,8 @@ parameters are those of torchvision's reference count, which has Inception v3's 
   (``elementwise_gflops``). ``xla_gmacs + padding_gmacs`` is what XLA would report without the first.
 
 Nothing is compiled: the forward pass is traced with abstract shapes and lowered, which takes well under a
-second per architecture. Results: benchmarks/results/flops.{json,csv} and benchmarks/RESULTS.md.
+second per architecture. Results: benchmarks/results/flops.{json,csv} (a variant's name followed by what
+differs from the defaults, ``flops_c1_k10``) and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli, write_results
+from benchmarks.common import BenchmarkError, as_request, environment, markdown_table, run_cli, write_results
+
+if TYPE_CHECKING:
+    from flaxnets.cli import ModelRequest
 
 __all__ = ["xla_forward_flops", "flops_row", "main"]
 
@@ -47,46 +56,56 @@ def _percent(value: float | None, reference: float | None) -> float | None:
     return round(100.0 * (value - reference) / reference, 2)
 
 
-def flops_row(arch: str) -> dict[str, Any]:
-    """One architecture's parameters and the three counts of its forward MACs, with the deviations."""
+def flops_row(arch: str | ModelRequest) -> dict[str, Any]:
+    """One architecture's parameters and the three counts of its forward MACs, with the deviations.
+
+    ``arch`` is a registry name (counted as torchvision counts it) or a `ModelRequest`; torchvision's
+    figures are compared only for a request that keeps every default."""
     import jax.numpy as jnp
 
-    import flaxnets
     from benchmarks.common import model_for
     from benchmarks.costs import layer_costs, totals
     from flaxnets.analysis import abstract_variables, count_params
 
-    spec = flaxnets.get_spec(arch)
-    model = model_for(arch, jnp.float32)
+    request = as_request(arch)
+    spec = request.spec
+    model = model_for(request, jnp.float32)
     inference = model.clone(aux_logits=False) if hasattr(model, "aux_logits") else model
-    shape = (1, spec.input_size, spec.input_size, spec.in_channels)
+    shape = request.input_shape()
     params = count_params(abstract_variables(model, shape)["params"])
     total = totals(layer_costs(inference, shape))
     flops = xla_forward_flops(inference, shape, abstract_variables(inference, shape))
     gmacs, valid = total["macs"] / 1e9, total["macs_valid"] / 1e9
     xla_gmacs = flops / 2e9
     elementwise = (flops - 2 * total["macs_valid"] - total["bias_adds"]) / 1e9
+    # torchvision's figures are for the network as registered, not for an exercise's variant of it
+    tv_params, tv_gflops = (spec.params, spec.gflops) if request.is_default else (None, None)
     return {
-        "arch": arch,
-        "input": f"{spec.input_size}x{spec.input_size}x{spec.in_channels}",
+        "arch": request.name,
+        "input": "x".join(map(str, shape[1:])),
+        "classes": request.classes,
+        "model_args": dict(request.options),
         "params": params,
-        "torchvision_params": spec.params,
+        "torchvision_params": tv_params,
         "gmacs": round(gmacs, 4),
-        "torchvision_gflops": spec.gflops,
-        "gmacs_vs_torchvision_pct": _percent(gmacs, spec.gflops),
+        "torchvision_gflops": tv_gflops,
+        "gmacs_vs_torchvision_pct": _percent(gmacs, tv_gflops),
         "xla_gmacs": round(xla_gmacs, 4),
-        "xla_vs_torchvision_pct": _percent(xla_gmacs, spec.gflops),
+        "xla_vs_torchvision_pct": _percent(xla_gmacs, tv_gflops),
         "padding_gmacs": round(gmacs - valid, 4),
         "bias_gflops": round(total["bias_adds"] / 1e9, 5),
         "elementwise_gflops": round(elementwise, 4),
-        "xla_plus_padding_vs_torchvision_pct": _percent(xla_gmacs + gmacs - valid, spec.gflops),
+        "xla_plus_padding_vs_torchvision_pct": _percent(xla_gmacs + gmacs - valid, tv_gflops),
     }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flaxnets.cli import add_model_arguments
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="*", help="registry pattern, e.g. 'resnet*' (default: every architecture)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_model_arguments(parser)
     return parser
 
 
@@ -103,11 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         import flaxnets
+        from flaxnets.cli import request_from_args
 
         archs = flaxnets.list_models(args.arch)
         if not archs:
             raise BenchmarkError(f"no architecture matches {args.arch!r}; see python -m flaxnets for the list.")
-        rows = [flops_row(arch) for arch in archs]
+        requests = [request_from_args(arch, args).checked() for arch in archs]  # every refusal before any count
+        rows = [flops_row(request) for request in requests]
         print(markdown_table(rows, COLUMNS))
         checked = [r for r in rows if r["torchvision_gflops"]]
         if checked:
@@ -120,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_write:
             conditions = {**environment(), "command": "python -m benchmarks.flops "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
-            paths = write_results("flops", rows, conditions)
+            paths = write_results(f"flops{requests[0].tag()}", rows, conditions)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

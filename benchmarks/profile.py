@@ -1,5 +1,9 @@
 """``python -m benchmarks.profile --arch alexnet [--batch N] [--compiled]``: where a network's cost lies, layer by layer.
 
+``--input-size``, ``--channels``, ``--num-classes`` and ``--model-arg KEY=VALUE`` (repeatable) profile the
+network as an exercise asks for it, e.g. ``--arch nin --channels 1 --num-classes 10`` for d2l's NiN on
+Fashion-MNIST.
+
 For every leaf layer: output shape, parameters, MACs, activation bytes (its output, for the batch), each
 as a share of the network's total, and arithmetic intensity (FLOPs per byte of weights and activations
 moved once). Then the totals by kind of layer, which answer the classic questions about AlexNet, VGG and
@@ -15,7 +19,8 @@ Memory for prediction and for training, estimated from the table (float32 weight
   ReLU applied between modules, are not listed and make the real figure somewhat larger).
 
 ``--compiled`` adds XLA's own figures from the memory analysis of the compiled train step and inference
-(this compiles both, seconds to minutes on a CPU). Results: benchmarks/results/profile_<arch>.{json,csv}.
+(this compiles both, seconds to minutes on a CPU). Results: benchmarks/results/profile_<arch>.{json,csv}, the
+name followed by what differs from the defaults (``profile_nin_c1_k10``).
 """
 
 from __future__ import annotations
@@ -23,25 +28,28 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import BenchmarkError, environment, run_cli, write_results
+from benchmarks.common import BenchmarkError, as_request, environment, run_cli, write_results
+
+if TYPE_CHECKING:
+    from flaxnets.cli import ModelRequest
 
 __all__ = ["profile_rows", "memory_estimate", "main"]
 
 
-def profile_rows(arch: str, batch: int = 1, size: int | None = None, dtype_bytes: int = 4) -> list[dict[str, Any]]:
-    """The per-layer table of ``arch`` at ``batch`` images of side ``size`` (default: native), as dicts."""
+def profile_rows(arch: str | ModelRequest, batch: int = 1, size: int | None = None,
+                 dtype_bytes: int = 4) -> list[dict[str, Any]]:
+    """The per-layer table of ``arch`` (a name or a `ModelRequest`) at ``batch`` images of side ``size``
+    (default: the request's, else native), as dicts."""
     import jax.numpy as jnp
 
-    import flaxnets
     from benchmarks.common import model_for
     from benchmarks.costs import layer_costs, totals
 
-    spec = flaxnets.get_spec(arch)
-    size = spec.input_size if size is None else size
-    model = model_for(arch, jnp.float32)
-    costs = layer_costs(model, (batch, size, size, spec.in_channels), dtype_bytes=dtype_bytes)
+    request = as_request(arch, size)
+    model = model_for(request, jnp.float32)
+    costs = layer_costs(model, request.input_shape(batch), dtype_bytes=dtype_bytes)
     total = totals(costs)
 
     def share(value: int, whole: int) -> float:
@@ -95,9 +103,9 @@ def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:,.1f} MiB"
 
 
-def _print_table(arch: str, rows: Sequence[dict[str, Any]], batch: int, size: int) -> None:
+def _print_table(request: ModelRequest, rows: Sequence[dict[str, Any]], batch: int) -> None:
     width = max(len(r["layer"]) for r in rows) + 2
-    print(f"{arch}: batch {batch}, input {size}x{size}; shares are of the network's total")
+    print(f"{request.describe()}; batch {batch}; shares are of the network's total")
     print(f"{'layer':<{width}}{'kind':<18}{'output':<18}{'params':>13}{'%':>7}{'MACs':>16}{'%':>7}"
           f"{'act. bytes':>14}{'%':>7}{'FLOP/B':>9}")
     for r in rows:
@@ -109,14 +117,16 @@ def _print_table(arch: str, rows: Sequence[dict[str, Any]], batch: int, size: in
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flaxnets.cli import add_model_arguments
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="alexnet")
     parser.add_argument("--batch", type=int, default=1, help="images per batch (activations scale with it)")
-    parser.add_argument("--size", type=int, default=None, help="input side (default: the architecture's own)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype")
     parser.add_argument("--compiled", action="store_true",
                         help="also compile the train step and inference and report XLA's memory analysis")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_model_arguments(parser, size_flags=("--input-size", "--size"))
     return parser
 
 
@@ -125,27 +135,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        import flaxnets
-        from flaxnets.analysis import abstract_variables, count_params
+        import jax.numpy as jnp
 
-        spec = flaxnets.get_spec(args.arch)
-        size = spec.input_size if args.size is None else args.size
+        from benchmarks.common import model_for
+        from flaxnets.analysis import abstract_variables, count_params
+        from flaxnets.cli import request_from_args
+
         if args.batch < 1:
             raise BenchmarkError(f"--batch must be a positive integer, got {args.batch}.")
-        smallest = flaxnets.min_input_size(args.arch)
-        if size < smallest:
-            raise BenchmarkError(f"--size {size} is smaller than {args.arch}'s minimum input of "
-                                 f"{smallest}x{smallest} pixels.")
+        request = request_from_args(args.arch, args).checked()
+        size = request.side
         dtype_bytes = 2 if args.dtype == "bfloat16" else 4
-        rows = profile_rows(args.arch, args.batch, size, dtype_bytes)
-        _print_table(args.arch, rows, args.batch, size)
+        rows = profile_rows(request, args.batch, dtype_bytes=dtype_bytes)
+        _print_table(request, rows, args.batch)
         kinds = by_kind(rows)
         print("\nby kind of layer:")
         for k in kinds:
             print(f"  {k['kind']:<18} {k['layers']:>4} layers  params {k['params_pct']:6.2f}%  "
                   f"MACs {k['macs_pct']:6.2f}%  activation bytes {k['activation_pct']:6.2f}%")
-        model = flaxnets.create_model(args.arch, num_classes=spec.num_classes, **spec.reference_overrides)
-        state = count_params(abstract_variables(model, (1, size, size, spec.in_channels)).get("batch_stats", {}))
+        model = model_for(request, jnp.float32)
+        state = count_params(abstract_variables(model, request.input_shape()).get("batch_stats", {}))
         memory = memory_estimate(rows, state)
         print(f"\nmemory at batch {args.batch}: weights {_mib(memory['weight_bytes'])}; prediction about "
               f"{_mib(memory['predict_bytes'])}; training (SGD with momentum) about {_mib(memory['train_bytes'])}, "
@@ -154,15 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from benchmarks.common import build_step
 
             for mode in ("infer", "train"):
-                step = build_step(args.arch, mode, args.batch, size=size, dtype=args.dtype)
+                step = build_step(request, mode, args.batch, dtype=args.dtype)
                 memory[f"xla_{mode}_bytes"] = step.memory_bytes()
                 print(f"XLA's memory analysis, {mode}: {_mib(memory[f'xla_{mode}_bytes'])} "
                       f"(compiled in {step.compile_s:.1f} s)")
         if not args.no_write:
-            conditions = {**environment(), "arch": args.arch, "batch": args.batch, "size": size, "dtype": args.dtype,
-                          **memory, "command": "python -m benchmarks.profile "
-                          + " ".join(sys.argv[1:] if argv is None else argv)}
-            paths = write_results(f"profile_{args.arch}", rows, conditions)
+            conditions = {**environment(), "arch": args.arch, "batch": args.batch, "size": size,
+                          "channels": request.in_channels, "num_classes": request.classes,
+                          "model_args": dict(request.options), "dtype": args.dtype, **memory,
+                          "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:] if argv is None else argv)}
+            paths = write_results(f"profile_{args.arch}{request.tag()}", rows, conditions)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -14,6 +14,8 @@ MFU divides the achieved rate by the device's peak from `benchmarks.common.PEAK_
 overrides it; a CPU has no entry, so its MFU is left empty unless given).
 
 ``--all`` runs every registered architecture at the input size and class count it is meant for.
+``--model-arg KEY=VALUE`` (repeatable) passes an option to every architecture measured, e.g.
+``--arch lenet5 --model-arg batch_norm=true``.
 Results: benchmarks/results/throughput_<tag>.{json,csv}; the tables in benchmarks/RESULTS.md.
 """
 
@@ -23,41 +25,45 @@ import argparse
 import os
 import statistics
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import (KERNELS, BenchmarkError, add_kernels_option, environment, markdown_table, measure, mfu,
-                               peak_rss_bytes, peak_tflops, run_cli, write_results)
+from benchmarks.common import (KERNELS, BenchmarkError, add_kernels_option, as_request, environment, markdown_table,
+                               measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
+
+if TYPE_CHECKING:
+    from flaxnets.cli import ModelRequest
 
 __all__ = ["model_flops", "throughput_row", "main"]
 
 
-def model_flops(arch: str, mode: str, batch: int, size: int | None = None) -> float:
+def model_flops(arch: str | ModelRequest, mode: str, batch: int, size: int | None = None) -> float:
     """Analytic FLOPs of one step: ``2 * MACs * batch`` for inference, three times that for training."""
     import jax.numpy as jnp
 
-    import flaxnets
     from benchmarks.common import model_for
     from benchmarks.costs import layer_costs, totals
 
-    spec = flaxnets.get_spec(arch)
-    size = spec.input_size if size is None else size
-    macs = totals(layer_costs(model_for(arch, jnp.float32), (1, size, size, spec.in_channels)))["macs"]
+    request = as_request(arch, size)
+    macs = totals(layer_costs(model_for(request, jnp.float32), request.input_shape()))["macs"]
     return 2.0 * macs * batch * (3 if mode == "train" else 1)
 
 
-def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
+def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
                    devices: int = 1, repeats: int = 5, warmup: int = 2, steps: int = 1,
                    peak: float | None = None, cpu_kernels: bool | None = None, settings: Any = None,
                    donate: bool = True, log=print) -> dict[str, Any]:
     """Compile and time one configuration; return its result row (every number with its conditions).
-    ``cpu_kernels``, ``settings`` and ``donate`` as for `benchmarks.common.build_step`."""
+    ``arch`` (a name or a `ModelRequest`), ``cpu_kernels``, ``settings`` and ``donate`` as for
+    `benchmarks.common.build_step`."""
     import jax
 
     from benchmarks.common import build_step
 
-    step = build_step(arch, mode, batch, size=size, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
+    request = as_request(arch, size)
+    step = build_step(request, mode, batch, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
                       settings=settings, donate=donate)
-    log(f"{arch} {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
+    log(f"{request.describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s "
+        f"(lowering {step.lower_s:.1f} s)")
 
     def call():
         for _ in range(steps):
@@ -66,12 +72,13 @@ def throughput_row(arch: str, mode: str, batch: int, *, size: int | None = None,
     timing = measure(call, repeats, warmup)
     per_step = [t / steps for t in timing.times]
     median = statistics.median(per_step)
-    flops = model_flops(arch, mode, batch, step.size)
+    flops = model_flops(request, mode, batch)
     device = jax.devices()[0]
     peak = peak if peak is not None else peak_tflops(device.device_kind, dtype)
     cost = step.cost()
     row = {
-        "arch": arch, "mode": mode, "batch": batch, "size": step.size, "dtype": dtype, "devices": devices,
+        "arch": step.arch, "model_args": dict(request.options), "mode": mode, "batch": batch, "size": step.size,
+        "dtype": dtype, "devices": devices,
         "device": device.device_kind, "cpu_kernels": step.cpu_kernels,
         "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
         "ms_per_step": round(median * 1e3, 3), "ms_min": round(min(per_step) * 1e3, 3),
@@ -101,6 +108,8 @@ COLUMNS = (("arch", "arch"), ("mode", "mode"), ("batch", "batch"), ("size", "inp
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flaxnets.cli import add_model_arguments
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
     parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
     parser.add_argument("--all", action="store_true", help="every registered architecture at its native size")
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, per device")
     add_kernels_option(parser)
+    add_model_arguments(parser, shape=False)
     parser.add_argument("--tag", default=None, help="results file suffix (default: from the arguments)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     return parser
@@ -135,21 +145,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.peak_tflops is not None and args.peak_tflops <= 0:
             raise BenchmarkError(f"--peak-tflops must be positive, got {args.peak_tflops}.")
         import flaxnets
+        from flaxnets.cli import request_from_args
 
         archs = flaxnets.list_models() if args.all else [a for a in args.arch.split(",") if a]
-        for arch in archs:
-            flaxnets.get_spec(arch)  # an unknown name fails before anything compiles
+        # An unknown name or option, or too small a --size, fails before anything compiles.
+        requests = [as_request(request_from_args(arch, args), args.size).checked() for arch in archs]
         import jax
 
         batch = args.batch or (16 if jax.devices()[0].platform == "cpu" else 256)
         modes = ("train", "infer") if args.mode == "both" else (args.mode,)
-        rows = [throughput_row(arch, mode, batch, size=args.size, dtype=args.dtype, devices=args.devices,
+        rows = [throughput_row(request, mode, batch, dtype=args.dtype, devices=args.devices,
                                repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops,
                                cpu_kernels=KERNELS[args.kernels])
-                for arch in archs for mode in modes]
+                for request in requests for mode in modes]
         print(markdown_table(rows, COLUMNS))
         if not args.no_write:
-            tag = args.tag or f"{'all' if args.all else '_'.join(archs)}_{args.mode}_b{batch}_{args.dtype}"
+            variant = request_from_args(archs[0], args).tag() if archs else ""  # the options, if any
+            tag = args.tag or f"{'all' if args.all else '_'.join(archs)}{variant}_{args.mode}_b{batch}_{args.dtype}"
             conditions = {**environment(jax.devices()[:args.devices]), "command": "python -m benchmarks.throughput "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
             paths = write_results(f"throughput_{tag}", rows, conditions)

@@ -1,6 +1,8 @@
-"""Looking inside a network without running it: parameter counts, per-layer shapes, smallest input.
+"""Looking inside a network without running it: parameter counts, per-layer shapes, smallest input, and
+the memory a training step and a prediction need.
 
-Everything here traces with `jax.eval_shape`, so VGG-19's 144M parameters are never allocated.
+Everything here traces with `jax.eval_shape` or compiles from abstract shapes, so VGG-19's 144M
+parameters are never allocated.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from flaxnets.input_size import smallest_input
 from flaxnets.registry import create_model, get_spec
 
-__all__ = ["LayerRow", "abstract_variables", "count_params", "min_input_size", "summary"]
+__all__ = ["LayerRow", "StepMemory", "abstract_variables", "compiled_memory_bytes", "count_params", "min_input_size",
+           "step_memory", "summary"]
 
 
 def count_params(tree: Any) -> int:
@@ -153,3 +157,98 @@ def summary(
             lines.append(f"BatchNorm statistics (not trained): {state:,}")
         print_fn("\n".join(lines))
     return rows
+
+
+def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """The device memory a compiled program needs by XLA's own memory analysis: its arguments, outputs and
+    temporaries, less the outputs that reuse donated arguments; ``None`` where the backend gives none."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """What `step_memory` found: bytes of a training step and of a prediction at ``batch`` images."""
+
+    batch: int
+    input_shape: tuple[int, ...]  # of one batch, NHWC
+    train_bytes: int | None
+    predict_bytes: int | None
+    backend: str  # e.g. "cpu", "gpu (NVIDIA H100 80GB HBM3)"
+
+    def describe(self) -> str:
+        """The two figures as text, saying what they are."""
+        def mib(value: int | None) -> str:
+            return "not reported by this backend" if value is None else f"{value / 2**20:,.1f} MiB"
+
+        return (f"memory at batch {self.batch}, input {self.input_shape}, by XLA's estimates for this backend "
+                f"({self.backend}):\n"
+                f"  training step (SGD with momentum, state donated, as python -m train): {mib(self.train_bytes)}\n"
+                f"  prediction: {mib(self.predict_bytes)}\n"
+                f"  (each: the compiled program's arguments + outputs + temporaries - donated buffers; nothing was "
+                f"allocated)")
+
+
+def _cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def step_memory(
+    model: str | nn.Module,
+    input_shape: tuple[int, ...] | None = None,
+    *,
+    batch: int,
+    num_classes: int | None = None,
+    **overrides,
+) -> StepMemory:
+    """XLA's estimate of the device memory a training step and a prediction need at ``batch`` images.
+
+    Both programs are compiled from abstract shapes for JAX's default backend and never run. The training
+    step is the trainer's, built from flax and optax alone: uint8 images scaled inside the step, forward
+    in training mode with BatchNorm statistics updated, softmax cross-entropy (auxiliary heads included),
+    gradients, SGD with momentum 0.9, and the old parameters, statistics and momentum donated to the new
+    ones. The prediction is ``apply(variables, images, train=False)`` on uint8 images. ``model``,
+    ``input_shape`` (its batch dimension is replaced by ``batch``), ``num_classes`` and ``overrides`` are
+    as for `summary`. The trainer's own step (its metrics, per-example random keys) differs by well under
+    a percent (tests/test_exercises.py compares it with `benchmarks.common.build_step`).
+    """
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}.")
+    module, input_shape = _resolve(model, input_shape, num_classes, overrides)
+    variables = abstract_variables(module, input_shape)
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    tx = optax.sgd(0.1, momentum=0.9)  # the rate does not change the program's memory
+    state = (params, batch_stats, jax.eval_shape(tx.init, params))
+    images = jax.ShapeDtypeStruct((batch, *input_shape[1:]), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    rng = jax.eval_shape(jax.random.key, 0)
+
+    def scale(pixels: jnp.ndarray) -> jnp.ndarray:
+        return pixels.astype(jnp.float32) / 255.0
+
+    def train(state, images, labels, rng):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, mutated = module.apply({"params": params, "batch_stats": batch_stats}, scale(images), train=True,
+                                           mutable=["batch_stats", "aux_logits"], rngs={"dropout": rng})
+            loss = _cross_entropy(logits, labels)
+            for head in jax.tree_util.tree_leaves(mutated.get("aux_logits", {})):  # their weight costs no memory
+                loss = loss + _cross_entropy(head, labels)
+            return loss, mutated.get("batch_stats", batch_stats)
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    def predict(variables, images):
+        return module.apply(variables, scale(images), train=False)
+
+    trained = jax.jit(train, donate_argnums=0).lower(state, images, labels, rng).compile()
+    predicted = jax.jit(predict).lower(variables, images).compile()
+    device = jax.devices()[0]
+    backend = device.platform if device.platform == "cpu" else f"{device.platform} ({device.device_kind})"
+    return StepMemory(batch, images.shape, compiled_memory_bytes(trained), compiled_memory_bytes(predicted), backend)

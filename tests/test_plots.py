@@ -243,3 +243,44 @@ def test_suggestion_rules_on_a_made_up_curve():
     rate, rule, min_loss_rate = lr_find.suggest(lrs, losses)
     assert rate == pytest.approx(1e-3, rel=0.2) and "steepest" in rule
     assert 0.1 < min_loss_rate <= 1.5
+
+
+# -- the suggestion on synthetic curves: a loss that never falls gets none ------------------------------------
+
+LRS = np.logspace(-7, 1, 200)
+NOISE = np.random.default_rng(0).normal(0.0, 0.02, LRS.size)  # a batch-64 loss's step-to-step jitter
+
+
+@pytest.mark.parametrize("name,losses,expected", [
+    ("flat at chance", np.log(10) + NOISE, None),  # NiN on the digits: ln 10 from 1e-7 to 10
+    ("falls 5%, within the tolerance", np.log(10) * (1 - 0.05 * (LRS > 1e-3)) + NOISE, None),
+    ("only rises", np.log(10) + np.where(LRS > 1e-2, np.log10(LRS / 1e-2), 0) + NOISE, None),
+    ("falls", 2.3 - 2.0 / (1 + np.exp(-4 * (np.log10(LRS) + 3))) + NOISE, 1e-3),
+    ("falls, then diverges", 2.3 - 2.0 / (1 + np.exp(-4 * (np.log10(LRS) + 3)))
+     + np.where(LRS > 1, (LRS - 1) * 10, 0) + NOISE, 1e-3),
+])
+def test_suggestion_on_synthetic_curves(name, losses, expected):
+    smoothed = lr_find.smooth(losses)
+    rate, rule, min_loss_rate = lr_find.suggest(LRS, smoothed)
+    assert LRS[0] <= min_loss_rate <= LRS[-1]
+    if expected is None:
+        assert rate is None and f"never fell {lr_find.FLAT_TOLERANCE:.0%} below its start" in rule, name
+    else:
+        # smoothing lags the curve by a few steps, so the steepest fall shows a little later
+        assert expected / 2 <= rate <= expected * 4 and "steepest" in rule, (name, rate)
+
+
+def test_a_flat_sweep_says_what_to_try_and_its_plot_marks_no_rate(tmp_path):
+    losses = np.log(10) + NOISE
+    smoothed = lr_find.smooth(losses)
+    rate, rule, min_loss_rate = lr_find.suggest(LRS, smoothed)
+    finding = lr_find.LRFinding(LRS, losses, smoothed, rate, rule, min_loss_rate, "all 200 steps taken")
+    summary = finding.as_dict()
+    assert summary["suggested_lr"] is None and summary["min_loss_lr_over_10"] is None
+    sentence = lr_find.no_suggestion(finding)
+    assert sentence.startswith("no suggested --lr: the smoothed loss never fell 10% below its start")
+    assert "--optimizer adam" in sentence and "smaller model" in sentence and "images and labels" in sentence
+    assert sentence.count(". ") == sentence.count("e.g. ") and sentence.endswith(".") and "\n" not in sentence
+    csv_path, png_path = lr_find.write_finding(finding, str(tmp_path), "flat")
+    assert_sensible_png(png_path)
+    assert not lr_find.suggest(LRS[:3], np.full(3, np.nan))[0]  # never finite: no rate either

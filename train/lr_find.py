@@ -14,6 +14,12 @@ no ``config.json``, no ``metrics.jsonl``; only ``WORKDIR/plots/lr_find.png`` and
 The suggestion is where the smoothed loss falls fastest against log(rate), searched between the start
 and the rate of the lowest smoothed loss: the rate at which training makes the most progress per step
 before it grows unstable. The lowest-loss rate divided by ten, the other common rule, is printed too.
+
+A loss that never falls gives no suggestion: when the smoothed loss's lowest point is less than
+``FLAT_TOLERANCE`` (10%) below its start (the median of its first ``START_STEPS`` values, so one noisy
+step decides nothing), no rate made progress, and the steepest point of a flat curve is noise. NiN on
+the digits stays at ln 10 from 1e-7 to 10 and used to be "suggested" 0.2, which then stayed at chance;
+the test now says that no rate helps and what to try instead.
 """
 
 from __future__ import annotations
@@ -30,10 +36,15 @@ import optax
 if TYPE_CHECKING:
     from train.run import Run
 
-__all__ = ["LRFinding", "exponential_rates", "smooth", "suggest", "range_test", "lr_find"]
+__all__ = ["LRFinding", "exponential_rates", "smooth", "suggest", "no_suggestion", "range_test", "lr_find"]
 
 DIVERGENCE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
 SMOOTHING = 0.9  # weight of the past in the moving average of the loss
+# The loss "fell" only if its smoothed lowest point is this fraction of the start below it. Well above the
+# smoothed noise of a flat run (about 1% at batch 64), well below the fall of a run that learns (LeNet-5
+# on the digits: from 2.3 to under 1).
+FLAT_TOLERANCE = 0.1
+START_STEPS = 10  # the start of the curve: the median of its first smoothed values
 
 
 @dataclasses.dataclass
@@ -43,16 +54,16 @@ class LRFinding:
     lrs: np.ndarray
     losses: np.ndarray
     smoothed: np.ndarray
-    suggested_lr: float
+    suggested_lr: float | None  # None when the loss never fell
     rule: str
     min_loss_lr: float  # the rate of the lowest smoothed loss
     stop_reason: str
 
     def as_dict(self) -> dict:
         """The summary the trainer returns: suggestion, rule, steps taken and why the test stopped."""
+        over_10 = None if self.suggested_lr is None else self.min_loss_lr / 10
         return {"suggested_lr": self.suggested_lr, "rule": self.rule, "min_loss_lr": self.min_loss_lr,
-                "min_loss_lr_over_10": self.min_loss_lr / 10, "steps": int(len(self.lrs)),
-                "stop_reason": self.stop_reason}
+                "min_loss_lr_over_10": over_10, "steps": int(len(self.lrs)), "stop_reason": self.stop_reason}
 
 
 def exponential_rates(start: float, end: float, steps: int) -> optax.Schedule:
@@ -72,16 +83,24 @@ def smooth(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:
     return out
 
 
-def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float, str, float]:
+def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> tuple[float | None, str, float]:
     """``(rate, rule, lowest-loss rate)``: the steepest fall of the smoothed loss before its minimum.
 
     The slope is taken against log(rate) over the points up to the minimum; with fewer than five of
-    them there is no slope to trust and the lowest-loss rate over ten is suggested instead.
+    them there is no slope to trust and the lowest-loss rate over ten is suggested instead. When the
+    lowest smoothed loss is not ``FLAT_TOLERANCE`` below the start, the loss never fell: the rate is
+    ``None`` and the rule says so.
     """
     lrs, smoothed = np.asarray(lrs, np.float64), np.asarray(smoothed, np.float64)
     finite = np.isfinite(smoothed)
     best = int(np.argmin(np.where(finite, smoothed, np.inf)))
     min_loss_lr = float(lrs[best])
+    if not finite.any():
+        return None, "the loss was not finite at any rate", min_loss_lr
+    start = float(np.median(smoothed[finite][:START_STEPS]))
+    if start - smoothed[best] < FLAT_TOLERANCE * abs(start):
+        return (None, f"the smoothed loss never fell {FLAT_TOLERANCE:.0%} below its start ({start:.3g}; lowest "
+                      f"{smoothed[best]:.3g} at rate {min_loss_lr:.3g})", min_loss_lr)
     if best < 5:
         return min_loss_lr / 10, "the rate of the lowest smoothed loss, divided by 10", min_loss_lr
     slope = np.gradient(smoothed[:best + 1], np.log(lrs[:best + 1]))
@@ -146,8 +165,11 @@ def plot_finding(finding: LRFinding, path: str, title: str) -> str:
     ax.plot(finding.lrs, finding.smoothed, color="C0", linewidth=2, label="smoothed loss")
     ax.axvline(finding.min_loss_lr, color="0.4", linestyle=":",
                label=f"lowest smoothed loss at {finding.min_loss_lr:.2g}")
-    ax.axvline(finding.suggested_lr, color="C3", linestyle="--",
-               label=f"suggested --lr {finding.suggested_lr:.2g} ({finding.rule})")
+    if finding.suggested_lr is not None:
+        ax.axvline(finding.suggested_lr, color="C3", linestyle="--",
+                   label=f"suggested --lr {finding.suggested_lr:.2g} ({finding.rule})")
+    else:
+        title = f"{title}\nno suggested rate: {finding.rule}"
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("training loss")
@@ -173,6 +195,13 @@ def write_finding(finding: LRFinding, out_dir: str, title: str) -> tuple[str, st
     return csv_path, plot_finding(finding, os.path.join(out_dir, "lr_find.png"), title)
 
 
+def no_suggestion(finding: LRFinding) -> str:
+    """One sentence for a sweep that suggests no rate: what happened and what to try instead."""
+    return (f"no suggested --lr: {finding.rule}, over rates {finding.lrs[0]:.3g} to {finding.lrs[-1]:.3g}, so no "
+            f"rate made this model learn; try another optimizer (e.g. --optimizer adam), a smaller model or one with "
+            f"BatchNorm, or check that the images and labels match.")
+
+
 def lr_find(run: "Run", *, stream: TextIO | None = None) -> dict:
     """The range test of ``run``, its plot and table in ``WORKDIR/plots``, the suggestion printed.
 
@@ -190,9 +219,12 @@ def lr_find(run: "Run", *, stream: TextIO | None = None) -> dict:
     finding = range_test(run)
     result = finding.as_dict()
     say(f"stopped: {finding.stop_reason}.")
-    say(f"lowest smoothed loss {np.nanmin(finding.smoothed):.4f} at rate {finding.min_loss_lr:.3g} "
-        f"(divided by 10: {finding.min_loss_lr / 10:.3g}).")
-    say(f"suggested --lr {finding.suggested_lr:.3g} (rule: {finding.rule}).")
+    if finding.suggested_lr is None:
+        say(no_suggestion(finding))
+    else:
+        say(f"lowest smoothed loss {np.nanmin(finding.smoothed):.4f} at rate {finding.min_loss_lr:.3g} "
+            f"(divided by 10: {finding.min_loss_lr / 10:.3g}).")
+        say(f"suggested --lr {finding.suggested_lr:.3g} (rule: {finding.rule}).")
     if primary:
         out_dir = os.path.join(os.path.abspath(config.workdir), "plots")
         title = (f"learning-rate range test: {config.arch} on {config.dataset}, {config.optimizer}, "

@@ -1,0 +1,161 @@
+"""What the commands share about the network they look at.
+
+``python -m flaxnets summary`` and the benchmarks (``profile``, ``flops``, ``throughput``) take the same
+``--model-arg KEY=VALUE`` options of the architecture (repeatable, passed to `create_model`) and, where
+the input matters, the same ``--input-size``, ``--channels`` and ``--num-classes``. `request_from_args`
+reads them into a `ModelRequest`, and `ModelRequest.checked` turns every refusal (an unknown option, a
+value the module rejects, an input below the architecture's minimum) into one `ModelRequestError`
+sentence before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+
+from flaxnets.analysis import abstract_variables, min_input_size
+from flaxnets.registry import ModelSpec, UnknownOptionError, create_model, get_spec, parse_model_arg
+
+__all__ = ["ModelRequest", "ModelRequestError", "add_model_arguments", "request_from_args"]
+
+
+class ModelRequestError(ValueError):
+    """A network a command cannot build as asked; the message is one sentence for stderr."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRequest:
+    """An architecture as a command asks for it; ``None`` means the architecture's own value.
+
+    Attributes:
+      name: registry name.
+      options: `create_model` keywords from ``--model-arg``.
+      input_size: side of the square input (default: the native size).
+      channels: input channels (default: those of its usual data).
+      num_classes: width of the logits (default: the usual class count; 0 for the pooled features).
+    """
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    input_size: int | None = None
+    channels: int | None = None
+    num_classes: int | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.name)
+
+    @property
+    def side(self) -> int:
+        return self.spec.input_size if self.input_size is None else self.input_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels if self.channels is None else self.channels
+
+    @property
+    def classes(self) -> int:
+        return self.spec.num_classes if self.num_classes is None else self.num_classes
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the architecture as registered: native side, usual channels and classes, no options."""
+        spec = self.spec
+        return (not self.options and (self.side, self.in_channels, self.classes)
+                == (spec.input_size, spec.in_channels, spec.num_classes))
+
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        """``(batch, side, side, channels)``, NHWC."""
+        return (batch, self.side, self.side, self.in_channels)
+
+    def build(self, **fields: Any) -> nn.Module:
+        """The module: `create_model` with the request's classes and options, then ``fields`` (``dtype``...)."""
+        return create_model(self.name, num_classes=self.classes, **{**self.options, **fields})
+
+    def describe(self) -> str:
+        """One line for a report: ``nin (dropout=0.3), input 224x224x1, 10 classes``."""
+        options = ", ".join(f"{key}={value!r}" for key, value in self.options.items())
+        return (f"{self.name}{f' ({options})' if options else ''}, input {self.side}x{self.side}x{self.in_channels}, "
+                f"{self.classes} classes")
+
+    def tag(self) -> str:
+        """A file-name suffix naming what differs from the defaults (empty when nothing does), so a variant's
+        results never overwrite the architecture's own."""
+        parts = [f"{flag}{value}" for flag, value in (("s", self.input_size), ("c", self.channels),
+                                                       ("k", self.num_classes)) if value is not None]
+        parts += [f"{key}-{value}" for key, value in self.options.items()]
+        return "".join(f"_{re.sub(r'[^A-Za-z0-9.-]+', '', str(part))}" for part in parts)
+
+    def checked(self) -> ModelRequest:
+        """This request, once it is known to build; otherwise `ModelRequestError` (one sentence).
+
+        An unknown name raises the registry's `UnknownModelError`. Without options the default build
+        is known to trace, so only the side is compared with the recorded minimum; with options the
+        module is traced once on the requested shape (options are read when it is traced).
+        """
+        spec = self.spec
+        for flag, value, least in (("--input-size", self.input_size, 1), ("--channels", self.channels, 1),
+                                   ("--num-classes", self.num_classes, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ModelRequestError(f"{flag} must be an integer of at least {least}, got {value!r}.")
+        try:
+            module = self.build()
+        except UnknownOptionError as error:
+            raise ModelRequestError(f"--model-arg: {error}") from None
+        except (TypeError, ValueError) as error:  # a value the constructor refuses
+            raise ModelRequestError(f"{spec.name} cannot be built with {dict(self.options)}: {error}") from None
+        if not self.options:
+            self._check_side(min_input_size(self.name))
+            return self
+        try:
+            abstract_variables(module, self.input_shape())
+        except Exception as error:  # noqa: BLE001 - whatever the module raises, it is about this request
+            try:
+                smallest = min_input_size(module, self.in_channels)
+            except Exception:  # noqa: BLE001 - no side traces: the options are at fault, not the size
+                smallest = 0
+            self._check_side(smallest)
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelRequestError(f"{spec.name} with {dict(self.options)} does not build on "
+                                    f"{self.side}x{self.side}x{self.in_channels} input ({type(error).__name__}"
+                                    f"{': ' + first if first else ''}).") from None
+        return self
+
+    def _check_side(self, smallest: int) -> None:
+        if self.side < smallest:
+            raise ModelRequestError(f"an input of {self.side}x{self.side} pixels is below {self.name}'s minimum input "
+                                    f"of {smallest}x{smallest} pixels.")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, shape: bool = True,
+                        size_flags: Sequence[str] = ("--input-size",)) -> None:
+    """Add ``--model-arg`` and, with ``shape``, ``--input-size`` (spelt as ``size_flags``), ``--channels`` and
+    ``--num-classes``. `request_from_args` reads them."""
+    parser.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the architecture, passed to create_model (repeatable; VALUE as JSON, "
+                             "else a string), e.g. dropout=0.3 or activation=relu")
+    if shape:
+        parser.add_argument(*size_flags, dest="input_size", type=int, default=None, metavar="PIXELS",
+                            help="side of the square input (default: the architecture's own)")
+        parser.add_argument("--channels", type=int, default=None,
+                            help="input channels, e.g. 1 for Fashion-MNIST (default: the architecture's usual data)")
+        parser.add_argument("--num-classes", type=int, default=None,
+                            help="width of the logits (default: the architecture's usual class count)")
+
+
+def request_from_args(name: str, args: argparse.Namespace) -> ModelRequest:
+    """The `ModelRequest` for ``name`` from arguments `add_model_arguments` added (not yet checked: see
+    `ModelRequest.checked`). A later ``--model-arg`` of the same key wins."""
+    options: dict[str, Any] = {}
+    for text in getattr(args, "model_args", None) or ():
+        try:
+            key, value = parse_model_arg(text)
+        except ValueError as error:
+            raise ModelRequestError(str(error)) from None
+        options[key] = value
+    return ModelRequest(name, options, getattr(args, "input_size", None), getattr(args, "channels", None),
+                        getattr(args, "num_classes", None))
