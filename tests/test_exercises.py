@@ -134,7 +134,7 @@ def test_the_benchmark_step_is_built_from_the_request():
 @pytest.mark.parametrize("module,argv,needle", [
     (profile, ["--arch", "lenet5", "--model-arg", "dropuot=0.3"], "has no option 'dropuot'"),
     (profile, ["--arch", "nin", "--input-size", "66"], "minimum input of 67x67"),
-    (flops, ["--arch", "lenet5*", "--model-arg", "dropout=0.3"], "lenet5 has no option 'dropout'"),
+    (flops, ["--arch", "lenet5*", "--model-arg", "mlp_layers=1"], "lenet5 has no option 'mlp_layers'"),
     (flops, ["--arch", "lenet5", "--channels", "0"], "--channels"),
     (throughput, ["--arch", "lenet5", "--model-arg", "activation=tanh", "--no-write"], "KeyError: 'tanh'"),
     (throughput, ["--arch", "lenet5", "--model-arg", "pool"], "KEY=VALUE"),
