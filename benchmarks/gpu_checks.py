@@ -252,7 +252,16 @@ def convert_parity(archs: Sequence[str], side: int, batch: int, torch_device: st
 
 def drivers_against_jit(arch: str, batch: int, steps: int, kinds: Sequence[str] = ("shard_map", "pmap")) -> list[dict]:
     """``steps`` SGD steps on the bundled digits through each data-parallel driver over every device,
-    against plain `jax.jit` of the same per-device step on the whole batch (no device axis)."""
+    against plain `jax.jit` of the same per-device step on the whole batch (no device axis). Both run
+    at full float32 precision: at the default (TF32 on GPUs) two differently fused programs round
+    differently, which says nothing about the drivers."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        return _drivers_against_jit(arch, batch, steps, kinds)
+
+
+def _drivers_against_jit(arch: str, batch: int, steps: int, kinds: Sequence[str]) -> list[dict]:
     import jax
     import jax.numpy as jnp
 

@@ -9,8 +9,25 @@ CPU; detection operators stay unusable, which no test needs.
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import pytest
+
+
+def _native_operators_load(torch) -> bool:
+    """Whether torchvision's compiled operators load into this torch. Asked before torchvision is
+    imported: where they load, they register the schemas themselves and a shim would clash with them."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return True  # nothing to shim; the import below reports the absence
+    for library in Path(spec.submodule_search_locations[0]).glob("_C*"):
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError):
+            return False
+        return True
+    return False
 
 
 @functools.cache
@@ -19,9 +36,7 @@ def _load():
         import torch
     except ImportError as error:  # pragma: no cover - depends on the machine
         return None, None, f"torch is not installed ({error}); install the 'parity' extra"
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 - a registered op needs no shim
-    except (AttributeError, RuntimeError):
+    if not _native_operators_load(torch):
         library = torch.library.Library("torchvision", "DEF")
         library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
