@@ -35,6 +35,7 @@ from flaxnets.models.inception import AUX_MIN_INPUT
 from flaxnets.models.vgg import CONFIGS, D2L_CONV_ARCH
 from flaxnets.registry import register
 from reference import torchvision_or_skip
+from siblings import DEEPER, DEPTH_AND_WIDTH, without_deeper
 
 MODELS = flaxnets.list_models()
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,6 +388,15 @@ def test_published_counts_cover_every_torchvision_model():
     assert all(flaxnets.get_spec(name).params is None for name in set(MODELS) - set(PUBLISHED))
 
 
+@pytest.mark.parametrize("name", sorted(DEEPER))
+def test_deeper_members_differ_from_their_smaller_sibling_in_depth_and_width_only(name):
+    """What lets the smaller sibling stand for them in the forward checks (tests/siblings.py)."""
+    deeper, smaller = (flaxnets.create_model(n, num_classes=NUM_CLASSES) for n in (name, DEEPER[name]))
+    assert type(deeper) is type(smaller)
+    differ = {f.name for f in dataclasses.fields(deeper) if getattr(deeper, f.name) != getattr(smaller, f.name)}
+    assert differ and differ <= DEPTH_AND_WIDTH, differ
+
+
 # (registry name, flaxnets overrides, torchvision keyword arguments)
 TORCHVISION_CASES = [(name, {}, {}) for name in TORCHVISION_MODELS if name != "googlenet"] + [
     ("googlenet", {"aux_logits": False}, {"aux_logits": False}),
@@ -422,6 +432,12 @@ def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_k
 def test_min_input_size_is_tight(name):
     smallest = flaxnets.min_input_size(name)
     spec = flaxnets.get_spec(name)
+    if name in DEEPER:
+        # The same stem, pools and transitions as the smaller sibling, which the search below covers (each of its
+        # eight traces of DenseNet-201 costs a second or two).
+        assert smallest == spec.min_input_size == flaxnets.get_spec(DEEPER[name]).min_input_size
+        zoo_shapes(name, smallest)  # fits
+        return
     # The recorded side is the one the tracing search finds.
     assert smallest == spec.min_input_size == smallest_input(flaxnets.create_model(name, num_classes=10),
                                                               spec.in_channels)
@@ -550,7 +566,7 @@ def aux_heads(name: str) -> int:
 
 # Families run as one program per kind of apply (see `Forward`), compiled without XLA's slower optimisations,
 # which buy nothing for the few calls a test makes.
-WHOLE_PROGRAM = ("googlenet", "densenet")
+WHOLE_PROGRAM = ("googlenet", "inception", "densenet")
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -559,8 +575,8 @@ class Forward:
     """One model with variables and a batch of images; applies that several tests need are computed once.
 
     Models run eagerly: each distinct layer compiles once, and is reused by every later call and model (a
-    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's Inception modules all differ, and
-    so do DenseNet's layers (each sees more channels than the last): eagerly they compile hundreds of
+    ResNet's repeated blocks, the VGG family's convolutions). GoogLeNet's and Inception v3's modules all
+    differ, and so do DenseNet's layers (each sees more channels than the last): eagerly they compile hundreds of
     small programs each; as one program per kind of apply they take half the time or less on two cores.
     """
 
@@ -601,7 +617,8 @@ class Forward:
 
 # Module scope, so that pytest runs every test of one model before building the next, and drops each
 # model's variables when done with it (their weight arrays live on in `he_uniform`'s cache, shared by shape).
-@pytest.fixture(scope="module", params=MODELS)
+# The deeper members of the newer families run through their smaller siblings (tests/siblings.py).
+@pytest.fixture(scope="module", params=without_deeper(MODELS))
 def forward(request) -> Forward:
     name = request.param
     model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
@@ -672,6 +689,8 @@ def test_dropout_needs_and_follows_its_rng(forward):
 def test_auxiliary_logits_only_when_training(forward):
     # Initialisation returns parameters and statistics only, GoogLeNet's auxiliary heads included.
     assert forward.init_collections <= {"params", "batch_stats"}
+    # The trainer weights the heads' losses by the registry's figure: nonzero exactly where there are heads.
+    assert (flaxnets.get_spec(forward.name).aux_loss_weight > 0) == (aux_heads(forward.name) > 0)
     if not aux_heads(forward.name):
         return
     heads = collect_aux_logits(forward.train(seed=1)[1])
