@@ -51,8 +51,8 @@ Step = Conv | Pair | str
 Branch = tuple[str, tuple[Step, ...]]
 
 # 1x7 then 7x1, and 7x1 then 1x7: the factorised 7x7 of figure 6.
-_1x7 = dict(kernel=(1, 7), pad=(0, 3))
-_7x1 = dict(kernel=(7, 1), pad=(3, 0))
+_1x7 = {"kernel": (1, 7), "pad": (0, 3)}
+_7x1 = {"kernel": (7, 1), "pad": (3, 0)}
 _EXPANDED = Pair(Conv(384, (1, 3), pad=(0, 1)), Conv(384, (3, 1), pad=(1, 0)))
 
 
