@@ -51,9 +51,8 @@ def checks_input_size(call: Callable) -> Callable:
 
     @functools.wraps(call)
     def guarded(self, x, *args, **kwargs):
-        if _SEARCHING.get():
-            with nn.intercept_methods(_interceptor):
-                return call(self, x, *args, **kwargs)
+        if _SEARCHING.get():  # the search below already rejects empty activations
+            return call(self, x, *args, **kwargs)
         try:
             with nn.intercept_methods(_interceptor):
                 return call(self, x, *args, **kwargs)
@@ -82,7 +81,11 @@ def _traces(module: nn.Module, side: int, channels: int) -> bool:
     try:
         images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
         rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
-        jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
+        # Intercepted here, not only inside `checks_input_size`: a module of the user's own (``--arch
+        # FILE.py:FACTORY``) has no guard, and an empty activation reaching its dense layer fails inside the
+        # initialiser (a ZeroDivisionError from the fan-in) rather than as a shape error.
+        with nn.intercept_methods(_interceptor):
+            jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
         return True
     except _SHAPE_ERRORS:
         return False

@@ -474,6 +474,19 @@ def test_inception_v3_trains_its_auxiliary_head_from_299_pixels():
     assert logits.shape == (BATCH, NUM_CLASSES) and collect_aux_logits(mutated) == []
 
 
+def test_smallest_input_of_a_module_without_the_guard():
+    """A module of the user's own has no `checks_input_size`; the search still refuses an input its pooling
+    leaves empty, at the dense layer that receives nothing (whose initialiser would divide by its fan-in)."""
+
+    class Pooled(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.max_pool(nn.Conv(4, (3, 3))(x), (2, 2), strides=(2, 2))
+            return nn.Dense(NUM_CLASSES)(x.reshape((x.shape[0], -1)))
+
+    assert smallest_input(Pooled(), 1) == 2
+
+
 def test_wrong_rank_input_is_a_clear_error():
     model = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="NHWC"):
