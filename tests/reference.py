@@ -30,13 +30,24 @@ def _native_operators_load(torch) -> bool:
     return False
 
 
+def _schemas_registered(torch) -> bool:
+    """Whether the two schemas are already defined in this process."""
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - looking it up is the question
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @functools.cache
 def _load():
     try:
         import torch
     except ImportError as error:  # pragma: no cover - depends on the machine
         return None, None, f"torch is not installed ({error}); install the 'parity' extra"
-    if not _native_operators_load(torch):
+    # A second copy of this file in the process (benchmarks/vs_torch.py loads it under its own name) finds
+    # the shim of the first already registered: defining the namespace twice is an error in torch.
+    if not _native_operators_load(torch) and not _schemas_registered(torch):
         library = torch.library.Library("torchvision", "DEF")
         library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
