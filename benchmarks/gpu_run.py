@@ -90,7 +90,9 @@ class Plan:
 # The GPU run on one H200: pip 30 + 40 + 90 + 30 + 155 + 110 + 100 = 555 s (9 min 15 s) at most. A step
 # that ends early hands its unused seconds to the next (gpu_run.sh); the last two use all they get.
 REAL = Plan(
-    limits={"environment": 40, "correctness": 90, "parallel": 30, "accuracy": 155, "throughput": 110, "tune": 100},
+    # Seconds measured on the H200 on 2026-11-30 (benchmarks/RESULTS.md): environment 6, correctness over
+    # 120 (GoogLeNet compiles for about 15 s a program there), parallel 12, accuracy 75, throughput 14 a row.
+    limits={"environment": 40, "correctness": 150, "parallel": 30, "accuracy": 115, "throughput": 70, "tune": 120},
     matmul_side=8192, copy_mib=2048, ceiling_repeats=10,
     correctness=(("resnet18", 64), ("alexnet_paper", 67), ("googlenet", 64)), correctness_batch=8, checks=None,
     parity=("resnet18", "googlenet", "vgg11_bn"), parity_side=224, parity_batch=4,
@@ -99,8 +101,8 @@ REAL = Plan(
     tune_arch="resnet50", tune_batch=256, tune_variants=None,
     # A CIFAR-style recipe scaled to batch 512 (bfloat16, Nesterov SGD, cosine with 2 warm-up epochs,
     # label smoothing 0.1; the trainer adds random crops with 2-pixel padding and flips), chosen to pass
-    # 94.9% in 30 epochs: not yet measured, the first GPU run says whether it does. Checkpoints only at
-    # the end, so that the wall time is training's.
+    # 94.9% in 30 epochs (its H200 result is in benchmarks/RESULTS.md). Checkpoints only at the end, so
+    # that the wall time is training's.
     accuracy=("--arch", "resnet18_cifar", "--dataset", "fashion_mnist", "--epochs", "30", "--batch-size", "512",
               "--lr", "0.2", "--optimizer", "nesterov", "--schedule", "cosine", "--warmup-epochs", "2",
               "--weight-decay", "5e-4", "--label-smoothing", "0.1", "--dtype", "bfloat16",
@@ -153,7 +155,13 @@ class Record:
         tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
         os.replace(tmp, self.path)
 
+    def doing(self, what: str) -> None:
+        """Saves what the step starts now: if the time limit kills the process, the summary names it."""
+        self.data["doing"] = what
+        self.save()
+
     def finish(self, ok: bool, headline: str) -> None:
+        self.data.pop("doing", None)
         self.data.update(status="ok" if ok else "failed", ok=ok, headline=headline)
         self.save()
 
@@ -295,6 +303,7 @@ def correctness(record: Record, plan: Plan, args: argparse.Namespace) -> tuple[b
     # First, while this process has not started JAX's backend (which takes 75% of the device's memory),
     # PyTorch's process: on the GPU when it has one, unless this is the CPU's dry run.
     torch_device = "cpu" if args.dry_run else "auto"
+    record.doing(f"converting {', '.join(plan.parity)} against torchvision")
     parity = record.data["parity"] = convert_parity(plan.parity, plan.parity_side, plan.parity_batch, torch_device,
                                                     timeout=max(record.remaining(), 10))
     for row in parity:
@@ -308,6 +317,7 @@ def correctness(record: Record, plan: Plan, args: argparse.Namespace) -> tuple[b
             skipped.append(arch)
             continue
         started = time.perf_counter()
+        record.doing(f"{arch} against float64")
         for row in step_against_float64(arch, side, plan.correctness_batch, plan.checks or tuple(CHECKS)):
             rows.append(row)
             limits = row["tolerances"]
@@ -399,6 +409,7 @@ def throughput(record: Record, plan: Plan, args: argparse.Namespace) -> tuple[bo
             record.save()
             continue
         started = time.perf_counter()
+        record.doing(f"{arch} {mode} {dtype}")
         rows.append(_measure_row(arch, mode, dtype, plan.throughput_batch, plan, ceiling))
         last = time.perf_counter() - started
         rows[-1]["row_s"] = round(last, 1)
@@ -659,6 +670,15 @@ def run_step(step: str, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _unfinished(data: dict[str, Any]) -> str:
+    """What a step that was stopped before its end had done, and what it was doing."""
+    done = [row for row in data.get("rows", data.get("steps", [])) if "error" not in row]
+    parts = [f"stopped during {data['doing']}" if data.get("doing") else "stopped"]
+    if done:
+        parts.append(f"{len(done)} {'rows' if 'rows' in data else 'checks'} saved before")
+    return "; ".join(parts)
+
+
 def summary(out: Path, codes: dict[str, int], dry: bool) -> str:
     """The table of every step (also written to ``DIR/summary.md``): status, time against its limit, result."""
     plan = DRY if dry else REAL
@@ -672,9 +692,11 @@ def summary(out: Path, codes: dict[str, int], dry: bool) -> str:
             data = {}
         status = data.get("status", "missing")
         code = codes.get(step)
+        headline = str(data.get("headline") or data.get("error") or "")
         if status == "running":  # the process never finished its record
             status = "timeout" if code in (124, 137) else f"crashed (exit {code})"
-        headline = str(data.get("headline") or data.get("error") or "").replace("|", "/")
+            headline = _unfinished(data)
+        headline = headline.replace("|", "/")
         lines.append(f"| {step} | {status} | {data.get('wall_s', '-')} ({plan.limits[step]}) | {headline} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

@@ -11,7 +11,8 @@
 #
 # Steps, each its own process under its own time limit (`python -m benchmarks.gpu_run limits`), each
 # writing DIR/STEP.json and DIR/STEP.log, in this order: environment (device, versions, measured ceilings),
-# correctness, parallel, accuracy, throughput, tune; then the table of results (DIR/summary.md). On one H200 the limits
+# correctness, parallel, accuracy, throughput, tune; then the table of results (DIR/summary.md) and
+# DIR/results.tgz, which holds every step's .json and .log and the table. On one H200 the limits
 # add up to 525 s, plus at most 30 s for pip: 9 min 15 s in the worst case. A step that ends early hands
 # its unused seconds to the next. --dry-run: every step at toy sizes on the CPU (a minute or two).
 set -uo pipefail
@@ -66,3 +67,7 @@ for i in "${!steps[@]}"; do
 done
 echo
 "$python" -m benchmarks.gpu_run summary --out "$out" --codes "${codes[@]}" "${dry[@]}"
+# Everything a report needs in one small file (the accuracy runs' checkpoints and the compilation cache
+# stay behind): what to bring back from a machine that returns only a few files.
+(cd "$out" && tar czf results.tgz --exclude='*.tmp' -- *.json *.log summary.md) \
+    && echo "results: $out/results.tgz"

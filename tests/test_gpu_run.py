@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 from benchmarks import gpu_run
 
@@ -28,10 +29,16 @@ def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
         data = json.loads((out / f"{step}.json").read_text())
         assert data["status"] == "ok" and data["ok"] and data["dry_run"], (step, data.get("headline"), data.get("error"))
         assert (out / f"{step}.log").read_text().strip()
-    table = result.stdout[result.stdout.index("| step | status"):]
+    table = "".join(line for line in result.stdout[result.stdout.index("| step | status"):].splitlines(keepends=True)
+                    if line.startswith("|"))
+    assert f"results: {out}/results.tgz" in result.stdout
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(gpu_run.STEPS)
     assert all(line.split("|")[2].strip() == "ok" for line in table.splitlines()[2:])
     assert (out / "summary.md").read_text().endswith(table)
+    with tarfile.open(out / "results.tgz") as packed:
+        names = set(packed.getnames())
+    assert names >= {"summary.md"} | {f"{s}.{e}" for s in gpu_run.STEPS for e in ("json", "log")}
+    assert all(name.endswith((".json", ".log", ".md")) for name in names)  # no checkpoints, no cache
     correctness = json.loads((out / "correctness.json").read_text())
     assert {row["check"] for row in correctness["steps"]} == {"float32", "bfloat16"}
     assert correctness["parity"][0]["logits_error"] < correctness["parity"][0]["tolerance"]
@@ -52,7 +59,15 @@ def test_summary_names_steps_that_timed_out_crashed_or_never_ran(tmp_path):
     gpu_run.Record(tmp_path, "environment", dry=True, budget=10).finish(True, "fine")
     gpu_run.Record(tmp_path, "correctness", dry=True, budget=10)  # killed while running
     gpu_run.Record(tmp_path, "parallel", dry=True, budget=10)
-    text = gpu_run.summary(tmp_path, {"environment": 0, "correctness": 124, "parallel": 1}, dry=True)
+    killed = gpu_run.Record(tmp_path, "throughput", dry=True, budget=10)
+    killed.data["rows"] = [{"arch": "resnet50"}, {"arch": "vgg16"}, {"arch": "alexnet", "error": "boom"}]
+    killed.doing("googlenet train bfloat16")
+    text = gpu_run.summary(tmp_path, {"environment": 0, "correctness": 124, "parallel": 1, "throughput": 124},
+                           dry=True)
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ")}
     assert rows["environment"] == "ok" and rows["correctness"] == "timeout" and rows["parallel"] == "crashed (exit 1)"
     assert rows["tune"] == "missing" and (tmp_path / "summary.md").read_text() == text
+    results = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in text.splitlines()
+               if line.startswith("| ")}
+    assert results["throughput"] == "stopped during googlenet train bfloat16; 2 rows saved before"
+    assert results["correctness"] == "stopped"
