@@ -24,9 +24,9 @@ model had them; `from_torch` follows the checkpoint, and `load_pretrained` initi
 when they are missing (torchvision's are untrained anyway: "the auxiliary heads in the pretrained googlenet
 model are NOT pretrained", its builder warns). Inception v3's pretrained checkpoint has its trained head.
 
-Files: ``.pth``/``.pt``/``.bin`` need torch (imported only when such a file is read or written);
-``.safetensors`` and ``.npz`` are read and written with numpy alone. This module imports jax, flax and
-numpy only.
+Files: ``.pth``/``.pt``/``.bin`` are read without torch (`flaxnets.pth`, which refuses any pickle that names
+more than tensors) and written with it; ``.safetensors`` and ``.npz`` are read and written with numpy alone.
+This module imports jax, flax and numpy only.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxnets.models.vgg import layer_table
+from flaxnets.pth import WeightsFileError, read_pth
 from flaxnets.registry import create_model, get_spec, list_models
 
 __all__ = [
@@ -70,11 +71,6 @@ PathLike = str | os.PathLike
 
 class StateDictMismatchError(ValueError):
     """A state_dict (or flax variables) that does not fit the architecture; the message names the first bad key."""
-
-
-class WeightsFileError(ValueError):
-    """A weights file that cannot be read: missing, of another format than its suffix says, damaged, or
-    needing a package that is not installed. The message is one sentence naming the file."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -487,19 +483,6 @@ def to_torch(arch: str, variables: Mapping[str, Any], *, return_numpy: bool = Fa
 # Files
 
 
-def _read_torch(path: Path) -> dict[str, Any]:
-    try:
-        import torch  # noqa: PLC0415 - torch is optional; only .pth/.pt files need it
-    except ImportError:
-        raise WeightsFileError(f"reading {path} (a PyTorch file) needs PyTorch: pip install -e \".[parity]\", or "
-                               "save the weights as .safetensors or .npz, which flaxnets reads without it.") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean "unreadable"
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise WeightsFileError(f"{path} is not a PyTorch weights file torch.load can read ({reason}).") from None
-
-
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):  # else NumPy would say it holds "pickled data", which is wrong
         raise WeightsFileError(f"{path} is not an .npz archive (a zip of NumPy arrays).")
@@ -586,7 +569,7 @@ def _write_torch(state_dict: Mapping[str, np.ndarray], path: Path) -> None:
     torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}, path)
 
 
-_READERS = {".pth": _read_torch, ".pt": _read_torch, ".bin": _read_torch, ".safetensors": _read_safetensors,
+_READERS = {".pth": read_pth, ".pt": read_pth, ".bin": read_pth, ".safetensors": _read_safetensors,
             ".npz": _read_npz}
 _WRITERS = {".pth": _write_torch, ".pt": _write_torch, ".bin": _write_torch, ".safetensors": _write_safetensors,
             ".npz": _write_npz}
@@ -599,12 +582,12 @@ def _suffix(path: Path, table: dict) -> str:
 
 
 def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
-    """Read a state_dict as numpy arrays, by suffix: ``.pth``/``.pt``/``.bin`` (torch, loaded with
-    ``weights_only=True``), ``.safetensors`` or ``.npz`` (numpy only).
+    """Read a state_dict as numpy arrays, by suffix: ``.pth``/``.pt``/``.bin`` (``torch.save``'s zip or legacy
+    format, read without torch by `flaxnets.pth.read_pth`), ``.safetensors`` or ``.npz``.
 
     A checkpoint that wraps the state_dict (``{"model": state_dict, ...}``, as torchvision's reference
     scripts save it, or ``{"state_dict": ...}``) and ``module.`` prefixes (``nn.DataParallel``) are unwrapped.
-    Torch refuses to unpickle anything but tensors and plain containers here (a checkpoint that also holds
+    A pickle naming anything but tensors, storages and OrderedDict is refused (a checkpoint that also holds
     ``argparse`` arguments, say): load such a file yourself with ``torch.load`` and pass its state_dict.
     """
     path = Path(path)

@@ -149,7 +149,7 @@ def _check_keys(torch_state_dict, shapes):
 def test_supported_models_are_the_ones_torchvision_has():
     assert set(SUPPORTED) == {n for n in flaxnets.list_models() if flaxnets.get_spec(n).torchvision}
     assert {"alexnet", "googlenet", "resnet18", "resnet152", "vgg11", "vgg19_bn"} <= set(SUPPORTED)
-    assert len(SUPPORTED) == 15
+    assert len(SUPPORTED) == 24
 
 
 # ------------------------------------------------------------------------------------------------------
