@@ -92,6 +92,10 @@ def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
     published = hub.find_weights(arch, weights)
     recipe = published or hub.get_weights(arch, "IMAGENET1K_V1")
     overrides = flaxnets.pretrained_overrides(arch)
+    if "aux_logits" in flaxnets.registry.model_options(arch):
+        # Auxiliary heads only add to the training loss; GoogLeNet's file lacks them, and initialising
+        # them afresh would cost a compilation for nothing.
+        overrides["aux_logits"] = False
     variables = flaxnets.load_pretrained(arch, weights, **overrides)
     head = variables["params"]
     for name in head_paths(arch)[0]:  # the class layer, e.g. ("fc",): its width is the weights' class count
