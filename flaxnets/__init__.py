@@ -6,9 +6,9 @@
 >>> logits = model.apply(variables, jnp.zeros((8, 32, 32, 3)), train=False)   # (8, 10)
 """
 
-from flaxnets import cpu, layers, models  # noqa: F401  (models registers every architecture)
+from flaxnets import cpu, hub, layers, models  # noqa: F401  (models registers every architecture)
 from flaxnets.analysis import count_params, min_input_size, summary
-from flaxnets.convert import from_torch, load_pretrained, to_torch
+from flaxnets.convert import from_torch, load_pretrained, pretrained_overrides, to_torch
 from flaxnets.layers import BatchNorm, LocalResponseNorm
 from flaxnets.registry import ModelSpec, UnknownModelError, create_model, get_spec, list_models, model_info
 
@@ -24,12 +24,14 @@ __all__ = [
     "create_model",
     "from_torch",
     "get_spec",
+    "hub",
     "layers",
     "list_models",
     "load_pretrained",
     "min_input_size",
     "model_info",
     "models",
+    "pretrained_overrides",
     "summary",
     "to_torch",
 ]

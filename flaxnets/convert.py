@@ -24,9 +24,10 @@ model had them; `from_torch` follows the checkpoint, and `load_pretrained` initi
 when they are missing (torchvision's are untrained anyway: "the auxiliary heads in the pretrained googlenet
 model are NOT pretrained", its builder warns). Inception v3's pretrained checkpoint has its trained head.
 
-Files: ``.pth``/``.pt``/``.bin`` need torch (imported only when such a file is read or written);
-``.safetensors`` and ``.npz`` are read and written with numpy alone. This module imports jax, flax and
-numpy only.
+Files: ``.pth``/``.pt``/``.bin`` are read without torch (`flaxnets.pth`, which refuses any pickle that names
+more than tensors) and written with it; ``.safetensors`` and ``.npz`` are read and written with numpy alone.
+`load_pretrained` also takes the name of a published weight set (``"IMAGENET1K_V1"``) or a URL, downloaded
+once into a cache and checked (`flaxnets.hub`). This module imports jax, flax and numpy only.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flaxnets import hub
 from flaxnets.models.vgg import layer_table
+from flaxnets.pth import WeightsFileError, read_pth
 from flaxnets.registry import create_model, get_spec, list_models
 
 __all__ = [
@@ -70,11 +73,6 @@ PathLike = str | os.PathLike
 
 class StateDictMismatchError(ValueError):
     """A state_dict (or flax variables) that does not fit the architecture; the message names the first bad key."""
-
-
-class WeightsFileError(ValueError):
-    """A weights file that cannot be read: missing, of another format than its suffix says, damaged, or
-    needing a package that is not installed. The message is one sentence naming the file."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -377,6 +375,19 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
+# torchvision's published DenseNet files were saved when a dense layer's ``norm1`` was called ``norm.1``
+# (PyTorch has since forbidden dots in module names); torchvision renames these keys when it loads the
+# files, and so does `from_torch`: ``...denselayer1.norm.1.weight`` -> ``...denselayer1.norm1.weight``.
+_OLD_DENSE_LAYER = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _current_names(arch: str, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with the keys of older torchvision releases under their current names."""
+    if get_spec(arch).family != "densenet":
+        return state_dict
+    return {_OLD_DENSE_LAYER.sub(r"\1\2", key): value for key, value in state_dict.items()}
+
+
 def _fields_from_torch(arch: str, keys: list[str]) -> dict[str, Any]:
     """Model fields a state_dict implies beyond num_classes: whether GoogLeNet or Inception v3 has auxiliary heads."""
     heads = _AUX_HEADS.get(get_spec(arch).family)
@@ -411,7 +422,7 @@ def from_torch(
     Raises:
       StateDictMismatchError: a key is missing, unexpected or of the wrong shape (the first one is named).
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = _current_names(arch, _unwrap(state_dict))
     if num_classes is None:
         head = state_dict.get(_head_torch_key(arch))
         num_classes = int(head.shape[0]) if head is not None and len(head.shape) == 2 else None
@@ -485,19 +496,6 @@ def to_torch(arch: str, variables: Mapping[str, Any], *, return_numpy: bool = Fa
 
 # ------------------------------------------------------------------------------------------------------
 # Files
-
-
-def _read_torch(path: Path) -> dict[str, Any]:
-    try:
-        import torch  # noqa: PLC0415 - torch is optional; only .pth/.pt files need it
-    except ImportError:
-        raise WeightsFileError(f"reading {path} (a PyTorch file) needs PyTorch: pip install -e \".[parity]\", or "
-                               "save the weights as .safetensors or .npz, which flaxnets reads without it.") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file; all mean "unreadable"
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        raise WeightsFileError(f"{path} is not a PyTorch weights file torch.load can read ({reason}).") from None
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -586,7 +584,7 @@ def _write_torch(state_dict: Mapping[str, np.ndarray], path: Path) -> None:
     torch.save({key: torch.from_numpy(np.array(value)) for key, value in state_dict.items()}, path)
 
 
-_READERS = {".pth": _read_torch, ".pt": _read_torch, ".bin": _read_torch, ".safetensors": _read_safetensors,
+_READERS = {".pth": read_pth, ".pt": read_pth, ".bin": read_pth, ".safetensors": _read_safetensors,
             ".npz": _read_npz}
 _WRITERS = {".pth": _write_torch, ".pt": _write_torch, ".bin": _write_torch, ".safetensors": _write_safetensors,
             ".npz": _write_npz}
@@ -599,12 +597,12 @@ def _suffix(path: Path, table: dict) -> str:
 
 
 def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
-    """Read a state_dict as numpy arrays, by suffix: ``.pth``/``.pt``/``.bin`` (torch, loaded with
-    ``weights_only=True``), ``.safetensors`` or ``.npz`` (numpy only).
+    """Read a state_dict as numpy arrays, by suffix: ``.pth``/``.pt``/``.bin`` (``torch.save``'s zip or legacy
+    format, read without torch by `flaxnets.pth.read_pth`), ``.safetensors`` or ``.npz``.
 
     A checkpoint that wraps the state_dict (``{"model": state_dict, ...}``, as torchvision's reference
     scripts save it, or ``{"state_dict": ...}``) and ``module.`` prefixes (``nn.DataParallel``) are unwrapped.
-    Torch refuses to unpickle anything but tensors and plain containers here (a checkpoint that also holds
+    A pickle naming anything but tensors, storages and OrderedDict is refused (a checkpoint that also holds
     ``argparse`` arguments, say): load such a file yourself with ``torch.load`` and pass its state_dict.
     """
     path = Path(path)
@@ -666,11 +664,17 @@ def load_pretrained(
     rng: int | jax.Array = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Variables for ``create_model(arch, num_classes=num_classes, **overrides)`` from a torchvision checkpoint.
+    """Variables for ``create_model(arch, num_classes=num_classes, **overrides)`` from torchvision weights.
+
+    ``flaxnets.load_pretrained("resnet50", "IMAGENET1K_V2")`` downloads torchvision's published file once
+    (into ``~/.cache/flaxnets``; see `flaxnets.hub`), checks its hash and converts it. Build the model
+    with ``**pretrained_overrides(arch)`` to reproduce torchvision's pretrained GoogLeNet and Inception v3.
 
     Args:
       arch: a name from `supported_models`.
-      path: a ``.pth``/``.pt``/``.safetensors``/``.npz`` file (see `load_state_dict`) or a state_dict.
+      path: a published weight set of ``arch`` (``"IMAGENET1K_V1"``, ``"IMAGENET1K_V2"``, ``"DEFAULT"``:
+        `flaxnets.hub.list_weights`), a URL (``https://``, ``file://``; downloaded into the same cache), a
+        ``.pth``/``.pt``/``.bin``/``.safetensors``/``.npz`` file (see `load_state_dict`) or a state_dict.
       num_classes: the classes of the new task; by default the checkpoint's. When it differs, the class
         layers (`head_paths`) are freshly initialised as ``create_model`` initialises them, for fine-tuning.
       rng: seed or key for whatever is initialised afresh: a new head, and GoogLeNet's auxiliary heads
@@ -679,8 +683,9 @@ def load_pretrained(
 
     Raises:
       StateDictMismatchError: the checkpoint does not fit ``arch``.
+      WeightsFileError: the weights cannot be found, downloaded or read (one sentence).
     """
-    state_dict = load_state_dict(path) if isinstance(path, (str, os.PathLike)) else path
+    state_dict = load_state_dict(hub.resolve(arch, path)) if isinstance(path, (str, os.PathLike)) else path
     weight_fields = {k: v for k, v in overrides.items() if k != "aux_logits"}
     converted = from_torch(arch, state_dict, **weight_fields)
     ckpt_classes = _fields_from_flax(arch, converted["params"])["num_classes"]

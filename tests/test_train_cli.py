@@ -668,16 +668,6 @@ def test_bad_input_for_a_new_run_is_one_sentence_and_makes_no_workdir(fresh_bad_
         assert (root / "a_file").read_text() == "not a folder"
 
 
-def test_a_pth_file_without_torch_names_the_extra_that_brings_it(tmp_path, monkeypatch):
-    from flaxnets.convert import WeightsFileError, load_state_dict
-
-    path = tmp_path / "weights.pth"
-    path.write_bytes(b"whatever")
-    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    with pytest.raises(WeightsFileError, match=r'needs PyTorch: pip install -e "\.\[parity\]"'):
-        load_state_dict(path)
-
-
 def test_one_epoch_with_the_default_warm_up_clips_it_and_says_so(compile_cache, tmp_path):
     result = run_cli(compile_cache, ("--arch", "lenet5_relu", "--epochs", 1, "--no-plots", "--workdir", tmp_path / "w"))
     assert_ok(result)

@@ -77,8 +77,14 @@ class Config:
     keep_checkpoints: int = 3
     log_every_steps: int = 20
     zero_init_residual: bool = False
-    init_from: str | None = None  # torchvision weights (.pth, .safetensors, .npz) to start from
+    # torchvision weights to start from: a published set's name (IMAGENET1K_V1, flaxnets.hub), a URL or a
+    # .pth/.safetensors/.npz file.
+    init_from: str | None = None
     freeze_backbone: bool = False  # train the class layer(s) only; needs init_from
+    # Normalisation of pixels scaled to [0, 1]: one value per channel, or one for all. None: the published
+    # --init-from weights' own (averaged over RGB for grey images), else the training data's statistics.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     # Multi-host: JAX's own distributed runtime; None means a single process unless --distributed.
     distributed: bool = False
     coordinator: str | None = None
@@ -136,8 +142,14 @@ class Config:
             raise ConfigError("--schedule step needs --lr-decay-epochs (e.g. 30,60).")
         if self.freeze_backbone and not self.init_from:
             raise ConfigError("--freeze-backbone needs --init-from WEIGHTS: a random backbone is not worth freezing.")
-        if self.init_from and not os.path.isfile(self.init_from):
-            raise ConfigError(f"--init-from {self.init_from} is not a file.")
+        if self.init_from:
+            _check_init_from(self.arch, self.init_from)
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and (not values or not all(math.isfinite(v) for v in values)):
+                raise ConfigError(f"--{name} takes one finite number per channel (or one for all), got {values!r}.")
+        if self.std is not None and min(self.std) <= 0:
+            raise ConfigError(f"--std must be positive, got {','.join(f'{v:g}' for v in self.std)}.")
         if not isinstance(self.lr_find_steps, int) or self.lr_find_steps < 10:
             raise ConfigError(f"--lr-find-steps must be a whole number of at least 10, got {self.lr_find_steps!r}.")
         if not 0 < self.lr_find_start < self.lr_find_end:
@@ -165,8 +177,9 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}.")
         values = dict(values)
-        if "lr_decay_epochs" in values:
-            values["lr_decay_epochs"] = tuple(values["lr_decay_epochs"])
+        for name in ("lr_decay_epochs", "mean", "std"):  # JSON has lists where the config holds tuples
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values)
 
     @classmethod
@@ -200,7 +213,7 @@ def _type_name(hint: Any) -> str:
     names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is tuple:
-        return "a list of whole numbers"
+        return "a list of numbers" if typing.get_args(hint)[0] is float else "a list of whole numbers"
     if typing.get_origin(hint) is dict:
         return "an object of names to values"
     if args:
@@ -241,6 +254,29 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return parse_model_arg(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _check_init_from(arch: str, source: str) -> None:
+    """Raise `ConfigError` unless ``source`` is a file, a URL, or a weight set ``arch`` has (flaxnets.hub)."""
+    from flaxnets import hub
+
+    if hub.is_url(source) or os.path.isfile(source):
+        return
+    if hub.is_weights_name(source):
+        try:
+            hub.get_weights(arch, source)
+        except hub.WeightsFileError as error:
+            raise ConfigError(f"--init-from {source}: {error}") from None
+        return
+    names = ", ".join(hub.list_weights(arch) + ["DEFAULT"]) if hub.list_weights(arch) else "IMAGENET1K_V1, ..."
+    raise ConfigError(f"--init-from {source} is neither a file, a URL nor the name of published weights ({names}).")
+
+
+def _floats_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406; got {text!r}") from None
 
 
 def _epochs_list(text: str) -> tuple[int, ...]:
@@ -316,8 +352,13 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--log-every-steps", "progress line every this many steps", type=int)
     add("--zero-init-residual", "ResNets: start each residual branch's last BatchNorm scale at zero",
         action=argparse.BooleanOptionalAction)
-    add("--init-from", "start from torchvision weights (.pth, .safetensors, .npz); a new head if classes differ")
+    add("--init-from", "start from torchvision weights: a published set of --arch (IMAGENET1K_V1, IMAGENET1K_V2, "
+        "DEFAULT; downloaded once into ~/.cache/flaxnets), a URL, or a .pth/.safetensors/.npz file; a new head if "
+        "the classes differ")
     add("--freeze-backbone", "with --init-from: train the class layer(s) only", action=argparse.BooleanOptionalAction)
+    add("--mean", "per-channel mean of pixels in [0, 1] to normalise with, e.g. 0.485,0.456,0.406 (none: the "
+        "published --init-from weights' own, else the data's)", type=_floats_list)
+    add("--std", "per-channel standard deviation to normalise with (none: as --mean)", type=_floats_list)
     add("--distributed", "call jax.distributed.initialize() (cluster environment detected, or the three flags below)",
         action=argparse.BooleanOptionalAction)
     add("--coordinator", "host:port of process 0, for multi-process runs")

@@ -1,8 +1,11 @@
-"""Using a trained checkpoint without training: finding it, rebuilding its model, scoring and predicting.
+"""Using a trained checkpoint or published weights without training: finding them, rebuilding their model,
+scoring and predicting.
 
 Shared by ``python -m train.evaluate`` and ``python -m train.predict``. A checkpoint's ``meta`` item says
 which architecture, classes, input side and normalisation it was trained with, so prediction needs no
-dataset at all.
+dataset at all; `published_variables` gives published torchvision weights the same kind of ``meta``, from
+the weights table (`flaxnets.hub`): ImageNet's class names and the preprocessing torchvision measured
+their accuracy with.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import flaxnets
 from train.checkpoint import CheckpointError, Checkpoints, describe_error, drained_event_loops
 from train.step import Preprocess
 
-__all__ = ["locate", "load_variables", "predict_images", "read_images"]
+__all__ = ["load_variables", "locate", "predict_images", "published_variables", "read_images", "score_split"]
 
 
 def locate(path: str, which: str = "latest") -> tuple[str, int]:
@@ -75,11 +78,52 @@ def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
     return variables, restored["meta"]
 
 
-def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None = None) -> np.ndarray:
+def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
+    """``(variables, meta)`` of torchvision weights, as `load_variables` gives a checkpoint's.
+
+    ``weights`` is a published set's name (``IMAGENET1K_V1``), a URL or a file (`flaxnets.load_pretrained`).
+    The meta holds what `predict_images` and `score_split` need: the model fields the weights were trained
+    under (`flaxnets.pretrained_overrides`), ImageNet's class names and the weights' preprocessing; for a
+    file not in the weights table, that of the architecture's ``IMAGENET1K_V1`` weights.
+    """
+    from flaxnets import hub
+    from flaxnets.convert import head_paths
+
+    published = hub.find_weights(arch, weights)
+    recipe = published or hub.get_weights(arch, "IMAGENET1K_V1")
+    overrides = flaxnets.pretrained_overrides(arch)
+    if "aux_logits" in flaxnets.registry.model_options(arch):
+        # Auxiliary heads only add to the training loss; GoogLeNet's file lacks them, and initialising
+        # them afresh would cost a compilation for nothing.
+        overrides["aux_logits"] = False
+    variables = flaxnets.load_pretrained(arch, weights, **overrides)
+    head = variables["params"]
+    for name in head_paths(arch)[0]:  # the class layer, e.g. ("fc",): its width is the weights' class count
+        head = head[name]
+    num_classes = int(head["kernel"].shape[-1])
+    classes = hub.imagenet_classes()
+    names = list(classes) if num_classes == len(classes) else [f"class {i}" for i in range(num_classes)]
+    meta = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "image_side": recipe.crop,
+        "resize": recipe.resize,
+        "weights": published.name if published else str(weights),
+        "published": {"acc1": published.acc1, "acc5": published.acc5} if published else None,
+        "dataset": {"name": "imagenet2012", "class_names": names, "image_shape": [0, 0, 3],
+                    "mean": list(recipe.mean), "std": list(recipe.std)},
+        "config": {"model_args": overrides},
+    }
+    return variables, meta
+
+
+def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None = None,
+                resize: int | None = None) -> np.ndarray:
     """Image files as uint8 ``(N, H, W, C)`` in the training data's size and channels (grey or RGB).
 
     A model trained on images of varying size (a streamed dataset, whose recorded shape is 0x0) sees each
-    file as evaluation did: the shorter side resized to 256/224 of ``side``, then the centre crop.
+    file as evaluation did: the shorter side resized to ``resize`` (default: 256/224 of ``side``), then the
+    centre crop.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -101,7 +145,7 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
             pil = Image.fromarray(array[..., 0] if channels == 1 else array)
             array = np.asarray(pil.resize((width, height), Image.BILINEAR), np.uint8).reshape(height, width, channels)
         else:
-            array = center_crop(resize_shorter(array, round(side * 256 / 224)), side)
+            array = center_crop(resize_shorter(array, resize or round(side * 256 / 224)), side)
         out.append(array)
     return np.stack(out)
 
@@ -133,3 +177,52 @@ def predict_images(variables: dict, meta: dict, images: np.ndarray, batch_size: 
         padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
         out.append(np.asarray(probabilities(jnp.asarray(padded)))[:len(batch)])
     return np.concatenate(out) if out else np.zeros((0, meta["num_classes"]), np.float32)
+
+
+def score_split(variables: dict, meta: dict, data, *, batch_size: int = 256, workers: int = 0) -> dict[str, float]:
+    """Top-1, top-5 and mean cross-entropy of the model ``meta`` describes over every example of ``data``'s
+    test split (a `train.data.Streamed`), preprocessed as ``meta`` says (resize, centre crop, normalisation).
+
+    The batch is split over this process's devices (``jit`` with the batch axis sharded); the last batch is
+    padded and its padding masked out, so every example counts once.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from train.data import DataError
+    from train.data.stream import eval_batches
+
+    if not len(data.test):
+        raise DataError(f"the {data.test_split} split of {data.name} holds no examples.")
+    dataset = meta["dataset"]
+    devices = jax.local_devices()
+    batch_size = -(-max(1, min(batch_size, len(data.test))) // len(devices)) * len(devices)
+    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"],
+                                  **(meta.get("config") or {}).get("model_args", {}))
+    preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
+                            augment=False)
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    sharded = NamedSharding(mesh, PartitionSpec("batch"))
+    variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
+
+    @jax.jit
+    def sums(batch):
+        logits = model.apply(variables, preprocess(batch["image"], None, train=False), train=False)
+        mask = batch["mask"].astype(jnp.float32)
+        labels = batch["label"]
+        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=1)[:, 0]
+        return {"count": mask.sum(), "correct": ((top5[:, 0] == labels) * mask).sum(),
+                "correct5": ((top5 == labels[:, None]).any(axis=1) * mask).sum(), "loss_sum": (losses * mask).sum()}
+
+    totals = None
+    for batch in eval_batches(data, side=meta["image_side"], batch=batch_size, workers=workers,
+                              resize=meta.get("resize")):
+        if np.any((batch["label"] < 0) & batch["mask"]):
+            raise DataError(f"the {data.test_split} split of {data.name} has unlabelled examples (label -1): score "
+                            "a labelled split, e.g. --split validation.")
+        out = sums({key: jax.device_put(np.asarray(batch[key]), sharded) for key in ("image", "label", "mask")})
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    totals = {key: float(value) for key, value in totals.items()}
+    count = totals["count"]
+    return {"examples": int(count), "top1": totals["correct"] / count, "top5": totals["correct5"] / count,
+            "loss": totals["loss_sum"] / count}

@@ -2,34 +2,54 @@
 
 Needs only the checkpoint: its architecture, class names, input size and normalisation are recorded in it.
 Images are converted to the training data's channels (grey or RGB) and size.
+
+``python -m train.predict --arch resnet50 --weights IMAGENET1K_V2 IMAGE...`` does the same with torchvision's
+published weights (downloaded once into ~/.cache/flaxnets; a URL or a .pth file works too): ImageNet's class
+names, and the preprocessing the weights' accuracy was measured with (resize, centre crop, mean and std).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from train.cli import run_command
+from train.config import CommandParser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__)
+    parser = CommandParser(prog="python -m train.predict", description=__doc__)
     parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--workdir", required=True, help="a run's workdir, or one checkpoint folder in it")
-    parser.add_argument("--checkpoint", default="best", help="latest, best, or a step number")
+    parser.add_argument("--workdir", help="a run's workdir, or one checkpoint folder in it")
+    parser.add_argument("--checkpoint", default="best", help="with --workdir: latest, best, or a step number")
+    parser.add_argument("--arch", help="with --weights: the architecture they are for")
+    parser.add_argument("--weights", help="instead of --workdir: published torchvision weights of --arch "
+                        "(IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a URL or a .pth/.safetensors/.npz file")
     parser.add_argument("--top-k", type=int, default=3)
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
+    if (args.workdir is None) == (args.weights is None):
+        parser.error("give either --workdir (a trained run) or --arch and --weights (published weights)")
+    if args.weights is not None and args.arch is None:
+        parser.error("--weights needs --arch, the architecture the weights are for")
 
     def body() -> int:
-        from train.inference import load_variables, locate, predict_images, read_images
+        from train.inference import (
+            load_variables,
+            locate,
+            predict_images,
+            published_variables,
+            read_images,
+        )
 
-        workdir, step = locate(args.workdir, args.checkpoint)
-        variables, meta = load_variables(workdir, step)
+        if args.weights is not None:
+            variables, meta = published_variables(args.arch, args.weights)
+        else:
+            variables, meta = load_variables(*locate(args.workdir, args.checkpoint))
         dataset = meta["dataset"]
-        probabilities = predict_images(variables, meta, read_images(args.images, tuple(dataset["image_shape"]),
-                                                                     side=meta["image_side"]))
+        images = read_images(args.images, tuple(dataset["image_shape"]), side=meta["image_side"],
+                             resize=meta.get("resize"))
+        probabilities = predict_images(variables, meta, images)
         names = dataset["class_names"]
         for path, row in zip(args.images, probabilities):
             best = row.argsort()[::-1][: args.top_k]

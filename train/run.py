@@ -204,14 +204,20 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         data = load_dataset(config.dataset, config.data_dir, config.val_split, config.seed)
     elif not data.val_size:
         data = with_validation(data, parse_val_split(config.val_split), config.seed)
+    if (config.init_from or config.freeze_backbone) and spec.family == "user":
+        raise ConfigError("--init-from and --freeze-backbone convert torchvision weights, which fit flaxnets' own "
+                          f"architectures, not {config.arch}.")
+    config = with_weights_defaults(config, data.image_shape[-1])
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
         require_grain()  # before the statistics and the compilations, not at the first batch
-        data = ensure_statistics(data, config.data_dir)
+        if config.mean is None or config.std is None or config.lighting:  # else nothing would use them
+            data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
         raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
                           "(--pipeline stream streams it).")
+    data = normalised(data, config)
     steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
@@ -221,9 +227,6 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         if spec.family != "resnet":
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
-    if (config.init_from or config.freeze_backbone) and spec.family == "user":
-        raise ConfigError("--init-from and --freeze-backbone convert torchvision weights, which fit flaxnets' own "
-                          f"architectures, not {config.arch}.")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
     # every model built from flaxnets' kernel set (a model of the user's own may not take one).
@@ -248,6 +251,51 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
     return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+
+
+def with_weights_defaults(config: Config, channels: int) -> Config:
+    """``config`` completed for published ``--init-from`` weights (a name, or a file named as torchvision
+    publishes it; `flaxnets.hub.find_weights`): the model fields they were trained under (GoogLeNet's and
+    Inception v3's ``transform_input``) and, where ``--mean``/``--std`` are not given, their normalisation.
+
+    A backbone, above all a frozen one, sees its inputs as in its own training only when they are normalised
+    as they were then. Grey images get the average of the RGB values, the normalisation under which the
+    first layer, its kernel summed over RGB (`Run.init_state`), sees a grey image as the RGB one sees its
+    colour copy, to within the small spread of those values. Everything lands in the config, so that
+    config.json, a resumed run, evaluate and predict all read the same settings.
+    """
+    if not config.init_from:
+        return config
+    from flaxnets import hub
+
+    weights = hub.find_weights(config.arch, config.init_from)
+    if weights is None:
+        return config
+
+    def fitted(values: tuple[float, ...]) -> tuple[float, ...]:
+        return (round(sum(values) / len(values), 6),) if channels == 1 else tuple(values)
+
+    return dataclasses.replace(
+        config,
+        model_args={**flaxnets.pretrained_overrides(config.arch), **config.model_args},
+        mean=config.mean if config.mean is not None else fitted(weights.mean),
+        std=config.std if config.std is not None else fitted(weights.std))
+
+
+def normalised(data: Dataset | Streamed, config: Config) -> Dataset | Streamed:
+    """``data`` with ``--mean``/``--std`` in place of its own statistics, where given (one value for all
+    channels, or one per channel); a checkpoint records them with the data, for evaluate and predict."""
+    channels = data.image_shape[-1]
+    changes = {}
+    for name in ("mean", "std"):
+        values = getattr(config, name)
+        if values is None:
+            continue
+        if len(values) not in (1, channels):
+            raise ConfigError(f"--{name} has {len(values)} values, but {data.name} images have {channels} "
+                              f"channel(s): give one value per channel, or one for all.")
+        changes[name] = tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
+    return dataclasses.replace(data, **changes) if changes else data
 
 
 def _check_traces(model, arch: str, options: dict, side: int, channels: int) -> None:

@@ -41,7 +41,7 @@ from train.data.sources import FolderSource, Subset, TfdsSource, scan_folder, so
 from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
 from train.data.stream import Streamed, epoch_order, materialize
 
-__all__ = ["DataError", "Dataset", "Streamed", "load_dataset", "dataset_names", "fit_in_memory",
+__all__ = ["DataError", "Dataset", "Streamed", "load_dataset", "load_split", "dataset_names", "fit_in_memory",
            "with_validation", "stratified_holdout", "parse_val_split",
            "ensure_statistics", "epoch_order", "load_digits", "load_idx", "read_idx", "load_cifar", "load_tfds",
            "load_folder", "recorded_checksums", "verify_file", "sample_in_memory", "FASHION_CLASSES",
@@ -51,6 +51,9 @@ BUILTIN = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "folder")
 # A dataset whose training images take more than this (at the side the model sees) streams instead.
 MEMORY_LIMIT_BYTES = 2 << 30
 TEST_SPLITS = ("test", "validation", "val")
+# The splits `load_split` scores by default, in order: ImageNet's labelled held-out images are its
+# validation split (its test split has no labels).
+EVAL_SPLITS = ("validation", "val", "test")
 
 
 def dataset_names() -> list[str]:
@@ -198,9 +201,8 @@ def _checked(data: Dataset) -> Dataset:
     return data
 
 
-def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> Streamed:
-    """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow); with
-    ``val_name``, that split of it is the validation split."""
+def _tfds_builder(name: str, data_dir: str | None) -> tuple[object, str, str]:
+    """``(builder, image key, label key)`` of a tensorflow-datasets image-classification dataset."""
     tfds = require("tensorflow_datasets", f"--dataset {name}")
     require("array_record", f"--dataset {name}")  # tfds.data_source reads ArrayRecord files through it
     from tensorflow_datasets.core import registered
@@ -217,6 +219,14 @@ def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> S
     label_key = next((k for k in ("label", "labels") if k in features), None)
     if image_key is None or label_key is None or not hasattr(features[label_key], "names"):
         raise DataError(f"{name} is not an image-classification dataset (features: {', '.join(features)}).")
+    return builder, image_key, label_key
+
+
+def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> Streamed:
+    """A dataset prepared by tensorflow-datasets, read through `tfds.data_source` (no TensorFlow); with
+    ``val_name``, that split of it is the validation split."""
+    builder, image_key, label_key = _tfds_builder(name, data_dir)
+    features = builder.info.features
     where = data_dir or "tensorflow-datasets' default folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     try:
         train = TfdsSource(name, "train", data_dir, image_key, label_key)
@@ -257,6 +267,44 @@ def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> S
                     crop_padding={"cifar10": 4, "cifar100": 4, "mnist": 2, "fashion_mnist": 2}.get(name, 0),
                     test_split=test_split, val=val, val_from=f"the dataset's {val_name!r} split" if val else "")
     return data
+
+
+def load_split(name: str, data_dir: str | None, split: str | None = None) -> Streamed:
+    """One labelled split of a dataset alone, as the test split of a `Streamed` dataset with no training
+    examples: what scoring published weights reads (``python -m train.evaluate --weights``), so a dataset
+    prepared without its training split (ImageNet from its validation archive alone) is enough.
+
+    ``name`` is a tensorflow-datasets name prepared in ``data_dir`` or ``folder`` (``data_dir`` holding one
+    sub-folder per class, or such a folder named ``split``). ``split`` defaults to the first of
+    validation, val and test that exists; for a folder without those, the whole folder.
+    """
+    if name == "folder":
+        if not data_dir or not os.path.isdir(data_dir):
+            raise DataError(f"--dataset folder needs --data-dir FOLDER with one sub-folder of images per class; got "
+                            f"{data_dir}.")
+        names = (split,) if split else EVAL_SPLITS
+        root = next((os.path.join(data_dir, s) for s in names if os.path.isdir(os.path.join(data_dir, s))), None)
+        if root is None and split:
+            raise DataError(f"{data_dir} has no {split}/ sub-folder.")
+        root = root or data_dir
+        paths, labels, classes, _ = scan_folder(root)
+        return Streamed("folder", [], FolderSource(paths, labels), classes, (None, None, 3),
+                        test_split=os.path.relpath(root, data_dir))
+    builder, image_key, label_key = _tfds_builder(name, data_dir)
+    where = data_dir or "tensorflow-datasets' default folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+    for candidate in (split,) if split else EVAL_SPLITS:
+        try:
+            source = TfdsSource(name, candidate, data_dir, image_key, label_key)
+        except Exception:  # noqa: BLE001 - tfds raises several types for a split that is not prepared
+            continue
+        features = builder.info.features
+        shape = tuple(features[image_key].shape)
+        channels = shape[-1] if len(shape) == 3 and shape[-1] else 3
+        return Streamed(name, [], source, tuple(features[label_key].names), (shape[0], shape[1], channels),
+                        test_split=candidate)
+    splits = ", ".join(sorted(builder.info.splits)) or "none prepared"
+    raise DataError(f"{name} in {where} has no prepared {split or ' or '.join(EVAL_SPLITS)} split (its splits: "
+                    f"{splits}); `python -m train.data prepare {name}` prepares it.")
 
 
 def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0, val_name: str | None = None) -> Streamed:

@@ -178,16 +178,18 @@ class TrainTransform:
 
 @dataclasses.dataclass
 class EvalTransform:
-    """Dataset index (-1: padding) -> the centre crop (or the ten crops) of a resized test example."""
+    """Dataset index (-1: padding) -> the centre crop (or the ten crops) of a resized test example; the
+    shorter side is resized to ``resize`` first (default: 256/224 of ``side``)."""
 
     source: Sequence
     side: int
     ten_crop: bool = False
+    resize: int | None = None
 
     def __call__(self, index: int) -> dict[str, Any]:
         index = int(index)
         image, label = self.source[max(index, 0)]
-        image = resize_shorter(image, _eval_side(self.side))
+        image = resize_shorter(image, self.resize or _eval_side(self.side))
         image = ten_crops(image, self.side) if self.ten_crop else center_crop(image, self.side)
         return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(max(index, 0)),
                 "mask": np.bool_(index >= 0)}
@@ -228,15 +230,16 @@ def train_batches(data: Streamed, *, side: int, seed: int, epoch: int, start: in
 
 
 def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = False, workers: int = 2,
-                 process_index: int = 0, process_count: int = 1, split: str = "test") -> Iterator[dict]:
+                 process_index: int = 0, process_count: int = 1, split: str = "test",
+                 resize: int | None = None) -> Iterator[dict]:
     """Every example of ``split`` ("test" or "val") once, in order, the last global batch padded (``mask``
-    False) instead of dropped."""
+    False) instead of dropped; ``resize`` as in `EvalTransform`."""
     source = data.val if split == "val" else data.test
     padded = np.full(math.ceil(len(source) / batch) * batch, -1, np.int64)
     padded[:len(source)] = np.arange(len(source))
     share = batch // process_count
     rows = padded.reshape(-1, batch)[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    return _pipeline(rows, EvalTransform(source, side, ten_crop), share, workers)
+    return _pipeline(rows, EvalTransform(source, side, ten_crop, resize), share, workers)
 
 
 def prefetch(batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
