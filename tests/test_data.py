@@ -25,6 +25,7 @@ from train.data import (DataError, Dataset, Streamed, ensure_statistics, epoch_o
                         load_dataset, load_digits, load_folder, load_idx, read_idx)
 from train.data.memory import RECORDED_CHECKSUMS
 from train.data.stats import pixel_statistics
+from train.data.sources import TfdsSource
 from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
 from train.feed import make_feed
 from train.parallel import make_driver
@@ -257,6 +258,19 @@ def test_tfds_validation_split_by_name_and_by_stratified_fraction(tfds_home):
         held = sum(min(max(1, round(0.25 * n)), n - 1) for n in np.bincount(labels) if n >= 2)
         assert (fraction.train_size, fraction.val_size) == (40 - held, held) and held > 0
         assert len(labels) == 40  # read once, without decoding images, and kept for the next run
+
+
+def test_an_unlabelled_tfds_split_is_never_the_test_split(tfds_home, monkeypatch):
+    # tensorflow-datasets labels every example of ImageNet's test split -1; mocked data labels every split
+    # and serves any split name, so "val" is made unlabelled too.
+    pair = TfdsSource._pair
+    monkeypatch.setattr(TfdsSource, "_pair", lambda self, record: (
+        pair(self, record)[0], -1 if self.split in ("test", "val") else pair(self, record)[1]))
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        assert load_dataset("imagenet2012").test_split == "validation"
+        with pytest.raises(DataError, match=r"no labelled test or validation split other than 'validation' to "
+                                            r"evaluate on \(unlabelled: test, val\); hold out a fraction"):
+            load_dataset("imagenet2012", val_split="validation")
 
 
 def test_recorded_checksums_are_tensorflow_datasets_own():

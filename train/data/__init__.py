@@ -237,18 +237,23 @@ def load_tfds(name: str, data_dir: str | None, val_name: str | None = None) -> S
         raise DataError(f"{name} is not prepared in {where}: {direct}run `python -m train.data prepare {name}"
                         f"{' --data-dir ' + data_dir if data_dir else ''}` (needs the network, or --manual-dir with "
                         "the original files, and `pip install -e \".[prepare]\"`).") from None
-    test, test_split = None, None
+    test, test_split, unlabelled = None, None, []
     for split in TEST_SPLITS:
         if split == val_name:
             continue
         try:
-            test, test_split = TfdsSource(name, split, data_dir, image_key, label_key), split
-            break
+            candidate = TfdsSource(name, split, data_dir, image_key, label_key)
         except Exception:  # noqa: BLE001 - the split does not exist; try the next name
             continue
+        if not candidate.labelled():  # ImageNet's test split: nothing to score against
+            unlabelled.append(split)
+            continue
+        test, test_split = candidate, split
+        break
     if test is None:
         other = f" other than {val_name!r}" if val_name else ""
-        raise DataError(f"{name} in {where} has no test or validation split{other} to evaluate on"
+        skipped = f" (unlabelled: {', '.join(unlabelled)})" if unlabelled else ""
+        raise DataError(f"{name} in {where} has no labelled test or validation split{other} to evaluate on{skipped}"
                         + ("; hold out a fraction instead, e.g. --val-split 0.05." if val_name else "."))
     val = None
     if val_name:

@@ -58,6 +58,11 @@ class TfdsSource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self._pair(self._open()[int(index)])
 
+    def labelled(self) -> bool:
+        """Whether the split has labels: tensorflow-datasets gives every example of an unlabelled split
+        (ImageNet's test split) the label -1, so its first example tells."""
+        return len(self) == 0 or self[0][1] >= 0
+
     def labels(self) -> np.ndarray:
         """Every example's label, in order: read without decoding the images where tensorflow-datasets can
         (its records deserialised but not decoded), else by reading the examples."""
