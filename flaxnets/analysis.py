@@ -171,25 +171,84 @@ def compiled_memory_bytes(compiled: jax.stages.Compiled) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """What `step_memory` found: bytes of a training step and of a prediction at ``batch`` images."""
+    """What `step_memory` found: bytes of a training step and of a prediction at ``batch`` images, by
+    XLA's memory analysis and by a floor worked out from the shapes alone."""
 
     batch: int
     input_shape: tuple[int, ...]  # of one batch, NHWC
     train_bytes: int | None
     predict_bytes: int | None
     backend: str  # e.g. "cpu", "gpu (NVIDIA H100 80GB HBM3)"
+    train_floor_bytes: int = 0
+    predict_floor_bytes: int = 0
+
+    @property
+    def train_estimate(self) -> int:
+        """The larger of XLA's figure and the floor: what a training step needs at least."""
+        return max(self.train_bytes or 0, self.train_floor_bytes)
+
+    @property
+    def predict_estimate(self) -> int:
+        """The larger of XLA's figure and the floor: what a prediction needs at least."""
+        return max(self.predict_bytes or 0, self.predict_floor_bytes)
 
     def describe(self) -> str:
-        """The two figures as text, saying what they are."""
-        def mib(value: int | None) -> str:
-            return "not reported by this backend" if value is None else f"{value / 2**20:,.1f} MiB"
+        """The figures as text, saying what they are."""
+        def line(xla: int | None, floor: int) -> str:
+            said = "not reported by this backend" if xla is None else f"{xla / 2**20:,.1f} MiB"
+            if xla is not None and xla >= floor:
+                return f"{said} (the shapes alone need {floor / 2**20:,.1f})"
+            return f"at least {floor / 2**20:,.1f} MiB from the shapes (XLA's analysis: {said}, too low)"
 
-        return (f"memory at batch {self.batch}, input {self.input_shape}, by XLA's estimates for this backend "
-                f"({self.backend}):\n"
-                f"  training step (SGD with momentum, state donated, as python -m train): {mib(self.train_bytes)}\n"
-                f"  prediction: {mib(self.predict_bytes)}\n"
-                f"  (each: the compiled program's arguments + outputs + temporaries - donated buffers; nothing was "
-                f"allocated)")
+        text = (f"memory at batch {self.batch}, input {self.input_shape}, compiled for this backend ({self.backend}):\n"
+                f"  training step (SGD with momentum, state donated, as python -m train): "
+                f"{line(self.train_bytes, self.train_floor_bytes)}\n"
+                f"  prediction: {line(self.predict_bytes, self.predict_floor_bytes)}\n"
+                f"  (XLA's analysis: arguments + outputs + temporaries - donated buffers; the shapes: state,\n"
+                f"  gradients and the activations kept for the backward pass, or the largest layer's input and\n"
+                f"  output; nothing was allocated)")
+        return text
+
+
+def _bytes(tree: Any) -> int:
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree)
+               if hasattr(leaf, "shape"))
+
+
+def _largest_layer_bytes(module: nn.Module, variables: Any, images: Any, scale: Callable) -> int:
+    """The most bytes one module call holds at once in a prediction, its inputs and outputs together."""
+    largest = 0
+
+    def record(next_fun, args, kwargs, context):
+        nonlocal largest
+        out = next_fun(*args, **kwargs)
+        largest = max(largest, _bytes((args, kwargs)) + _bytes(out))
+        return out
+
+    def predict(variables, images):
+        with nn.intercept_methods(record):
+            return module.apply(variables, scale(images), train=False)
+
+    jax.eval_shape(predict, variables, images)
+    return largest
+
+
+def _residual_bytes(vjp_of: Callable, params: Any, *args: Any) -> int:
+    """Bytes the backward pass keeps from the forward one (the residuals of ``jax.vjp``), less the parameters
+    among them, which are counted already."""
+    residuals = jax.tree_util.tree_leaves(jax.eval_shape(vjp_of, params, *args))
+    unclaimed: dict = {}
+    for leaf in jax.tree_util.tree_leaves(params):
+        key = (tuple(leaf.shape), jnp.dtype(leaf.dtype))
+        unclaimed[key] = unclaimed.get(key, 0) + 1
+    total = 0
+    for leaf in residuals:
+        key = (tuple(leaf.shape), jnp.dtype(leaf.dtype))
+        if unclaimed.get(key):
+            unclaimed[key] -= 1
+        else:
+            total += math.prod(leaf.shape) * key[1].itemsize
+    return total
 
 
 def _cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
@@ -247,8 +306,24 @@ def step_memory(
     def predict(variables, images):
         return module.apply(variables, scale(images), train=False)
 
+    def backward_of(params, batch_stats, images, labels, rng):  # the vjp closure holds the residuals
+        def loss(params):
+            logits, _ = module.apply({"params": params, "batch_stats": batch_stats}, scale(images), train=True,
+                                     mutable=["batch_stats", "aux_logits"], rngs={"dropout": rng})
+            return _cross_entropy(logits, labels)
+
+        return jax.vjp(loss, params)[1]
+
+    # XLA's CPU analysis can leave convolution buffers out entirely (two 224x224 convolutions at batch 8
+    # report no temporaries), so a floor from the shapes backs its figures: state (parameters, gradients,
+    # momentum, statistics) and the batch, plus what the backward pass keeps, or the largest layer.
+    state_bytes = 3 * _bytes(params) + _bytes(batch_stats) + _bytes((images, labels))
+    train_floor = state_bytes + _residual_bytes(backward_of, params, batch_stats, images, labels, rng)
+    predict_floor = _bytes((variables, images)) + _largest_layer_bytes(module, variables, images, scale)
+
     trained = jax.jit(train, donate_argnums=0).lower(state, images, labels, rng).compile()
     predicted = jax.jit(predict).lower(variables, images).compile()
     device = jax.devices()[0]
     backend = device.platform if device.platform == "cpu" else f"{device.platform} ({device.device_kind})"
-    return StepMemory(batch, images.shape, compiled_memory_bytes(trained), compiled_memory_bytes(predicted), backend)
+    return StepMemory(batch, images.shape, compiled_memory_bytes(trained), compiled_memory_bytes(predicted), backend,
+                      train_floor, predict_floor)

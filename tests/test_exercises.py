@@ -93,7 +93,7 @@ def test_summary_passes_model_args_and_refuses_unknown_ones(capsys):
 def test_summary_batch_prints_xla_memory_of_a_training_step_and_a_prediction(capsys):
     assert command.main(["summary", "lenet5", "--batch", "64"]) == 0
     out = capsys.readouterr().out
-    assert "memory at batch 64, input (64, 28, 28, 1), by XLA's estimates for this backend (cpu)" in out
+    assert "memory at batch 64, input (64, 28, 28, 1), compiled for this backend (cpu)" in out
     assert "training step (SGD with momentum" in out and "prediction: " in out
     assert command.main(["summary", "lenet5", "--batch", "0"]) == 2
     assert "--batch" in one_sentence(capsys)
@@ -109,6 +109,19 @@ def test_step_memory_is_the_trainer_step_and_grows_with_the_batch():
     assert small.train_bytes < large.train_bytes and small.predict_bytes < large.predict_bytes
     weights = count_params(abstract_variables("lenet5_bn")["params"]) * 4
     assert large.train_bytes > 3 * weights  # parameters, gradients and momentum at least
+
+
+def test_step_memory_has_a_floor_from_the_shapes_where_xla_counts_too_little():
+    """XLA's CPU analysis reports no temporaries for VGG's prediction; the floor counts the parameters, the
+    batch and the largest layer's input and output (the first convolution's: 3 and 64 maps of 32x32)."""
+    memory = step_memory("vgg11", (1, 32, 32, 3), batch=2, num_classes=10)
+    weights = count_params(abstract_variables("vgg11", (1, 32, 32, 3), num_classes=10)["params"]) * 4
+    first_conv = 2 * 32 * 32 * (3 + 64) * 4
+    assert memory.predict_floor_bytes >= weights + 2 * 32 * 32 * 3 + first_conv
+    assert memory.predict_estimate == max(memory.predict_bytes, memory.predict_floor_bytes)
+    assert memory.train_floor_bytes > 3 * weights + 2 * 32 * 32 * 64 * 4  # state and one kept activation
+    text = memory.describe()
+    assert text.count("from the shapes") + text.count("the shapes alone need") == 2
 
 
 # -- the benchmarks -------------------------------------------------------------------------------------------
