@@ -30,6 +30,8 @@ from train.config import Config, ConfigError
 from train.data.stream import center_crop, resize_shorter
 from train.run import build_run, with_weights_defaults
 
+from reference import torchvision_or_skip
+
 
 @pytest.fixture(scope="module")
 def imagenet_resnet18() -> dict:
@@ -192,3 +194,14 @@ def test_bad_weights_on_the_command_line_are_one_sentence(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as exit_:
             predict.main(argv)
         assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("shape", [(375, 500), (1000, 667), (481, 359), (257, 421), (299, 299)])
+def test_evaluation_crop_is_torchvisions_pixel_for_pixel(shape):
+    """Published accuracies come from torchvision's Resize(256) + CenterCrop(224) on PIL images: the longer
+    side truncated and the crop offsets rounded as it does (1000x667 and 481x359 differ by a pixel otherwise)."""
+    _, torchvision = torchvision_or_skip()
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    transforms = torchvision.transforms
+    theirs = np.asarray(transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(Image.fromarray(image)))
+    np.testing.assert_array_equal(center_crop(resize_shorter(image, 256), 224), theirs)

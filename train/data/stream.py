@@ -99,15 +99,19 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
-    """Scale so the shorter side is ``side``, keeping the aspect ratio."""
+    """Scale so the shorter side is ``side``, keeping the aspect ratio. The longer side is truncated, not
+    rounded, as torchvision's ``Resize(side)`` does, so published weights see the pixels they were scored on."""
     h, w = image.shape[:2]
-    scale = side / min(h, w)
-    return _resize(image, max(side, round(h * scale)), max(side, round(w * scale)))
+    if h <= w:
+        return _resize(image, side, int(side * w / h))
+    return _resize(image, int(side * h / w), side)
 
 
 def center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """The central ``side`` x ``side`` square, its offsets rounded as torchvision's ``CenterCrop`` rounds them
+    (Python's round of half the margin); an image smaller than ``side`` is stretched to it."""
     h, w = image.shape[:2]
-    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    top, left = max(0, int(round((h - side) / 2.0))), max(0, int(round((w - side) / 2.0)))
     out = image[top:top + side, left:left + side]
     return out if out.shape[:2] == (side, side) else _resize(out, side, side)
 
