@@ -7,7 +7,8 @@ published numbers, and (when torchvision is installed) with torchvision's own mo
 Forward passes run at each model's smallest practical input (see `forward_side`) with a batch of two.
 Compiling a model's initialisers costs tens of seconds on two CPU cores (one random-number program per
 parameter tensor), so the forward checks fill variables of the right structure with He-scaled uniform
-values instead (`random_variables`). The file runs in about 140 s on two shared CPU cores (2026-11).
+values instead (`random_variables`). The deeper members of a family (DenseNet-161/169/201, ResNeXt-101,
+Wide ResNet-101) skip the forward checks: their smaller sibling covers the same layers.
 """
 
 from __future__ import annotations
