@@ -437,7 +437,7 @@ def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[st
     folder.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]
     json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"
-    json_path.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
+    _replace_whole(json_path, json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -447,8 +447,15 @@ def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[st
     writer.writeheader()
     for row in rows:
         writer.writerow({**conditions, **row})
-    csv_path.write_text(buffer.getvalue())
+    _replace_whole(csv_path, buffer.getvalue())
     return json_path, csv_path
+
+
+def _replace_whole(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: an earlier result is replaced whole or kept."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:

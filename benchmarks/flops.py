@@ -18,14 +18,16 @@ parameters are those of torchvision's reference count, which has Inception v3's 
   (``elementwise_gflops``). ``xla_gmacs + padding_gmacs`` is what XLA would report without the first.
 
 Nothing is compiled: the forward pass is traced with abstract shapes and lowered, which takes well under a
-second per architecture. Results: benchmarks/results/flops.{json,csv} (a variant's name followed by what
-differs from the defaults, ``flops_c1_k10``) and benchmarks/RESULTS.md.
+second per architecture. Results: benchmarks/results/flops.{json,csv} for every architecture; a subset is
+named after its pattern (``--arch 'resnet*'``: ``flops_resnet``) and a variant after what differs from the
+defaults (``flops_c1_k10``); and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -141,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_write:
             conditions = {**environment(), "command": "python -m benchmarks.flops "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
-            paths = write_results(f"flops{requests[0].tag()}", rows, conditions)
+            # A subset of the architectures goes to a file of its own: the table of every one stays whole.
+            subset = "" if args.arch == "*" else "_" + (re.sub(r"[^A-Za-z0-9]+", "-", args.arch).strip("-") or "subset")
+            paths = write_results(f"flops{subset}{requests[0].tag()}", rows, conditions)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -172,3 +172,13 @@ def test_step_settings_reach_the_benchmark_step_and_the_trainer_drivers():
     data = driver.put_replicated({"image": np.zeros((8, 4, 4, 1), np.uint8), "label": np.zeros(8, np.int32)})
     with pytest.raises(Exception, match="xla_no_such_option"):
         driver.train({"w": jnp.zeros(())}, data, driver.put_indices(np.arange(8)))
+
+
+def test_flops_of_a_subset_writes_its_own_file_and_keeps_the_whole_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    (tmp_path / "flops.json").write_text("the table of every architecture\n")
+    assert flops.main(["--arch", "lenet5*"]) == 0
+    assert (tmp_path / "flops.json").read_text() == "the table of every architecture\n"
+    written = json.loads((tmp_path / "flops_lenet5.json").read_text())
+    assert {row["arch"] for row in written["rows"]} == {"lenet5", "lenet5_bn", "lenet5_relu"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flops.json", "flops_lenet5.csv", "flops_lenet5.json"]
