@@ -64,23 +64,25 @@ def abstract_variables(
     return jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
 
 
-def min_input_size(model: str | nn.Module, in_channels: int | None = None) -> int:
-    """The smallest square side the architecture accepts: for a registry name as recorded in its spec
-    (`ModelSpec.min_input_size`), else found by tracing the module's shapes.
+def min_input_size(model: str | nn.Module, in_channels: int | None = None, *, train: bool = False) -> int:
+    """The smallest square side the architecture accepts, in inference or (``train``) in training: for a
+    registry name as recorded in its spec (`ModelSpec.min_input_size`, `ModelSpec.min_train_input_size`),
+    else found by tracing the module's shapes.
 
     One pixel less fails: a window no longer fits or some activation becomes empty. The side does not
     depend on the channels; ``in_channels`` (3 by default for a module) is what the search traces with.
     """
     if isinstance(model, str):
         spec = get_spec(model)
-        if spec.min_input_size is not None:  # recorded (checked against the search by tests/test_models.py)
-            return spec.min_input_size
+        recorded = (spec.min_train_input_size or spec.min_input_size) if train else spec.min_input_size
+        if recorded is not None:  # recorded (checked against the search by tests/test_models.py)
+            return recorded
         module = create_model(model, num_classes=10)
         in_channels = spec.in_channels if in_channels is None else in_channels
     else:
         module = model
         in_channels = 3 if in_channels is None else in_channels
-    return smallest_input(module, in_channels)
+    return smallest_input(module, in_channels, train)
 
 
 @dataclasses.dataclass(frozen=True)

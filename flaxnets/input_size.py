@@ -76,7 +76,7 @@ def checks_input_size(call: Callable) -> Callable:
     return guarded
 
 
-def _traces(module: nn.Module, side: int, channels: int) -> bool:
+def _traces(module: nn.Module, side: int, channels: int, train: bool = False) -> bool:
     token = _SEARCHING.set(True)
     try:
         images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
@@ -84,8 +84,15 @@ def _traces(module: nn.Module, side: int, channels: int) -> bool:
         # Intercepted here, not only inside `checks_input_size`: a module of the user's own (``--arch
         # FILE.py:FACTORY``) has no guard, and an empty activation reaching its dense layer fails inside the
         # initialiser (a ZeroDivisionError from the fan-in) rather than as a shape error.
+        def initialised_then_applied(rngs, images):  # a training apply: what `init` skips (an auxiliary head)
+            variables = module.init(rngs, images, train=False)
+            return module.apply(variables, images, train=True, mutable=True, rngs={"dropout": rngs["dropout"]})
+
         with nn.intercept_methods(_interceptor):
-            jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
+            if train:
+                jax.eval_shape(initialised_then_applied, rngs, images)
+            else:
+                jax.eval_shape(functools.partial(module.init, train=False), rngs, images)
         return True
     except _SHAPE_ERRORS:
         return False
@@ -94,28 +101,29 @@ def _traces(module: nn.Module, side: int, channels: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _smallest_cached(key: tuple, module: nn.Module, channels: int) -> int:
+def _smallest_cached(key: tuple, module: nn.Module, channels: int, train: bool) -> int:
     del key  # only there to make the cache key hashable and exact
     high = 8
-    while not _traces(module, high, channels):
+    while not _traces(module, high, channels, train):
         high *= 2
         if high > _LARGEST_SIDE:
             raise RuntimeError(f"{type(module).__name__} traces at no square input up to {_LARGEST_SIDE} pixels.")
     low = 0  # invariant: `low` fails (0 always does), `high` works
     while high - low > 1:
         mid = (low + high) // 2
-        if _traces(module, mid, channels):
+        if _traces(module, mid, channels, train):
             high = mid
         else:
             low = mid
     return high
 
 
-def smallest_input(module: nn.Module, channels: int = 3) -> int:
-    """The smallest square side ``s`` such that ``module`` traces on ``(1, s, s, channels)`` input.
+def smallest_input(module: nn.Module, channels: int = 3, train: bool = False) -> int:
+    """The smallest square side ``s`` such that ``module`` traces on ``(1, s, s, channels)`` input, in
+    inference or, with ``train``, in training mode (Inception v3's auxiliary head needs more then).
 
     Assumes larger inputs keep working once one does, which holds for every convolution-and-pooling
     stack (each output side is non-decreasing in its input side).
     """
     module = module.clone(parent=None) if module.parent is not None else module
-    return _smallest_cached((type(module), repr(module), channels), module, channels)
+    return _smallest_cached((type(module), repr(module), channels, train), module, channels, train)

@@ -429,6 +429,15 @@ def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_k
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", [n for n in MODELS if flaxnets.get_spec(n).aux_loss_weight])
+def test_min_train_input_size_is_what_a_training_apply_takes(name):
+    """Auxiliary heads run only in training: Inception v3's needs 299x299 where inference takes 75."""
+    spec = flaxnets.get_spec(name)
+    searched = smallest_input(flaxnets.create_model(name, num_classes=10), spec.in_channels, train=True)
+    assert flaxnets.min_input_size(name, train=True) == searched
+    assert spec.min_train_input_size == (searched if searched != spec.min_input_size else None)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_min_input_size_is_tight(name):
     smallest = flaxnets.min_input_size(name)

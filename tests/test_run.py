@@ -30,6 +30,15 @@ def test_image_side_is_raised_to_the_architecture_minimum(digits):
         image_side(Config(arch="vgg11", image_size=16), digits, "vgg11")
 
 
+def test_image_side_is_one_the_model_trains_on(digits):
+    # Inception v3 infers from 75 pixels, but its auxiliary head trains from 299; without the head, 75 will do.
+    assert image_side(Config(arch="inception_v3"), digits, "inception_v3") == 299
+    without_head = Config(arch="inception_v3", model_args={"aux_logits": False})
+    assert image_side(without_head, digits, "inception_v3") == 75
+    with pytest.raises(ConfigError, match="minimum input of 299x299 pixels for training .*aux_logits=false"):
+        image_side(Config(arch="inception_v3", image_size=100), digits, "inception_v3")
+
+
 # -- starting from torchvision weights ------------------------------------------------------------------------------
 
 

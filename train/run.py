@@ -46,16 +46,30 @@ def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
     ResNet-18 with every other default reached 95.3% test top-1 on the digits at 8x8 and 98.1% at 32x32
     (benchmarks/RESULTS.md)."""
     spec = flaxnets.get_spec(arch)
-    smallest = flaxnets.min_input_size(arch, in_channels=data.image_shape[-1])
+    smallest = _smallest_training_side(config, arch, data.image_shape[-1])
     if config.image_size is not None:
         if config.image_size < smallest:
             raise ConfigError(f"--image-size {config.image_size} is smaller than {arch}'s minimum input of "
-                              f"{smallest}x{smallest} pixels.")
+                              f"{smallest}x{smallest} pixels for training"
+                              + (" (with its auxiliary head: --model-arg aux_logits=false drops it)."
+                                 if "aux_logits" in flaxnets.registry.model_options(arch) else "."))
         return config.image_size
     height, width = data.image_shape[:2]
     if height is None or width is None:
         return max(spec.input_size, smallest)
     return max(height, width, smallest, spec.input_size // 7)
+
+
+def _smallest_training_side(config: Config, arch: str, channels: int) -> int:
+    """The smallest side ``arch`` trains on (Inception v3's auxiliary head needs more than its inference):
+    recorded for the default build, searched for when --model-arg changes it."""
+    if config.model_args:
+        try:
+            module = flaxnets.create_model(arch, num_classes=10, **config.model_args)
+            return flaxnets.min_input_size(module, in_channels=channels, train=True)
+        except Exception:  # noqa: BLE001 - build_run refuses such options itself, in one sentence
+            pass
+    return flaxnets.min_input_size(arch, in_channels=channels, train=True)
 
 
 @dataclasses.dataclass

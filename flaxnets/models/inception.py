@@ -284,6 +284,7 @@ register(
         # The weight of Google's training script for this network (TF-slim's train_image_classifier.py).
         aux_loss_weight=0.4,
         min_input_size=75,
+        min_train_input_size=299,
         default_params=27_161_264,
     )
 )
