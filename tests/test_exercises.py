@@ -119,7 +119,7 @@ def test_step_memory_has_a_floor_from_the_shapes_where_xla_counts_too_little():
     first_conv = 2 * 32 * 32 * (3 + 64) * 4
     assert memory.predict_floor_bytes >= weights + 2 * 32 * 32 * 3 + first_conv
     assert memory.predict_estimate == max(memory.predict_bytes, memory.predict_floor_bytes)
-    assert memory.train_floor_bytes > 3 * weights + 2 * 32 * 32 * 64 * 4  # state and one kept activation
+    assert memory.train_floor_bytes >= 3 * weights + 2 * 32 * 32 * 3 + first_conv  # and gradients, momentum
     text = memory.describe()
     assert text.count("from the shapes") + text.count("the shapes alone need") == 2
 
