@@ -33,7 +33,9 @@ class DenseLayer(nn.Module):
     with ``memory_efficient`` the concatenation, the first BatchNorm and ReLU and the 1x1 convolution run
     under `flax.linen.remat`: their outputs, which grow with the block's depth, are recomputed in the
     backward pass instead of being stored (Pleiss et al., "Memory-Efficient Implementation of DenseNets",
-    arXiv:1707.06990, as torchvision's ``memory_efficient``). Values and gradients are unchanged.
+    arXiv:1707.06990, as torchvision's ``memory_efficient``). Values and gradients are unchanged. XLA's
+    CPU backend drops the optimisation barriers that keep a recomputation apart and merges it with the
+    forward pass, so there the option changes nothing (benchmarks/RESULTS.md); the saving is a GPU's or TPU's.
     """
 
     growth_rate: int
