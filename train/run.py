@@ -33,7 +33,7 @@ from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
 
-__all__ = ["Run", "build_run", "image_side", "run_optimizer"]
+__all__ = ["Run", "build_run", "image_side", "run_optimizer", "recipe_step_options"]
 
 
 def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
@@ -98,7 +98,8 @@ class Run:
         """The per-device train step with this run's model, optimizer, preprocessing and loss settings."""
         return steps.bind(steps.train_step, model=self.model, tx=self.tx, preprocess=self.preprocess,
                           num_classes=self.data.num_classes, label_smoothing=self.config.label_smoothing,
-                          aux_loss_weight=self.spec.aux_loss_weight)
+                          aux_loss_weight=self.spec.aux_loss_weight, **recipe_step_options(self.config,
+                                                                                           self.steps_per_epoch))
 
     @functools.cached_property
     def eval_step(self):
@@ -168,7 +169,7 @@ class Run:
         state = init()
         if pretrained and self.config.init_from:
             state = self._with_pretrained(state)
-        return state
+        return steps.with_ema(state) if self.config.ema_decay else state
 
     def pretrained_variables(self) -> dict:
         """The variables of ``--init-from`` for this model and class count (read and converted once)."""
@@ -241,6 +242,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         if spec.family != "resnet":
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
+    if config.drop_path_rate:
+        if "drop_path_rate" not in flaxnets.registry.model_options(config.arch):
+            raise ConfigError(f"--drop-path-rate (stochastic depth) applies to the ResNet families, not {config.arch}.")
+        overrides["drop_path_rate"] = config.drop_path_rate
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
     # every model built from flaxnets' kernel set (a model of the user's own may not take one).
@@ -257,7 +262,9 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     on_device = data.in_memory  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if on_device else 0, flip=data.flip and on_device,
-                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec)
+                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec,
+                                  auto_augment=config.auto_augment, ra_num_ops=config.ra_num_ops,
+                                  ra_magnitude=config.ra_magnitude, random_erase=config.random_erase)
     if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:
         print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
@@ -265,6 +272,17 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
     return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+
+
+def recipe_step_options(config: Config, steps_per_epoch: int) -> dict[str, Any]:
+    """The train step's mixing and weight-averaging settings (`train.step.train_step`): the average follows
+    the weights from the end of the learning-rate warm-up, as torchvision's recipe restarts it until then."""
+    mixing = None
+    if config.mixup_alpha or config.cutmix_alpha:
+        mixing = steps.Mixing(config.mixup_alpha, config.cutmix_alpha, config.mix_prob, config.mix_switch_prob,
+                              config.mix_mode)
+    return {"mixing": mixing, "ema_decay": config.ema_decay,
+            "ema_start_step": int(round(config.warmup_epochs_used * steps_per_epoch))}
 
 
 def with_weights_defaults(config: Config, channels: int) -> Config:
