@@ -251,11 +251,12 @@ def test_resnet_with_stochastic_depth_evaluates_as_without():
     variables = jax.jit(partial(plain.init, train=False))(jax.random.key(0), images)
 
     def apply(model, train):
-        return jax.jit(lambda v, x, k: model.apply(v, x, train=train, mutable=["batch_stats"],
-                                                   rngs={"dropout": k})[0])(variables, images, jax.random.key(1))
+        return jax.jit(lambda k: model.apply(variables, images, train=train, mutable=["batch_stats"],
+                                             rngs={"dropout": k})[0])
 
-    np.testing.assert_array_equal(apply(dropped, False), apply(plain, False))
-    assert not np.allclose(apply(dropped, True), apply(plain, True))
+    np.testing.assert_array_equal(apply(dropped, False)(jax.random.key(1)), apply(plain, False)(jax.random.key(1)))
+    trained = apply(dropped, True)  # in training the dropped blocks depend on the rng
+    assert not np.allclose(trained(jax.random.key(1)), trained(jax.random.key(2)))
     with pytest.raises(ValueError, match="drop_path_rate"):
         flaxnets.create_model("resnet20", num_classes=10, drop_path_rate=1.0).init(jax.random.key(0), images, False)
 
@@ -307,11 +308,11 @@ def test_the_report_puts_the_run_beside_the_expected_figure(tmp_path):
     assert config.recipe == str(path) and "-10.00 points" in report_line(config.recipe, config.arch, 0.4)
 
 
-def test_a_run_with_every_primitive_evaluates_checkpoints_resumes_and_reports(tmp_path, digits, monkeypatch):
-    """LeNet-5 with BatchNorm on the digits, one epoch then a resumed second: the averaged weights are
-    scored beside the trained ones and saved in the checkpoint, the recipe's figure is reported, and a
-    resume without the average is refused before anything is touched. (The policies of autoaugment,
-    whose programs take longest to compile, are checked in the step's preprocessing above.)"""
+def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, digits, monkeypatch):
+    """LeNet-5 with BatchNorm on the digits for an epoch: the averaged weights are scored beside the trained
+    ones and restored from the checkpoint (a resume restores the state whole), the recipe's figure is
+    reported, and a resume without the average is refused before anything is touched. (The policies of
+    autoaugment, whose programs take longest to compile, are checked in the step's preprocessing above.)"""
     from train import loop
     from train.__main__ import done_line, recipe_line
     from train.checkpoint import CheckpointError, Checkpoints
@@ -339,8 +340,6 @@ def test_a_run_with_every_primitive_evaluates_checkpoints_resumes_and_reports(tm
         checkpoints.close()
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.ema["params"]),
                                                          jax.tree_util.tree_leaves(state.params)))
-    resumed = loop.train_and_evaluate(dataclasses.replace(config, epochs=2))
-    assert resumed["epoch"] == 2 and "ema_test_top1" in resumed
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match="moving average"):
         loop.train_and_evaluate(dataclasses.replace(config, epochs=3, ema_decay=0.0))
