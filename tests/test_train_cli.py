@@ -764,7 +764,7 @@ def test_best_is_chosen_on_the_validation_split_and_kept_when_it_is_not_the_last
     assert checkpoint_steps(workdir) == [best["step"], records[-1]["step"]]
     assert json.loads((workdir / "config.json").read_text())["best_checkpoint_selected_on"] == "val"
     assert (f"Best checkpoint: step {best['step']} (epoch {best['epoch']}), val top-1 {best['val_top1']:.2%}, "
-            "selected on the validation split.") in result.stdout
+            f"selected on the validation split; its test top-1 {best['test_top1']:.2%} (trained weights).") in result.stdout
     evaluated = run_cli(compile_cache, ("--workdir", workdir, "--checkpoint", "best"), module="train.evaluate")
     assert_ok(evaluated)
     scored = json.loads(evaluated.stdout)
