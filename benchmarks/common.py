@@ -274,13 +274,16 @@ class Step:
     model: Any
     cpu_kernels: bool
 
-    def run(self) -> None:
-        """Execute one step; a train step feeds its new (donated) state into the next call."""
+    def run(self, steps: int = 1) -> None:
+        """Execute ``steps`` steps back to back and wait for the last; a train step feeds its new (donated)
+        state into the next call. Waiting once, not after every step, keeps the device's queue full as a
+        training loop does: a wait per step adds the host's dispatch time to every step."""
         import jax
 
-        out = self.compiled(*self.args)
-        if self.mode == "train":
-            self.args[0] = out[0]
+        for _ in range(steps):
+            out = self.compiled(*self.args)
+            if self.mode == "train":
+                self.args[0] = out[0]
         jax.block_until_ready(out)
 
     def cost(self) -> dict[str, float]:

@@ -65,11 +65,7 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
     log(f"{request.describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s "
         f"(lowering {step.lower_s:.1f} s)")
 
-    def call():
-        for _ in range(steps):
-            step.run()
-
-    timing = measure(call, repeats, warmup)
+    timing = measure(lambda: step.run(steps), repeats, warmup)
     per_step = [t / steps for t in timing.times]
     median = statistics.median(per_step)
     flops = model_flops(request, mode, batch)
