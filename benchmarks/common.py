@@ -62,15 +62,16 @@ class BenchmarkError(ValueError):
 def run_cli(body: Callable[[], int]) -> int:
     """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2.
 
-    JAX's CPU backend is first given Eigen's convolutions and YNNPACK's reductions, as the trainer does
-    (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training runs; ``XLA_FLAGS`` naming
-    the option overrides it.
+    When JAX will run on the CPU, its CPU backend is first given Eigen's convolutions and YNNPACK's
+    reductions, as the trainer does (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training
+    runs; ``XLA_FLAGS`` naming the option overrides it.
     """
     from flaxnets.cli import ModelRequestError
-    from flaxnets.cpu import prefer_eigen
+    from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
     from flaxnets.registry import UnknownModelError
 
-    prefer_eigen()
+    if cpu_backend_ahead():  # an accelerator's run keeps XLA_FLAGS as it was
+        prefer_eigen()
 
     try:
         return body()

@@ -756,9 +756,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # JAX takes 75% of the device's memory when it starts; a variant's own process must find room
         # beside the tune step's, so both take 45% (63 GB on an H200).
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
-    from flaxnets.cpu import prefer_eigen
+    from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
 
-    prefer_eigen()  # on a CPU, the library setting the trainer and the benchmarks use
+    if cpu_backend_ahead():  # on a CPU, the library setting the trainer and the benchmarks use
+        prefer_eigen()
     plan = DRY if args.dry_run else REAL
     if args.command == "tune-variant":
         variant = next(v for v in VARIANTS if v.name == args.name)

@@ -312,7 +312,7 @@ class Ops:
     `flax.linen.Dense` and `MaxPool`: standard JAX operations that every transformation (``grad``,
     ``jvp``, ``vmap``, ``remat``, sharding) handles on every backend. Another set must build layers with
     the same parameters and results; `flaxnets.cpu.ops` is one, with gradients that XLA's CPU backend
-    runs faster, and is what ``create_model(..., cpu_kernels=True)`` passes.
+    runs faster, passed by the caller who asks for it: ``create_model(..., ops=flaxnets.cpu.ops())``.
     """
 
     conv: Callable[..., nn.Module] = nn.Conv

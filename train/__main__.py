@@ -23,9 +23,10 @@ def done_line(config, results: dict) -> str:
 def main(argv=None) -> int:
     def body() -> int:
         config = parse_args(argv)
-        from flaxnets.cpu import prefer_eigen
+        from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
 
-        prefer_eigen()  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+        if cpu_backend_ahead():  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+            prefer_eigen()
         from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
 
         initialize_distributed(config)

@@ -118,7 +118,7 @@ class Run:
     @property
     def cpu_kernels(self) -> bool:
         """Whether the model runs `flaxnets.cpu`'s kernel set (and the optimizer its gradient fence)."""
-        return self.model.ops is not flaxnets.layers.PLAIN
+        return getattr(self.model, "ops", flaxnets.layers.PLAIN) is not flaxnets.layers.PLAIN  # a user's model may have none
 
     def with_optimizer(self, tx: optax.GradientTransformation) -> "Run":
         """The same run with the optimizer ``tx`` (the range test's sweep), its own steps and driver."""
@@ -245,9 +245,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
     # every model built from flaxnets' kernel set (a model of the user's own may not take one).
     cpu = flaxnets.cpu.is_cpu_backend() and "ops" in flaxnets.registry.model_options(config.arch)
+    kernels = {"ops": flaxnets.cpu.ops()} if cpu else {}
     try:
         model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                                      cpu_kernels=cpu, **overrides)
+                                      **{**kernels, **overrides})
     except UnknownOptionError as error:
         raise ConfigError(f"--model-arg: {error}") from None
     except (TypeError, ValueError) as error:  # a value the module refuses (or a user factory's own complaint)
