@@ -48,8 +48,9 @@ __all__ = [
     "as_request",
     "model_for",
     "markdown_table",
-    "KERNELS",
+    "KERNEL_CHOICES",
     "add_kernels_option",
+    "kernels_argument",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -273,7 +274,7 @@ class Step:
     lower_s: float
     compile_s: float
     model: Any
-    cpu_kernels: bool
+    kernels: str  # the kernel set the model is built with: "cpu", "gpu" or "plain" (train.tuning.StepSettings)
 
     def run(self, steps: int = 1) -> None:
         """Execute ``steps`` steps back to back and wait for the last; a train step feeds its new (donated)
@@ -301,15 +302,19 @@ class Step:
         return compiled_memory_bytes(self.compiled)
 
 
-# --kernels: flaxnets.cpu's kernel set and gradient fence, plain JAX, or the first exactly on a CPU backend.
-KERNELS = {"auto": None, "cpu": True, "plain": False}
+KERNEL_CHOICES = ("auto", "cpu", "gpu", "plain")
 
 
 def add_kernels_option(parser: Any) -> None:
-    """``--kernels auto|cpu|plain``; ``KERNELS[args.kernels]`` is `build_step`'s ``cpu_kernels``."""
-    parser.add_argument("--kernels", choices=tuple(KERNELS), default="auto",
-                        help="flaxnets.cpu's kernel set and gradient fence ('cpu'), plain JAX ('plain'), or 'cpu' "
-                             "exactly when JAX runs on the CPU ('auto', as python -m train does)")
+    """``--kernels auto|cpu|gpu|plain``; `kernels_argument` turns its value into `build_step`'s ``kernels``."""
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                        help="flaxnets.cpu's kernel set and gradient fence ('cpu'), flaxnets.gpu's ('gpu'), plain JAX "
+                             "('plain'), or the backend's own as python -m train takes it ('auto')")
+
+
+def kernels_argument(value: str) -> str | None:
+    """``--kernels``'s value as `build_step`'s ``kernels`` (None for "auto")."""
+    return None if value == "auto" else value
 
 
 def as_request(arch: str | ModelRequest, size: int | None = None) -> ModelRequest:
@@ -339,7 +344,7 @@ def build_step(
     variables: Any = None,
     compiler_options: dict[str, Any] | None = None,
     seed: int = 0,
-    cpu_kernels: bool | None = None,
+    kernels: str | None = None,
     ops: Any = None,
     tie_gradients: bool | None = None,
     settings: StepSettings | None = None,
@@ -353,8 +358,9 @@ def build_step(
     normalises with the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted
     from torchvision) replace the synthetic ones. ``compiler_options`` are XLA debug options for this
     executable only.
-    ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
-    `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
+    ``kernels`` names the kernel set the model is built from ("cpu": `flaxnets.cpu.ops`, with the train
+    step's gradients fenced by `flaxnets.cpu.tie_gradients`, as the trainer does on a CPU; "gpu":
+    `flaxnets.gpu.ops`; "plain"); `None` takes the backend's, as the trainer does (``settings``).
     ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).
     ``settings`` (a `train.tuning.StepSettings`; default the backend's, as the trainer uses) adds its XLA
     options under ``compiler_options`` and traces under its matmul precision. ``donate=False`` keeps the
@@ -386,11 +392,10 @@ def build_step(
     jdtype = parse_dtype(dtype)
     settings = step_settings() if settings is None else settings
     compiler_options = {**settings.compiler_options, **(compiler_options or {})}
-    if cpu_kernels is None:
-        cpu_kernels = flaxnets.cpu.is_cpu_backend()
+    kernels = settings.kernels if kernels is None else kernels
     if ops is None:
-        ops = flaxnets.cpu.ops() if cpu_kernels else flaxnets.layers.PLAIN
-    tie_gradients = cpu_kernels if tie_gradients is None else tie_gradients
+        ops = dataclasses.replace(settings, kernels=kernels).ops()
+    tie_gradients = kernels == "cpu" if tie_gradients is None else tie_gradients
     model = model_for(request, jdtype, ops=ops)
     if variables is None:
         variables = synthetic_variables(abstract_variables(model, (1, size, size, channels)), seed)
@@ -405,6 +410,8 @@ def build_step(
     if mode == "train":
         tx = optax.sgd(1e-3, momentum=0.9)
         if tie_gradients:
+            import flaxnets.cpu
+
             tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
         params = variables["params"]
         state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -426,7 +433,7 @@ def build_step(
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     compile_s = time.perf_counter() - start
-    return Step(request.name, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, cpu_kernels)
+    return Step(request.name, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, kernels)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def _use(formulation: Formulation) -> None:
                         else partial(FormulatedBatchNorm, formulation=formulation))
 
 
-def _kernel_sets() -> dict[str, Any]:
+def kernel_sets() -> dict[str, Any]:
     """The kernel sets measured: the library's plain layers, `flaxnets.gpu.ops`, and each of its two
     layers alone."""
     from flaxnets import gpu
@@ -254,11 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if flaxnets.get_spec(args.arch).family != "resnet":
             raise BenchmarkError(f"--arch must be a ResNet-family member, got {args.arch}.")
-        kernel_sets = _kernel_sets()
+        sets = kernel_sets()
         variants = []
         for formulation, kernels in args.variant or [(str(i), "plain") for i in range(len(FORMULATIONS))]:
-            if kernels not in kernel_sets:
-                raise BenchmarkError(f"unknown kernel set {kernels!r}; choose from {', '.join(kernel_sets)}.")
+            if kernels not in sets:
+                raise BenchmarkError(f"unknown kernel set {kernels!r}; choose from {', '.join(sets)}.")
             if formulation != "library" and not (formulation.isdigit() and int(formulation) < len(FORMULATIONS)):
                 raise BenchmarkError(f"BatchNorm must be 'library' or 0-{len(FORMULATIONS) - 1}, got {formulation!r}.")
             variants.append((LIBRARY if formulation == "library" else FORMULATIONS[int(formulation)], kernels))
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for formulation, kernels in variants:
             _use(formulation)
             timed(f"{formulation.name} + {kernels} kernels",
-                  prepare("flaxnets", args.arch, args.batch, size, args.dtype, ops=kernel_sets[kernels]))
+                  prepare("flaxnets", args.arch, args.batch, size, args.dtype, ops=sets[kernels]))
         _use(LIBRARY)
         profiled = {0, max(range(len(rows)), key=lambda i: rows[i]["images_per_s"])}
         if args.plain_flax:

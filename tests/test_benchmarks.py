@@ -184,13 +184,20 @@ def test_torchvision_peer_trains_eagerly():
     assert row["images_per_s"] > 0
 
 
+def flaxnets_plain():
+    from flaxnets.layers import PLAIN
+
+    return PLAIN
+
+
 def test_step_settings_reach_the_benchmark_step_and_the_trainer_drivers():
     """`train.tuning`'s settings are the options of the compiled step: an unknown XLA option fails to
     compile in both places, a known one and a matmul precision give the plain step's numbers."""
     from train.parallel import make_driver
-    from train.tuning import GPU_SETTINGS, StepSettings, step_settings
+    from train.tuning import CPU_SETTINGS, GPU_SETTINGS, StepSettings, step_settings
 
-    assert step_settings("cpu") == StepSettings() and step_settings("gpu") is GPU_SETTINGS
+    assert step_settings("cpu") is CPU_SETTINGS and step_settings("gpu") is GPU_SETTINGS
+    assert step_settings("tpu") == StepSettings() and StepSettings().ops() is flaxnets_plain()
     bad = StepSettings(compiler_options={"xla_no_such_option": 1})
     with pytest.raises(Exception, match="xla_no_such_option"):
         common.build_step("lenet5", "infer", 2, settings=bad)

@@ -32,6 +32,7 @@ from train.data.stream import require_grain
 from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
+from train.tuning import StepSettings, step_settings
 
 __all__ = ["Run", "build_run", "image_side", "run_optimizer"]
 
@@ -91,6 +92,7 @@ class Run:
     image_side: int
     eval_batch_size: int
     overrides: dict
+    settings: StepSettings = dataclasses.field(default_factory=StepSettings)  # the backend's (train.tuning)
     _pretrained: dict | None = dataclasses.field(default=None, repr=False)
 
     @functools.cached_property
@@ -115,10 +117,6 @@ class Run:
         """This run's data fed to its driver: from device memory or streamed, as the data says."""
         return make_feed(self, self.driver, with_train=with_train)
 
-    @property
-    def cpu_kernels(self) -> bool:
-        """Whether the model runs `flaxnets.cpu`'s kernel set (and the optimizer its gradient fence)."""
-        return getattr(self.model, "ops", flaxnets.layers.PLAIN) is not flaxnets.layers.PLAIN  # a user's model may have none
 
     def with_optimizer(self, tx: optax.GradientTransformation) -> "Run":
         """The same run with the optimizer ``tx`` (the range test's sweep), its own steps and driver."""
@@ -242,10 +240,13 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
-    # every model built from flaxnets' kernel set (a model of the user's own may not take one).
-    cpu = flaxnets.cpu.is_cpu_backend() and "ops" in flaxnets.registry.model_options(config.arch)
-    kernels = {"ops": flaxnets.cpu.ops()} if cpu else {}
+    # The backend's kernel set (flaxnets.cpu's with its gradient fence on a CPU, flaxnets.gpu's on a GPU: the
+    # same numbers, faster steps), for every model built from flaxnets' kernel set (a model of the user's own
+    # may not take one).
+    settings = step_settings()
+    if "ops" not in flaxnets.registry.model_options(config.arch):
+        settings = dataclasses.replace(settings, kernels="plain")
+    kernels = {"ops": settings.ops()} if settings.kernels != "plain" else {}
     try:
         model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
                                       **{**kernels, **overrides})
@@ -263,9 +264,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
               flush=True)
-    tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
+    tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
     eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
-    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides,
+               settings)
 
 
 def with_weights_defaults(config: Config, channels: int) -> Config:
@@ -337,5 +339,7 @@ def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple
                                                        head_mask(config.arch, params))
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
     if fence:
+        import flaxnets.cpu
+
         tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
     return tx, schedule
