@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 
@@ -97,9 +97,10 @@ class TfdsSource:
         return [self._pair(record) for record in records]
 
 
-def decode_image(path: str, channels: int = 3) -> np.ndarray:
-    """A file's pixels as uint8 ``(H, W, channels)``: grey, palette, 16-bit, CMYK and alpha images are all
-    brought to RGB (alpha composited over white, as a viewer shows it) or to one grey channel."""
+def decode_image(path: str | IO[bytes], channels: int = 3) -> np.ndarray:
+    """A file's (or an open binary file's) pixels as uint8 ``(H, W, channels)``: grey, palette, 16-bit, CMYK
+    and alpha images are all brought to RGB (alpha composited over white, as a viewer shows it) or to one
+    grey channel."""
     from PIL import Image
 
     with Image.open(path) as image:
