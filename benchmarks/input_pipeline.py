@@ -5,6 +5,7 @@ sent back): what the cores decode, the ceiling the pipeline is checked against.
 
     python -m benchmarks.input_pipeline                                  # 1,200 JPEGs and their copy, all cores
     python -m benchmarks.input_pipeline --images 4000 --workers 16 --batch 64 --json out.json
+    python -m benchmarks.input_pipeline --workers 0 --decoder whole pillow opencv       # the decoders' costs
 
 Data: ``--images`` generated ImageNet-like JPEGs (shorter side 300-500 pixels, aspect 3:4 to 4:3; the mean
 ImageNet training image is about 400x350; smooth random colour fields with noise, so that files are of
@@ -31,6 +32,8 @@ spend per image in the timed window (with psutil installed) is the figure that l
 from __future__ import annotations
 
 import dataclasses
+import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -211,6 +214,44 @@ def plain_rate(source, *, workers: int, images: int, side: int, crop: str, decod
         return timed(lambda: pool.map(_work, indices, chunksize=max(1, images // (workers * 8))))
 
 
+def decoding_differences(source, side: int, count: int = 200) -> dict:
+    """How far decoding at reduced size moves the pixels, over ``count`` images of ``source``: per back end,
+    the share of training crops (random-resized, to ``side``) decoded reduced and their mean absolute
+    difference from the whole-image path, and the same for evaluation's resize of the shorter side to
+    256/224 of ``side`` (which the pipeline keeps exact: published weights are scored on those pixels)."""
+    from PIL import Image
+
+    from train.data import jpeg
+    from train.data.stream import _eval_side, crop_box, resize_shorter, shorter_size
+
+    backends = [name for name in ("pillow", "opencv") if name == "pillow" or jpeg.importlib.util.find_spec("cv2")]
+    found: dict[str, dict[str, list]] = {name: {"train": [], "train_reduced": [], "eval": [], "eval_reduced": []}
+                                         for name in backends}
+    for index in np.linspace(0, len(source) - 1, min(count, len(source))).astype(int):
+        data, _ = source.encoded(int(index))
+        whole = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        h, w = whole.shape[:2]
+        top, left, ch, cw = crop_box(h, w, np.random.default_rng(int(index)))
+        exact_crop = np.asarray(Image.fromarray(whole[top:top + ch, left:left + cw]).resize(
+            (side, side), Image.BILINEAR, reducing_gap=None), np.int16)
+        eval_size = shorter_size(h, w, _eval_side(side))
+        exact_eval = resize_shorter(whole, _eval_side(side)).astype(np.int16)
+        for name in backends:
+            for kind, crop, exact in (("train", jpeg.Crop(top, left, ch, cw, side, side), exact_crop),
+                                      ("eval", jpeg.Crop(0, 0, h, w, *eval_size), exact_eval)):
+                difference = float(np.abs(jpeg.decode_crop(data, crop, name) - exact).mean())
+                found[name][kind + ("_reduced" if jpeg.dct_scale(crop) > 1 else "")].append(difference)
+    summary = {}
+    for name, lists in found.items():
+        for kind in ("train", "eval"):
+            everything = lists[kind] + lists[kind + "_reduced"]
+            summary[f"{name} {kind}"] = {
+                "reduced_share": len(lists[kind + "_reduced"]) / len(everything),
+                "mad_reduced": float(np.mean(lists[kind + "_reduced"])) if lists[kind + "_reduced"] else None,
+                "mad_full_size": float(np.mean(lists[kind])) if lists[kind] else None}
+    return summary
+
+
 def _summary(measured: list[dict]) -> dict:
     """Median and min-max of the images/s of several measurements, and their median CPU ms per image."""
     rates = [m["images_per_sec"] for m in measured]
@@ -249,8 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--copy-side", type=int, default=256, help="shorter side of the resized copy also "
                         "measured (0: none); it is kept beside --folder as FOLDER-sSIDE")
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts (default: one per core)")
-    parser.add_argument("--decoder", choices=("auto", "opencv", "pillow", "whole"), default="auto",
-                        help="as the trainer's --decoder; whole: every image decoded whole, then cropped")
+    parser.add_argument("--decoder", choices=("auto", "opencv", "pillow", "whole"), nargs="+", default=["auto"],
+                        help="as the trainer's --decoder (several: they alternate like the worker counts); whole: "
+                        "every image decoded whole, then cropped")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=32, help="batches timed once steady (rounded up to whole "
                         "rounds of the workers)")
@@ -262,6 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--crop", choices=("inception", "alexnet"), default="inception")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="leave out the plain Pool loop")
+    parser.add_argument("--differences", action="store_true", help="also measure how far reduced decoding moves "
+                        "the pixels (`decoding_differences`, on the originals)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -277,7 +321,7 @@ def main(argv=None) -> int:
         workers = args.workers or [default_workers()]
         if min(workers) < 0:
             raise ConfigError("--workers must be 0 or more.")
-        decoder = None if args.decoder == "whole" else resolve_backend(args.decoder)
+        decoders = [None if name == "whole" else resolve_backend(name) for name in args.decoder]
         load_before = os.getloadavg()
         holder = None
         folder = args.folder
@@ -300,12 +344,16 @@ def main(argv=None) -> int:
               + (f"; copy at shorter side {args.copy_side} in {kinds[f'copy-{args.copy_side}']} (prepared in "
                  f"{prepared:.1f} s), mean {sizes[f'copy-{args.copy_side}']:.0f} KiB" if prepared is not None else ""),
               flush=True)
-        # Worker counts alternate within each repeat, so a change in the machine's load hits all of them.
-        results: dict[tuple[str, int], dict[str, list]] = {}
+        differences = decoding_differences(datasets["originals"].train, args.side) if args.differences else None
+        for name, found in (differences or {}).items():
+            text = ", ".join(f"{key.replace('_', ' ')} {value:.2f}" for key, value in found.items() if value is not None)
+            print(f"{name}: {text} (mean absolute difference from the whole-image path, in levels of 255)", flush=True)
+        # Worker counts and decoders alternate within each repeat, so a change in the machine's load hits all.
+        results: dict[tuple[str, int, str | None], dict[str, list]] = {}
         for _ in range(args.repeats):
             for kind, data in datasets.items():
-                for count in workers:
-                    row = results.setdefault((kind, count), {"pipeline": [], "plain": []})
+                for count, decoder in itertools.product(workers, decoders):
+                    row = results.setdefault((kind, count, decoder), {"pipeline": [], "plain": []})
                     measured = pipeline_rate(data, workers=count, batch=args.batch, batches=args.batches,
                                              side=args.side, crop=args.crop, decoder=decoder, skip=args.skip,
                                              segments=args.segments)
@@ -314,7 +362,7 @@ def main(argv=None) -> int:
                         row["plain"].append(plain_rate(data.train, workers=count, side=args.side, crop=args.crop,
                                                        decoder=decoder, images=measured["timed_batches"] * args.batch))
         rows = []
-        for (kind, count), values in results.items():
+        for (kind, count, decoder), values in results.items():
             row = {"data": kind, "workers": count, **_summary(values["pipeline"]),
                    "segment_rates": [m["segment_rates"] for m in values["pipeline"]],
                    "steady": all(m["steady"] for m in values["pipeline"]),
@@ -344,7 +392,7 @@ def main(argv=None) -> int:
                       "generate_s": round(generated, 1), "prepare_s": round(prepared, 1) if prepared else None}
         if args.json:
             with open(args.json + ".tmp", "w") as handle:
-                json.dump({"conditions": conditions, "rows": rows}, handle, indent=1)
+                json.dump({"conditions": conditions, "rows": rows, "differences": differences}, handle, indent=1)
             os.replace(args.json + ".tmp", args.json)
         if holder is not None:
             holder.cleanup()
