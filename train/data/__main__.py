@@ -20,7 +20,6 @@ import json
 import os
 import sys
 
-from train.cli import run_command
 from train.config import CommandParser
 from train.data import DataError, ensure_statistics, load_dataset
 from train.data.prepare import prepare
@@ -29,6 +28,9 @@ from train.data.stats import stats_path, write_stats
 
 
 def main(argv=None) -> int:
+    # Imported here: the processes of prepare folder import this module again, and need no JAX.
+    from train.cli import run_command
+
     parser = CommandParser(prog="python -m train.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="download/convert a tensorflow-datasets dataset to ArrayRecord, or "
