@@ -19,6 +19,7 @@ from train.data import DataError, jpeg, load_folder, load_split, resized
 from train.data.__main__ import main as data_main
 from train.data.sources import FolderSource
 from train.data.stream import TrainTransform, crop_box, eval_batches, read_ahead_batches, train_batches
+from train.feed import StreamFeed
 
 pytest.importorskip("array_record")
 BACKENDS = ["pillow", pytest.param("opencv", marks=pytest.mark.skipif(
@@ -139,6 +140,35 @@ def test_decoder_names_resolve_and_a_missing_opencv_is_one_sentence(monkeypatch)
     assert jpeg.resolve_backend("auto") == "pillow"
     with pytest.raises(DataError, match="pip install opencv-python-headless"):
         jpeg.resolve_backend("opencv")
+
+
+# -- one pipeline for many epochs ---------------------------------------------------------------------------
+def test_one_pipeline_over_several_epochs_gives_each_epochs_batches_and_the_feed_keeps_it(photos):
+    data = load_folder(str(photos), holdout=0.2)
+    kwargs = dict(side=16, seed=2, steps=2, batch=4, workers=0, decoder="pillow")
+    for process in (0, 1):
+        shares = dict(process_index=process, process_count=2)
+        run = list(train_batches(data, epoch=1, start=1, epochs=4, **kwargs, **shares))
+        alone = [batch for epoch, start in ((1, 1), (2, 0), (3, 0))
+                 for batch in train_batches(data, epoch=epoch, start=start, **kwargs, **shares)]
+        assert len(run) == len(alone) == 5
+        for a, b in zip(run, alone):
+            np.testing.assert_array_equal(a["index"], b["index"])
+            np.testing.assert_array_equal(a["image"], b["image"])
+
+    class Driver:  # the host batches as they are
+        put_batch = staticmethod(lambda batch: batch)
+
+    feed = StreamFeed(Driver(), data, seed=2, batch_size=4, steps_per_epoch=2, eval_batch_size=4, side=16,
+                      crop="inception", workers=0, ten_crop=False, decoder="pillow", epochs=3)
+    first = list(feed.batches(0, 0))
+    stream = feed._stream
+    second = list(feed.batches(1, 0))
+    assert feed._stream is stream  # the same workers went on into the next epoch
+    np.testing.assert_array_equal(second[1]["image"], list(train_batches(data, epoch=1, start=0, **kwargs))[1]["image"])
+    next(iter(feed.batches(2, 0)))  # an epoch left unfinished: asking for it again starts a new pipeline
+    again = list(feed.batches(2, 0))
+    assert feed._stream is not stream and len(again) == 2 and len(first) == 2
 
 
 # -- the resized copy -------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from train.data.memory import Dataset, DatasetFacts
 from train.data.optional import require
 
 __all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
-           "materialize", "prefetch", "require_grain", "default_workers", "read_ahead_batches", "crop_box",
-           "read_crop", "CROPS"]
+           "RunTransform", "materialize", "prefetch", "require_grain", "default_workers", "read_ahead_batches",
+           "crop_box", "read_crop", "CROPS"]
 
 CROPS = ("inception", "alexnet")
 
@@ -278,7 +278,7 @@ def read_ahead_batches(workers: int) -> int:
     return workers * (THREADS + READ_AHEAD_BATCHES + 2 * WORKER_BUFFER + 2)
 
 
-def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -> Iterator[dict]:
+def _pipeline(rows: Sequence[int], transform: Callable, batch: int, workers: int) -> Iterator[dict]:
     grain = require_grain()
     from absl import flags
 
@@ -288,7 +288,7 @@ def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -
         flags.FLAGS.mark_as_parsed()
 
     # Batched before the read options apply: their threads and buffer count batches, not examples.
-    dataset = grain.MapDataset.source(rows.tolist()).map(transform).batch(batch, drop_remainder=True)
+    dataset = grain.MapDataset.source(rows).map(transform).batch(batch, drop_remainder=True)
     iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=THREADS if workers else THREADS_INLINE,
                                                          prefetch_buffer_size=READ_AHEAD_BATCHES))
     if workers > 0:
@@ -297,17 +297,57 @@ def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -
     return iter(iterable)
 
 
+@dataclasses.dataclass
+class RunTransform:
+    """Position in one process's stream of training examples -> the example there, augmented by
+    ``transform`` at its epoch. The stream starts at step ``start`` of ``first_epoch`` and runs on through
+    the following epochs: each of them the ``steps`` first global batches of `epoch_order`, of which this
+    process takes ``share`` examples from ``offset`` on. One pipeline can so serve several epochs, its
+    workers started once."""
+
+    transform: TrainTransform
+    steps: int
+    batch: int
+    offset: int
+    share: int
+    first_epoch: int
+    start: int
+
+    def __post_init__(self):
+        self._order = (None, None)  # (epoch, its order): one permutation per epoch and process
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": (None, None)}
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(epoch, dataset index)`` of the example at ``position``."""
+        row, slot = divmod(position, self.share)
+        epoch, step = divmod(row + self.start, self.steps)
+        epoch += self.first_epoch
+        cached_epoch, order = self._order
+        if cached_epoch != epoch:
+            order = epoch_order(self.transform.seed, epoch, len(self.transform.source))
+            self._order = (epoch, order)
+        return epoch, int(order[step * self.batch + self.offset + slot])
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        epoch, index = self.locate(int(position))
+        return dataclasses.replace(self.transform, epoch=epoch)(index)
+
+
 def train_batches(data: Streamed, *, side: int, seed: int, epoch: int, start: int, steps: int, batch: int,
-                  crop: str = "inception", workers: int = 2, process_index: int = 0,
-                  process_count: int = 1, decoder: str | None = None) -> Iterator[dict]:
-    """This process's share of the global batches ``start..steps-1`` of ``epoch``: dicts of ``image`` uint8
+                  crop: str = "inception", workers: int = 2, process_index: int = 0, process_count: int = 1,
+                  decoder: str | None = None, epochs: int | None = None) -> Iterator[dict]:
+    """This process's share of the global batches ``start..steps-1`` of ``epoch``, then (with ``epochs``) of
+    every batch of the epochs after it up to ``epochs - 1``, from one pipeline: dicts of ``image`` uint8
     ``(batch / process_count, side, side, C)``, ``label`` and ``index`` (the example's dataset index);
-    ``decoder`` as in `TrainTransform`."""
-    order = epoch_order(seed, epoch, data.train_size)[:steps * batch].reshape(steps, batch)[start:]
+    ``decoder`` as in `TrainTransform`. Each epoch's batches are the same whether it is read alone or
+    after another."""
     share = batch // process_count
-    rows = order[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    transform = TrainTransform(data.train, side, seed, epoch, crop, data.flip, decoder)
-    return _pipeline(rows, transform, share, workers)
+    rows = ((max(epochs or 0, epoch + 1) - epoch) * steps - start) * share
+    transform = RunTransform(TrainTransform(data.train, side, seed, epoch, crop, data.flip, decoder), steps, batch,
+                             process_index * share, share, epoch, start)
+    return _pipeline(range(rows), transform, share, workers)
 
 
 def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = False, workers: int = 2,
@@ -320,7 +360,7 @@ def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = Fals
     padded[:len(source)] = np.arange(len(source))
     share = batch // process_count
     rows = padded.reshape(-1, batch)[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    return _pipeline(rows, EvalTransform(source, side, ten_crop, resize), share, workers)
+    return _pipeline(rows.tolist(), EvalTransform(source, side, ten_crop, resize), share, workers)
 
 
 def prefetch(batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:
