@@ -228,7 +228,11 @@ class TrainTransform:
 @dataclasses.dataclass
 class EvalTransform:
     """Dataset index (-1: padding) -> the centre crop (or the ten crops) of a resized test example; the
-    shorter side is resized to ``resize`` first (default: 256/224 of ``side``)."""
+    shorter side is resized to ``resize`` first (default: 256/224 of ``side``).
+
+    Every image is decoded whole, as torchvision decodes it: decoding at reduced size would move these
+    pixels by about a level of 255 on average (benchmarks/RESULTS.md), and published weights are scored on
+    torchvision's pixels."""
 
     source: Sequence
     side: int
