@@ -2,7 +2,7 @@
 
 import sys
 
-from train.cli import run_command
+# Only what is light at the top: every Grain worker process of a streamed run imports this module again.
 from train.config import parse_args
 
 
@@ -21,6 +21,8 @@ def done_line(config, results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from train.cli import run_command
+
     def body() -> int:
         config = parse_args(argv)
         from flaxnets.cpu import cpu_backend_ahead, prefer_eigen

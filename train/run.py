@@ -28,6 +28,7 @@ from train import step as steps
 from train.config import Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
                         with_validation)
+from train.data.jpeg import resolve_backend
 from train.data.stream import require_grain
 from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
@@ -224,6 +225,7 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
         require_grain()  # before the statistics and the compilations, not at the first batch
+        resolve_backend(config.decoder)  # likewise: --decoder opencv without OpenCV
         if config.mean is None or config.std is None or config.lighting:  # else nothing would use them
             data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
