@@ -212,8 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cpu_backend_ahead():
         prefer_eigen()  # on a CPU, the library setting the trainer and the benchmarks use
     if args.command == "tune-variant":
-        from benchmarks.gpu import tune
-
+        tune = step_module("tune")
         variant = next(v for v in tune.VARIANTS if v.name == args.name)
         row = tune.tune_row(variant, sizes("tune", args.dry_run), measured_ceiling(args.out))
         print("ROW " + json.dumps(row, default=str), flush=True)
