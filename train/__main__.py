@@ -1,5 +1,6 @@
 """``python -m train --arch ARCH --dataset NAME [...]``: parse the command line and train (see --help)."""
 
+import os
 import sys
 
 from train.cli import run_command
@@ -23,6 +24,11 @@ def done_line(config, results: dict) -> str:
 def main(argv=None) -> int:
     def body() -> int:
         config = parse_args(argv)
+        if config.distributed:  # before JAX starts: its runtime may end this process from C++
+            from train.stderr_watch import watch_stderr
+
+            watch_stderr(-1 if config.process_id is None else config.process_id, config.num_processes or -1,
+                         os.path.abspath(config.workdir))
         from flaxnets.cpu import prefer_eigen
 
         prefer_eigen()  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
