@@ -3,7 +3,7 @@
 import os
 import sys
 
-from train.cli import run_command
+# Only what is light at the top: every Grain worker process of a streamed run imports this module again.
 from train.config import parse_args
 
 
@@ -22,6 +22,8 @@ def done_line(config, results: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from train.cli import run_command
+
     def body() -> int:
         config = parse_args(argv)
         if config.distributed:  # before JAX starts: its runtime may end this process from C++
@@ -29,9 +31,10 @@ def main(argv=None) -> int:
 
             watch_stderr(-1 if config.process_id is None else config.process_id, config.num_processes or -1,
                          os.path.abspath(config.workdir))
-        from flaxnets.cpu import prefer_eigen
+        from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
 
-        prefer_eigen()  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+        if cpu_backend_ahead():  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+            prefer_eigen()
         from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
 
         initialize_distributed(config)

@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16")
 PARALLEL = ("shard_map", "pmap")
 PIPELINES = ("auto", "memory", "stream")
 CROPS = ("inception", "alexnet")
+DECODERS = ("auto", "opencv", "pillow")
 
 
 # Facts a saved config.json states about its run but that are not settings: ignored when it is read back.
@@ -73,8 +74,11 @@ class Config:
     # (ImageNet, big folders) stream through Grain with `workers` processes decoding and augmenting.
     pipeline: str = "auto"  # auto, memory, stream
     # Grain worker processes of the streamed pipeline; 0 decodes in this process (with two threads); None:
-    # one per core, at most 8 (on 2 cores 0, 1 and 2 workers measured within noise of each other, 2 best).
+    # one per core (train.data.stream.default_workers).
     workers: int | None = None
+    # How streamed JPEGs are decoded to their crops (train.data.jpeg): auto (opencv when installed, the
+    # faster; else pillow), opencv or pillow; both decode at reduced size where the crop allows.
+    decoder: str = "auto"
     crop: str = "inception"  # streamed training crop: inception (random-resized) or alexnet (224 from 256)
     lighting: float = 0.0  # std of AlexNet's PCA colour noise (the paper uses 0.1); 0 turns it off
     ten_crop: bool = False  # streamed evaluation: average the softmax of 4 corner + centre crops and mirrors
@@ -148,7 +152,8 @@ class Config:
             raise ConfigError(f"--lighting cannot be negative, got {self.lighting}.")
         _check_ranges(self)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
-                              ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS)):
+                              ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS),
+                              ("decoder", DECODERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
@@ -253,7 +258,8 @@ RESUME: dict[str, str] = {
     "epochs": "result", "optimizer": "result", "lr": "result", "momentum": "result", "schedule": "result",
     "warmup_epochs": "result", "lr_decay_epochs": "result", "lr_decay_factor": "result",
     "weight_decay": "result", "label_smoothing": "result", "clip_grad_norm": "result", "dtype": "result",
-    "augment": "result", "pipeline": "result", "crop": "result", "lighting": "result", "ten_crop": "result",
+    "augment": "result", "pipeline": "result", "decoder": "result", "crop": "result", "lighting": "result",
+    "ten_crop": "result",
     "seed": "result", "zero_init_residual": "result", "init_from": "result", "freeze_backbone": "result",
     "mean": "result", "std": "result",
     "data_dir": "free", "workdir": "free", "eval_batch_size": "free", "parallel": "free", "workers": "free",
@@ -432,7 +438,9 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--augment", "random crops with padding, and flips where the dataset allows them",
         action=argparse.BooleanOptionalAction)
     add("--pipeline", "memory: on the devices; stream: Grain workers; auto: by size", choices=PIPELINES)
-    add("--workers", "Grain worker processes for a streamed dataset (none: one per core, at most 8)", type=int)
+    add("--workers", "Grain worker processes for a streamed dataset (none: one per core)", type=int)
+    add("--decoder", "streamed JPEGs: decoded straight to the crop, at reduced size where it allows, by opencv "
+        "(pip install opencv-python-headless) or pillow; auto: opencv when installed", choices=DECODERS)
     add("--crop", "streamed training crop: random-resized (inception) or 224-of-256 (alexnet)", choices=CROPS)
     add("--lighting", "standard deviation of AlexNet's PCA colour noise (0.1 in the paper; 0: off)", type=float)
     add("--ten-crop", "streamed evaluation over ten crops per image", action=argparse.BooleanOptionalAction)

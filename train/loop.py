@@ -347,6 +347,8 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
     reporter.info(f"{config.arch} on {run.data.name}: {flaxnets.count_params(state.params):,} parameters, "
                   f"{run.image_side}x{run.image_side}x{run.data.image_shape[-1]} input, {driver.device_count} "
                   f"device(s) ({driver.kind}), {run.steps_per_epoch} steps per epoch, global batch {config.batch_size}.")
+    if run.settings.describe():
+        reporter.info(run.settings.describe())
 
     total_steps = config.epochs * run.steps_per_epoch
     results: dict[str, Any] = {}

@@ -28,10 +28,12 @@ from train import step as steps
 from train.config import STEPS_LIMIT, Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
                         with_validation)
+from train.data.jpeg import resolve_backend
 from train.data.stream import require_grain
 from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
+from train.tuning import StepSettings, step_settings
 
 __all__ = ["Run", "build_run", "image_side", "run_optimizer"]
 
@@ -91,6 +93,7 @@ class Run:
     image_side: int
     eval_batch_size: int
     overrides: dict
+    settings: StepSettings = dataclasses.field(default_factory=StepSettings)  # the backend's (train.tuning)
     _pretrained: dict | None = dataclasses.field(default=None, repr=False)
 
     @functools.cached_property
@@ -115,10 +118,6 @@ class Run:
         """This run's data fed to its driver: from device memory or streamed, as the data says."""
         return make_feed(self, self.driver, with_train=with_train)
 
-    @property
-    def cpu_kernels(self) -> bool:
-        """Whether the model runs `flaxnets.cpu`'s kernel set (and the optimizer its gradient fence)."""
-        return self.model.ops is not flaxnets.layers.PLAIN
 
     def with_optimizer(self, tx: optax.GradientTransformation) -> "Run":
         """The same run with the optimizer ``tx`` (the range test's sweep), its own steps and driver."""
@@ -237,6 +236,7 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
         require_grain()  # before the statistics and the compilations, not at the first batch
+        resolve_backend(config.decoder)  # likewise: --decoder opencv without OpenCV
         if config.mean is None or config.std is None or config.lighting:  # else nothing would use them
             data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
@@ -259,12 +259,16 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
-    # every model built from flaxnets' kernel set (a model of the user's own may not take one).
-    cpu = flaxnets.cpu.is_cpu_backend() and "ops" in flaxnets.registry.model_options(config.arch)
+    # The backend's kernel set (flaxnets.cpu's with its gradient fence on a CPU, flaxnets.gpu's on a GPU: the
+    # same numbers, faster steps), for every model built from flaxnets' kernel set (a model of the user's own
+    # may not take one).
+    settings = step_settings()
+    if "ops" not in flaxnets.registry.model_options(config.arch):
+        settings = dataclasses.replace(settings, kernels="plain")
+    kernels = {"ops": settings.ops()} if settings.kernels != "plain" else {}
     try:
         model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                                      cpu_kernels=cpu, **overrides)
+                                      **{**kernels, **overrides})
     except UnknownOptionError as error:
         raise ConfigError(f"--model-arg: {error}") from None
     except (TypeError, ValueError) as error:  # a value the module refuses (or a user factory's own complaint)
@@ -279,11 +283,12 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
               flush=True)
-    tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
+    tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
     # A batch larger than the largest split scored would be all padding: cut to that split.
     eval_batch = min(config.eval_batch_size, max(data.test_size, data.val_size or 0, 1))
     eval_batch = math.ceil(eval_batch / device_count) * device_count
-    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides,
+               settings)
 
 
 def with_weights_defaults(config: Config, channels: int) -> Config:
@@ -355,5 +360,7 @@ def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple
                                                        head_mask(config.arch, params))
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
     if fence:
+        import flaxnets.cpu
+
         tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
     return tx, schedule
