@@ -1,5 +1,6 @@
 """``python -m train --arch ARCH --dataset NAME [...]``: parse the command line and train (see --help)."""
 
+import os
 import sys
 
 # Only what is light at the top: every Grain worker process of a streamed run imports this module again.
@@ -25,6 +26,11 @@ def main(argv=None) -> int:
 
     def body() -> int:
         config = parse_args(argv)
+        if config.distributed:  # before JAX starts: its runtime may end this process from C++
+            from train.stderr_watch import watch_stderr
+
+            watch_stderr(-1 if config.process_id is None else config.process_id, config.num_processes or -1,
+                         os.path.abspath(config.workdir))
         from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
 
         if cpu_backend_ahead():  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)

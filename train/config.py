@@ -27,7 +27,13 @@ DECODERS = ("auto", "opencv", "pillow")
 
 
 # Facts a saved config.json states about its run but that are not settings: ignored when it is read back.
-DERIVED = ("best_checkpoint_selected_on",)
+DERIVED = ("best_checkpoint_selected_on", "history")
+
+SEED_LIMIT = 2**32  # seeds are 0 to 2**32 - 1, as numpy's and PyTorch's generators take them
+IMAGE_SIDE_LIMIT = 4096  # the largest side flaxnets.min_input_size searches; far beyond any classic CNN's input
+WORKERS_LIMIT = 256
+LR_FIND_STEPS_LIMIT = 100_000
+STEPS_LIMIT = 2**31 - 1  # TrainState.step is an int32
 
 
 class ConfigError(ValueError):
@@ -101,6 +107,12 @@ class Config:
     lr_find_steps: int = 200
     lr_find_start: float = 1e-7
     lr_find_end: float = 10.0
+    # Resume with settings that change the result (RESUME below) all the same, recording the change in the
+    # run's history (config.json and the checkpoints' metadata).
+    allow_changes: bool = False
+    # Multi-host: a process that sends no heartbeat for this long is declared dead, and the others stop
+    # (JAX's own default is 100 s).
+    heartbeat_timeout_seconds: int = 30
 
     def validate(self) -> "Config":
         """Raise `ConfigError` for the first setting that cannot work; returns self for chaining."""
@@ -138,6 +150,7 @@ class Config:
             raise ConfigError(f"--workers must be a whole number, 0 or more; got {self.workers!r}.")
         if self.lighting < 0:
             raise ConfigError(f"--lighting cannot be negative, got {self.lighting}.")
+        _check_ranges(self)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
                               ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS),
                               ("decoder", DECODERS)):
@@ -162,6 +175,12 @@ class Config:
                               f"({self.lr_find_end}).")
         return self
 
+    def changes(self, recorded: "Config") -> dict[str, tuple[Any, Any]]:
+        """``{name: (recorded value, this value)}`` of the settings that change a run's result (`RESUME`)
+        and differ between ``recorded`` and this config."""
+        return {name: (getattr(recorded, name), getattr(self, name)) for name, kind in RESUME.items()
+                if kind != "free" and getattr(recorded, name) != getattr(self, name)}
+
     @property
     def warmup_epochs_used(self) -> float:
         """The warm-up the schedule runs: `warmup_epochs`, but at most half the run, so that a schedule
@@ -176,6 +195,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """The settings of a JSON object (a config file's, or one recorded in a checkpoint); `ConfigError`
+        for a key that is no setting or a value of the wrong type."""
         values = {k: v for k, v in values.items() if k not in DERIVED}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -185,7 +206,18 @@ class Config:
         for name in ("lr_decay_epochs", "mean", "std"):  # JSON has lists where the config holds tuples
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
-        return cls(**values)
+        config = cls(**values)
+        _check_types(config)
+        return config
+
+    @classmethod
+    def recorded(cls, values: dict[str, Any]) -> "Config":
+        """The settings a checkpoint recorded (`train.run.Run.meta`): as `from_dict`, but keys this version no
+        longer has are left out, so that a run of an earlier version still resumes, evaluates and predicts."""
+        if not isinstance(values, dict):
+            raise ConfigError("the recorded settings are not a JSON object.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in values.items() if k in known})
 
     @classmethod
     def from_file(cls, path: str) -> "Config":
@@ -208,10 +240,64 @@ class Config:
             raise ConfigError(f"{where} must hold a JSON object of settings.")
         try:
             config = cls.from_dict(values)
-            _check_types(config)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         return config
+
+
+# What each setting is to a run resumed from its checkpoints (`Config.changes`, checked by train.loop):
+# - "fixed": what the checkpoint is made of (its shapes, its data, the order of examples an epoch in progress
+#   follows); never changes in a workdir;
+# - "result": changes the numbers the run produces; a resume with another value is refused unless
+#   --allow-changes, which records the change in the run's history;
+# - "free": how the run is executed, stored or watched, not what it computes; changes freely (evaluation
+#   batches and the device count change sums only in their last bits).
+RESUME: dict[str, str] = {
+    "arch": "fixed", "model_args": "fixed", "dataset": "fixed", "val_split": "fixed", "batch_size": "fixed",
+    "image_size": "fixed",
+    "epochs": "result", "optimizer": "result", "lr": "result", "momentum": "result", "schedule": "result",
+    "warmup_epochs": "result", "lr_decay_epochs": "result", "lr_decay_factor": "result",
+    "weight_decay": "result", "label_smoothing": "result", "clip_grad_norm": "result", "dtype": "result",
+    "augment": "result", "pipeline": "result", "decoder": "result", "crop": "result", "lighting": "result",
+    "ten_crop": "result",
+    "seed": "result", "zero_init_residual": "result", "init_from": "result", "freeze_backbone": "result",
+    "mean": "result", "std": "result",
+    "data_dir": "free", "workdir": "free", "eval_batch_size": "free", "parallel": "free", "workers": "free",
+    "checkpoint_every_epochs": "free", "keep_checkpoints": "free", "log_every_steps": "free",
+    "distributed": "free", "coordinator": "free", "num_processes": "free", "process_id": "free",
+    "heartbeat_timeout_seconds": "free", "plots": "free", "lr_find": "free", "lr_find_steps": "free",
+    "lr_find_start": "free", "lr_find_end": "free", "allow_changes": "free",
+}
+
+
+def _check_ranges(config: Config) -> None:
+    """Raise `ConfigError` for a number outside what the run can use (each flag's own range)."""
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {config.seed}.")
+    if config.image_size is not None and config.image_size > IMAGE_SIDE_LIMIT:
+        raise ConfigError(f"--image-size must be at most {IMAGE_SIDE_LIMIT}, got {config.image_size}.")
+    if config.workers is not None and config.workers > WORKERS_LIMIT:
+        raise ConfigError(f"--workers must be at most {WORKERS_LIMIT}, got {config.workers}.")
+    if config.lr_find_steps > LR_FIND_STEPS_LIMIT:
+        raise ConfigError(f"--lr-find-steps must be at most {LR_FIND_STEPS_LIMIT:,}, got {config.lr_find_steps}.")
+    if config.epochs > STEPS_LIMIT:
+        raise ConfigError(f"--epochs must be at most {STEPS_LIMIT:,}, got {config.epochs}.")
+    if any(epoch < 1 for epoch in config.lr_decay_epochs):
+        raise ConfigError(f"--lr-decay-epochs must be positive epochs, got "
+                          f"{','.join(map(str, config.lr_decay_epochs))}.")
+    if not 1 <= config.heartbeat_timeout_seconds <= 3600:
+        raise ConfigError(f"--heartbeat-timeout-seconds must be from 1 to 3600, got "
+                          f"{config.heartbeat_timeout_seconds}.")
+    if config.num_processes is not None and config.num_processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {config.num_processes}.")
+    if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or 1):
+        raise ConfigError(f"--process-id must be from 0 to --num-processes - 1 ({(config.num_processes or 1) - 1}), "
+                          f"got {config.process_id}.")
+    if config.coordinator is not None:
+        host, _, port = config.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--coordinator must be HOST:PORT with a port from 1 to 65535, got "
+                              f"{config.coordinator!r}.")
 
 
 def _type_name(hint: Any) -> str:
@@ -264,8 +350,13 @@ def _model_arg(text: str) -> tuple[str, Any]:
 def _check_init_from(arch: str, source: str) -> None:
     """Raise `ConfigError` unless ``source`` is a file, a URL, or a weight set ``arch`` has (flaxnets.hub)."""
     from flaxnets import hub
+    from flaxnets.convert import supported_models
+    from flaxnets.registry import list_models
 
     if hub.is_url(source) or os.path.isfile(source):
+        if arch in list_models() and arch not in supported_models():
+            raise ConfigError(f"--init-from converts torchvision weights, and {arch} has no torchvision counterpart "
+                              f"(those that do: {', '.join(supported_models()[:6])}, ...).")
         return
     if hub.is_weights_name(source):
         try:
@@ -377,6 +468,11 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--lr-find-steps", "steps of the range test", type=int)
     add("--lr-find-start", "first rate of the range test", type=float)
     add("--lr-find-end", "last rate of the range test (it stops earlier if the loss diverges)", type=float)
+    add("--allow-changes", "resume with settings that change the result (seed, rates, schedule, augmentation, ...) "
+        "although the workdir's run was trained with others; the change is recorded in its history",
+        action=argparse.BooleanOptionalAction)
+    add("--heartbeat-timeout-seconds", "multi-process runs: a process silent for this long is declared dead and "
+        "the others stop", type=int)
     parser.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
     return parser
 

@@ -23,9 +23,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import flaxnets
 from flaxnets.registry import ModelSpec, UnknownOptionError
-from train.archs import resolve_arch
+from train.archs import check_user_model, resolve_arch
 from train import step as steps
-from train.config import Config, ConfigError
+from train.config import STEPS_LIMIT, Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
                         with_validation)
 from train.data.jpeg import resolve_backend
@@ -169,6 +169,14 @@ class Run:
             state = self._with_pretrained(state)
         return state
 
+    def state_shapes(self) -> steps.TrainState:
+        """The structure of `init_state`'s state, its shapes and dtypes on this process's first device,
+        computed without computing anything: the target a checkpoint is restored into."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shapes = jax.eval_shape(lambda: self.init_state(pretrained=False))
+        return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                                      shapes)
+
     def pretrained_variables(self) -> dict:
         """The variables of ``--init-from`` for this model and class count (read and converted once)."""
         if self._pretrained is None:
@@ -220,6 +228,9 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if (config.init_from or config.freeze_backbone) and spec.family == "user":
         raise ConfigError("--init-from and --freeze-backbone convert torchvision weights, which fit flaxnets' own "
                           f"architectures, not {config.arch}.")
+    if spec.family == "user":  # before anything else builds or traces it
+        check_user_model(config.arch, num_classes=data.num_classes, channels=data.image_shape[-1],
+                         side=config.image_size or spec.input_size, overrides=dict(config.model_args))
     config = with_weights_defaults(config, data.image_shape[-1])
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
@@ -236,6 +247,12 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
                           f"examples of {data.name}.")
+    for flag, epochs in (("--epochs", config.epochs), ("--warmup-epochs", config.warmup_epochs),
+                         ("--lr-decay-epochs", max(config.lr_decay_epochs, default=0))):
+        if epochs * steps_per_epoch > STEPS_LIMIT:  # the step counter and the schedule count in int32
+            shown = f"{epochs:g}" if isinstance(epochs, float) else str(epochs)
+            raise ConfigError(f"{flag} {shown} makes {epochs * steps_per_epoch:,.0f} steps of {data.name}, more "
+                              f"than a run counts ({STEPS_LIMIT:,}).")
     overrides = dict(config.model_args)
     if config.zero_init_residual:
         if spec.family != "resnet":
@@ -267,7 +284,9 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
               flush=True)
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
-    eval_batch = math.ceil(config.eval_batch_size / device_count) * device_count
+    # A batch larger than the largest split scored would be all padding: cut to that split.
+    eval_batch = min(config.eval_batch_size, max(data.test_size, data.val_size or 0, 1))
+    eval_batch = math.ceil(eval_batch / device_count) * device_count
     return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides,
                settings)
 
