@@ -58,16 +58,19 @@ class Model(nnx.Module):
       variables: its ``params`` and ``batch_stats`` (other collections are not kept).
       rngs: where dropout's keys come from in training mode (the ``dropout`` stream, else ``default``);
         None for a model that is only evaluated, or has no dropout.
-      arch: the registry name, with ``options`` the `create_model` keywords, for `save_pretrained`.
+      arch: the registry name, with ``options`` the `create_model` keywords and ``input_shape`` the
+        ``(H, W, C)`` of its images (None: the architecture's own), for `save_pretrained`.
 
     ``model(images)`` returns what ``module.apply(variables, images, train)`` returns, ``train`` being the
     NNX mode; in training mode the BatchNorm statistics are updated in place.
     """
 
     def __init__(self, module: nn.Module, variables: Mapping[str, Any], *, rngs: nnx.Rngs | None = None,
-                 arch: str | None = None, options: Mapping[str, Any] | None = None):
+                 arch: str | None = None, options: Mapping[str, Any] | None = None,
+                 input_shape: tuple[int, int, int] | None = None):
         self.module = module
         self.arch = arch
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self.options = tuple(sorted((options or {}).items()))  # static, so hashable
         for collection, kind in _STATE.items():
             setattr(self, collection, nnx.data(jax.tree.map(kind, dict(variables.get(collection, {})))))
@@ -124,7 +127,8 @@ class Model(nnx.Module):
         if self.arch is None:
             raise ValueError("this model was built from a module, not by flaxnets.nnx.create_model: use "
                              "flaxnets.save_pretrained(directory, arch, model.variables, **options).")
-        return save_pretrained(directory, self.arch, self.variables, overwrite=overwrite, **dict(self.options))
+        return save_pretrained(directory, self.arch, self.variables, input_shape=self.input_shape, overwrite=overwrite,
+                               **dict(self.options))
 
 
 def _initial_variables(module: nn.Module, key: jax.Array, shape: tuple[int, ...]) -> dict:
@@ -155,7 +159,8 @@ def create_model(name: str, /, *, rngs: nnx.Rngs | None = None, pretrained: Any 
     module = create_linen_model(name, **options)
     shape = input_shape or (1, spec.input_size, spec.input_size, spec.in_channels)
     variables = _initial_variables(module, rngs.params(), tuple(shape))
-    return Model(module, variables, rngs=rngs, arch=name, options=options)
+    return Model(module, variables, rngs=rngs, arch=name, options=options,
+                 input_shape=tuple(input_shape[1:]) if input_shape else None)
 
 
 def from_pretrained(source: str | os.PathLike, weights: Any = None, *, rngs: nnx.Rngs | None = None,
@@ -167,11 +172,12 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, rngs: nnx
     rngs = nnx.Rngs(0) if rngs is None else rngs
     num_classes = options.pop("num_classes", None)
     module, variables = linen_from_pretrained(source, weights, num_classes=num_classes, rng=rngs.params(), **options)
+    shape = None
     if os.path.isdir(os.fspath(source)):
         config = read_config(source)
-        arch, kept = config["architecture"], {**config.get("options", {}), **options}
+        arch, kept, shape = config["architecture"], {**config.get("options", {}), **options}, config["input_shape"]
     else:
         arch, kept = os.fspath(source), {**pretrained_overrides(os.fspath(source)), **options}
     if not kept.get("features_only"):
         kept["num_classes"] = module.num_classes
-    return Model(module, variables, rngs=rngs, arch=arch, options=kept)
+    return Model(module, variables, rngs=rngs, arch=arch, options=kept, input_shape=shape)

@@ -69,16 +69,20 @@ def _frozen(value: Any) -> Any:
 
 
 def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
-                    overwrite: bool = False, **options: Any) -> Path:
+                    input_shape: tuple[int, int, int] | None = None, overwrite: bool = False, **options: Any) -> Path:
     """Write ``variables`` of ``create_model(arch, **options)`` as ``model.safetensors`` and ``config.json``.
 
     ``options`` are the `create_model` keywords the variables were made under (``num_classes`` included:
     it is read from the variables when left out). Their values must be JSON or dtypes; ``ops`` (a kernel
-    set, not a property of the weights) is left out. Arrays are written in their own dtype. Files already
-    there are kept unless ``overwrite``; both files are written under temporary names and renamed into
-    place, so an interrupted save leaves the folder as it was. Returns the folder.
+    set, not a property of the weights) is left out. ``input_shape`` is the ``(H, W, C)`` of the images
+    the model takes, by default the architecture's own: the variables are checked against the model at
+    that shape now (a grey-image model has one input channel), and the config records it. Arrays are
+    written in their own dtype. Files already there are kept unless ``overwrite``; both files are written
+    under temporary names and renamed into place, so an interrupted save leaves the folder as it was.
+    Returns the folder.
     """
     spec = get_spec(arch)
+    shape = tuple(input_shape) if input_shape is not None else (spec.input_size, spec.input_size, spec.in_channels)
     directory = Path(directory)
     targets = [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
     existing = [path.name for path in targets if path.exists()]
@@ -88,9 +92,10 @@ def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[
     options = {key: value for key, value in options.items() if key not in ("ops", "name")}
     if "num_classes" not in options:
         options["num_classes"] = _class_count(arch, variables)
+    _check_fits(arch, create_model(arch, **options), variables, shape)
     config = {"format": _FORMAT, "architecture": arch, "family": spec.family,
               "options": {key: _json_option(key, value) for key, value in sorted(options.items())},
-              "input_size": spec.input_size, "in_channels": spec.in_channels}
+              "input_shape": list(shape)}
     flat = {"/".join(key): np.asarray(value) for key, value in _flat(variables).items()}
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -139,7 +144,7 @@ def _load_folder(directory: Path, num_classes: int | None, rng: int | jax.Array,
     if options.get("features_only"):
         options.pop("num_classes", None)
     model = create_model(arch, **options)
-    _check_fits(arch, model, variables)
+    _check_fits(arch, model, variables, tuple(config["input_shape"]))
     return model, variables
 
 
@@ -194,20 +199,22 @@ def _class_count(arch: str, variables: Mapping[str, Any]) -> int:
     return int(widths[0]) if widths else 0
 
 
-def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any]) -> None:
-    """`StateDictMismatchError` naming the first leaf of ``variables`` that ``model`` lacks or shapes otherwise."""
-    spec = get_spec(arch)
-    expected = _flat(abstract_variables(model, (1, spec.input_size, spec.input_size, spec.in_channels)))
+def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
+    """`StateDictMismatchError` naming the first leaf of ``variables`` that ``model`` on ``shape`` (H, W, C)
+    images lacks or shapes otherwise."""
+    expected = _flat(abstract_variables(model, (1, *shape)))
     given = _flat(variables)
+    where = f"{arch} on {'x'.join(map(str, shape))} images"
     for key, leaf in expected.items():
         if key not in given:
-            raise StateDictMismatchError(f"the variables do not fit {arch}: they have nothing for {'/'.join(key)}.")
+            raise StateDictMismatchError(f"the variables do not fit {where}: they have nothing for {'/'.join(key)}.")
         if tuple(given[key].shape) != tuple(leaf.shape):
-            raise StateDictMismatchError(f"the variables do not fit {arch}: {'/'.join(key)} has shape "
-                                         f"{tuple(given[key].shape)}, the model's is {tuple(leaf.shape)}.")
+            raise StateDictMismatchError(f"the variables do not fit {where}: {'/'.join(key)} has shape "
+                                         f"{tuple(given[key].shape)}, the model's is {tuple(leaf.shape)} (pass "
+                                         "input_shape=(H, W, C) of the images it takes).")
     extra = [key for key in given if key not in expected]
     if extra:
-        raise StateDictMismatchError(f"the variables do not fit {arch}: the model has no {'/'.join(extra[0])}.")
+        raise StateDictMismatchError(f"the variables do not fit {where}: the model has no {'/'.join(extra[0])}.")
 
 
 def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int | None = None, *,
@@ -226,7 +233,7 @@ def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int |
     fresh = [key for key in target if key[0] == "params" and any(key[1:1 + len(h)] == h for h in heads)]
     kept = {key: value for key, value in _flat(variables).items()
             if not (key[0] == "params" and any(key[1:1 + len(h)] == h for h in heads))}
+    # A class layer's shape never depends on the input size: the new one is made at the architecture's own.
+    # The rest is not checked against the model, since the variables may be for any input size or channels.
     initial = _initialise(model, arch, rng, fresh) if fresh else {}
-    merged = {**kept, **initial}
-    _check_fits(arch, model, unflatten_dict(merged))
-    return unflatten_dict(merged)
+    return unflatten_dict({**kept, **initial})
