@@ -110,12 +110,13 @@ VARIANTS = {
 }
 
 
-def measure(batch: int, repeats: int) -> list[dict]:
-    """Per variant: compile seconds (first call) and the median and range of ``repeats`` steps."""
+def measure(batch: int, repeats: int, reverse: bool = False) -> list[dict]:
+    """Per variant: compile seconds (first call) and the median and range of ``repeats`` steps; ``reverse``
+    compiles them in the other order (the first compilation of a process also pays JAX's own warm-up)."""
     images = jax.random.normal(jax.random.key(1), (batch, 32, 32, 3))
     labels = jnp.arange(batch) % 10
     steps, rows = {}, {}
-    for name, build in VARIANTS.items():
+    for name, build in (reversed(VARIANTS.items()) if reverse else VARIANTS.items()):
         steps[name] = build()
         start = time.perf_counter()
         jax.block_until_ready(steps[name](images, labels))
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.nnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--reverse", action="store_true", help="compile the variants in the opposite order")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         print("error: --batch and --repeats must be positive integers.", file=sys.stderr)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"resnet18_cifar train step, 32x32, batch {args.batch}, float32, {jax.devices()[0].device_kind}, "
           f"jax {jax.__version__}")
     print("| variant | compile (s) | step median (ms) | step min-max (ms) |\n| --- | --- | --- | --- |")
-    for row in measure(args.batch, args.repeats):
+    for row in measure(args.batch, args.repeats, args.reverse):
         times = [t * 1e3 for t in row["times"]]
         print(f"| {row['variant']} | {row['compile_s']:.1f} | {statistics.median(times):.0f} | "
               f"{min(times):.0f}-{max(times):.0f} |")

@@ -111,3 +111,17 @@ def test_features_through_nnx():
     assert [m.shape for m in maps] == [(1, 4, 4, 128), (1, 1, 1, 512)]
     logits, all_maps = flaxnets.nnx.create_model("lenet5").forward_intermediates(jnp.ones((1, 28, 28, 1)))
     assert logits.shape == (1, 10) and len(all_maps) == 2
+
+
+def test_converted_torchvision_weights_load_into_it():
+    """A torchvision state_dict (random tensors of ResNet-18's shapes) through `from_pretrained`: the NNX
+    model computes what the linen model computes with `from_torch`'s variables."""
+    rng = np.random.default_rng(0)
+    state_dict = {key: rng.standard_normal(shape).astype(np.float32) * 0.05
+                  for key, shape in flaxnets.convert.torch_shapes("resnet18").items()}
+    state_dict.update({key: np.abs(value) + 0.5 for key, value in state_dict.items() if key.endswith("running_var")})
+    model = flaxnets.nnx.create_model("resnet18", pretrained=state_dict, num_classes=1000)
+    model.eval()
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    expected = flaxnets.create_model("resnet18").apply(flaxnets.from_torch("resnet18", state_dict), x, False)
+    np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
