@@ -73,6 +73,11 @@ def export_main(argv: list[str]) -> int:
     add_model_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        # What can be refused before building anything is refused first.
+        if Path(args.out).exists():
+            raise ExportError(f"{args.out} already exists; choose another name (nothing is overwritten).")
+        if args.format is None and Path(args.out).suffix not in FORMATS:
+            raise ExportError(f"cannot tell the format of {args.out}: name it .stablehlo or .onnx, or pass --format.")
         request = request_from_args(args.name, args).checked()
         if args.weights and Path(args.weights).is_dir():
             saved = read_config(args.weights)["architecture"]

@@ -82,7 +82,7 @@ def test_auxiliary_logits_never_enter_the_state():
         return logits.sum() + sum(head.sum() for head in aux), len(aux)
 
     before = jax.tree.structure(nnx.state(model))
-    for _ in range(3):
+    for _ in range(2):  # the second step would trace again if the state had changed shape
         _, heads = step(model)
     assert heads == 2 and len(traces) == 1 and jax.tree.structure(nnx.state(model)) == before
     model.eval()
@@ -105,10 +105,10 @@ def test_save_and_load_a_folder_and_reset_the_head(tmp_path, lenet):
 
 
 def test_features_through_nnx():
-    model = flaxnets.nnx.create_model("resnet18_cifar", features_only=True, out_indices=(2, 4))
+    model = flaxnets.nnx.create_model("resnet18_cifar", features_only=True, out_indices=(2, 4), width=8)
     model.eval()
     maps = model(jnp.ones((1, 8, 8, 3)))
-    assert [m.shape for m in maps] == [(1, 4, 4, 128), (1, 1, 1, 512)]
+    assert [m.shape for m in maps] == [(1, 4, 4, 16), (1, 1, 1, 64)]
     logits, all_maps = flaxnets.nnx.create_model("lenet5").forward_intermediates(jnp.ones((1, 28, 28, 1)))
     assert logits.shape == (1, 10) and len(all_maps) == 2
 
