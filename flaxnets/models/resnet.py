@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -120,6 +121,10 @@ class ResNet(nn.Module):
     wide inside, the paper's "WRN-50-2-bottleneck" of its ImageNet experiments.
     ``resnext29_8x64d`` is the CIFAR ResNeXt of section 5.3 of Xie et al.: the 3x3 stem, three stages of
     three bottlenecks (29 layers), cardinality 8 at 64 channels per group (``groups=16`` is their 16x64d).
+
+    Feature points (`flaxnets.features`): the stem's activation (``act1``) and each stage's output
+    (``layer1``...). ``remat=True`` recomputes each block's activations in the backward pass instead of
+    storing them (`flax.linen.remat`); values and gradients are unchanged.
     """
 
     stage_sizes: Sequence[int]
@@ -134,6 +139,7 @@ class ResNet(nn.Module):
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -157,16 +163,18 @@ class ResNet(nn.Module):
         )
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), 2, padding=padding(3), name="conv1")(x)
-            x = nn.relu(norm(name="bn1")(x))
+            x = tap(self, nn.relu(norm(name="bn1")(x)), "act1", reduction=2)
             x = self.ops.max_pool(3, 2, padding=1, name="maxpool")(x)
         elif self.stem == "cifar":
             x = conv(self.width, (3, 3), padding=padding(1), name="conv1")(x)
-            x = nn.relu(norm(name="bn1")(x))
+            x = tap(self, nn.relu(norm(name="bn1")(x)), "act1", reduction=1)
         else:
             raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+        block = nn.remat(self.block) if self.remat else self.block
+        reduction = 4 if self.stem == "imagenet" else 1
         for stage, blocks in enumerate(self.stage_sizes):
             for index in range(blocks):
-                x = self.block(
+                x = block(
                     filters=self.width * 2**stage,
                     conv=conv,
                     norm=norm,
@@ -176,6 +184,7 @@ class ResNet(nn.Module):
                     width_per_group=self.width_per_group,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
+            x = tap(self, x, f"layer{stage + 1}", reduction=reduction * 2**stage)
         x = GlobalAvgPool(name="avgpool")(x)
         if self.num_classes:
             x = self.ops.dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
