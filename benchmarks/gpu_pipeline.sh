@@ -9,14 +9,22 @@
 #
 #   bash benchmarks/gpu_pipeline.sh OUT              # OUT: a folder for the JSON files and logs
 #   bash benchmarks/gpu_pipeline.sh OUT --dry-run    # toy sizes, on a CPU: checks the script itself
+#   bash benchmarks/gpu_pipeline.sh OUT --no-train   # steps 1 and 2 only (stream_train is the steady figure)
 #
 # Grain and array_record, when not importable, are installed from the wheels in .whl/ (python -m pip download
 # of grain, array-record and portpicker for the host's Python) into /tmp/site; nothing is fetched. The
 # images live in ${TMPDIR:-/tmp}, not in OUT. Each step runs under its own time limit and the script goes
 # on after a failure; OUT/summary.json gathers what each step measured.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/gpu_pipeline.sh OUT [--dry-run]}
-mode=${2:-}
+out=${1:?usage: bash benchmarks/gpu_pipeline.sh OUT [--dry-run] [--no-train]}
+mode="" train=1
+for option in "${@:2}"; do
+  case "$option" in
+    --dry-run) mode=--dry-run ;;
+    --no-train) train=0 ;;
+    *) echo "error: unknown option $option (the options are --dry-run and --no-train)." >&2; exit 2 ;;
+  esac
+done
 python=${PYTHON:-python3}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 data=${TMPDIR:-/tmp}/flaxnets-gpu-pipeline
@@ -26,12 +34,10 @@ if [ "$mode" = "--dry-run" ]; then
   images=40; workers=$(nproc); batch=4; batches=4; segments=5; repeats=1; side=64
   arch=lenet5_relu; dtype=float32; train_batch=8; size=(--image-size 32); steps=4; epochs=2
   limits=(60 90 60)
-elif [ -z "$mode" ]; then
+else
   images=4000; workers=$(nproc); batch=64; batches=32; segments=5; repeats=2; side=224
   arch=resnet50; dtype=bfloat16; train_batch=256; size=(); steps=30; epochs=3
   limits=(55 60 35)
-else
-  echo "error: unknown option $mode (the only one is --dry-run)." >&2; exit 2
 fi
 
 if ! "$python" -c "import grain, array_record" 2>/dev/null; then
@@ -68,8 +74,9 @@ timeout "${limits[1]}" "$python" -m benchmarks.stream_train --data-dir "$data/or
   --json "$out/stream_train.json" 2>&1 | tee "$out/stream_train.log" | grep -v "leaked shared_memory\|warnings.warn"
 
 # The same flags as stream_train's run (a constant rate among them), so the step comes from the compilation cache.
-echo "== python -m train streaming the copy"
 rm -rf "$data/train"
+if [ "$train" = 1 ]; then
+echo "== python -m train streaming the copy"
 # Each output line gets the time it arrived, so the rate between progress lines can be read afterwards.
 timeout "${limits[2]}" "$python" -m train --arch "$arch" --dtype "$dtype" --batch-size "$train_batch" \
   --dataset folder --data-dir "$data/originals-s256" --pipeline stream --workers "$workers" ${size[@]+"${size[@]}"} \
@@ -79,6 +86,7 @@ timeout "${limits[2]}" "$python" -m train --arch "$arch" --dtype "$dtype" --batc
 for line in sys.stdin:
     print(f"{time.time():.3f} {line}", end="", flush=True)' > "$out/train.log"
 cp "$data/train/metrics.jsonl" "$out/train_metrics.jsonl" 2>/dev/null
+fi
 
 "$python" - "$out" "$train_batch" "$((SECONDS - started))" <<'EOF'
 import json, os, re, sys
@@ -93,7 +101,8 @@ summary = {"wall_s": wall, "environment": load("environment.json"), "input_pipel
            "stream_train": load("stream_train.json")}
 # The trainer's epochs (the first compiles; later ones start with what the workers read ahead during the
 # evaluation, so on a small copy stream_train's ratio is the steady figure) and its timestamped progress lines.
-lines = re.findall(r"^(\d+\.\d+) step (\d+)/\d+", open(os.path.join(out, "train.log")).read(), re.M)
+log = os.path.join(out, "train.log")
+lines = re.findall(r"^(\d+\.\d+) step (\d+)/\d+", open(log).read(), re.M) if os.path.exists(log) else []
 epochs = []
 if os.path.exists(os.path.join(out, "train_metrics.jsonl")):
     epochs = [json.loads(line) for line in open(os.path.join(out, "train_metrics.jsonl")) if line.strip()]

@@ -10,7 +10,7 @@
 #   mkdir -p data && cp -r ../shared/datasets/fashion_mnist data/
 #
 # Steps, each its own process under its own time limit (`python -m benchmarks.gpu limits`), each writing
-# DIR/STEP.json and DIR/STEP.log, in this order: environment, correctness, parallel, accuracy, tune, peers,
+# DIR/STEP.json and DIR/STEP.log, in this order: environment, correctness, parallel, tune, peers, accuracy,
 # pipeline, throughput (benchmarks/gpu/__init__.py says what each measures); --steps runs some of them, in
 # that order. Then the table of results (DIR/summary.md) and DIR/results.tgz, which holds every step's
 # .json and .log and the table. A step that ends early hands its unused seconds to the next. --dry-run:

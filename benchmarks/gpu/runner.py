@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 __all__ = ["STEPS", "GRACE_S", "Record", "step_module", "sizes", "limit", "run_step", "summary", "say", "main"]
 
-# The order they run in: the steps of fixed length first, the ones that fill their time last, so that
-# what the others leave over goes to them (gpu_run.sh hands a step's unused seconds to the next).
-STEPS = ("environment", "correctness", "parallel", "accuracy", "tune", "peers", "pipeline", "throughput")
+# The order they run in: the checks first, then the speed claims, then the longer measurements, the table
+# that fills its time last, so that what the others leave over goes to it (gpu_run.sh hands a step's
+# unused seconds to the next).
+STEPS = ("environment", "correctness", "parallel", "tune", "peers", "accuracy", "pipeline", "throughput")
 GRACE_S = 15  # of each step's limit, kept back from its own budget to write its results and exit
 
 

@@ -84,7 +84,7 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     """The table, row by row, until the budget would run out."""
     from train.loop import enable_compilation_cache
 
-    enable_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR: the tune step reuses ResNet-50's program
+    enable_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR: ResNet-50's program is the tune step's
     ceiling = measured_ceiling(args.out)
     record.data["ceiling_tflops"] = ceiling
     rows = record.data["rows"] = []
