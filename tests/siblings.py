@@ -1,11 +1,11 @@
 """The deeper members of the newer families, and the smaller member whose checks stand for theirs.
 
-ResNeXt-101, Wide ResNet-101 and DenseNet-161/169/201 are ResNeXt-50, Wide ResNet-50 and DenseNet-121 with
-more blocks and other widths: the same modules on the same code paths (tests/test_models.py checks that
-only depth and width fields differ). The checks that compile or trace a whole network per architecture
-(forward passes, transformations) run the smaller member only, which keeps the suite within its 15
-minutes on two cores; parameter counts, minimum input sizes, conversion keys and FLOPs are still checked
-for every architecture.
+ResNeXt-101, Wide ResNet-101, DenseNet-161/169/201 and the CIFAR ResNet-32/44/56/110 are ResNeXt-50,
+Wide ResNet-50, DenseNet-121 and ResNet-20 with more blocks and other widths: the same modules on the same
+code paths (tests/test_models.py checks that only depth and width fields differ). The checks that compile
+or trace a whole network per architecture (forward passes, transformations) run the smaller member only,
+which keeps the suite within its 15 minutes on two cores; parameter counts, minimum input sizes,
+conversion keys and FLOPs are still checked for every architecture.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ DEEPER = {
     "densenet201": "densenet121",
     "resnext101_32x8d": "resnext50_32x4d",
     "wide_resnet101_2": "wide_resnet50_2",
+    "resnet32": "resnet20",
+    "resnet44": "resnet20",
+    "resnet56": "resnet20",
+    "resnet110": "resnet20",
 }
 # The fields in which a deeper member may differ from its smaller sibling.
 DEPTH_AND_WIDTH = frozenset({"stage_sizes", "block_sizes", "growth_rate", "num_init_features", "width_per_group"})

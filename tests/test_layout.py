@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flaxnets", "train", "benchmarks")
 COMMANDS = ("train.__main__", "train.evaluate", "train.predict", "train.plots", "train.data.__main__",
-            "flaxnets.__main__")
+            "train.recipes.__main__", "flaxnets.__main__")
 
 
 def _module_name(path: Path) -> str:

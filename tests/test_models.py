@@ -194,6 +194,19 @@ def googlenet(bn: bool, wide_kernel: int, aux: bool, classes: int = 1000) -> int
 
 
 RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
+
+
+def resnet_cifar(depth: int, classes: int = 10) -> int:
+    """He et al., section 4.2: a 3x3 stem of 16 maps, three stages of (depth - 2) / 6 basic blocks at 16, 32
+    and 64 maps, option A shortcuts (no parameters), a dense layer on the pooled 64 features."""
+    n = (depth - 2) // 6
+    total, cin = conv_bn(3, 3, 16), 16
+    for width in (16, 32, 64):
+        for _ in range(n):
+            total += conv_bn(3, cin, width) + conv_bn(3, width, width)
+            cin = width
+    return total + dense(cin, classes)
 
 
 def densenet(k: int, blocks: tuple[int, ...], stem: int, imagenet: bool = True, classes: int = 1000) -> int:
@@ -281,6 +294,7 @@ HAND_COUNTS = {
     **{f"resnet{d}_cifar": resnet(RESNET_STAGES[d], d >= 50, stem_kernel=3, classes=10) for d in (18, 34, 50)},
     **{name: resnet(stages, True, groups=g, per_group=d) for name, (stages, g, d) in RESNET_VARIANTS.items()},
     "resnext29_8x64d": resnet((3, 3, 3), True, stem_kernel=3, classes=10, groups=8),
+    **{f"resnet{d}": resnet_cifar(d) for d in CIFAR_RESNET_DEPTHS},
     **{name: densenet(*fields) for name, fields in DENSENETS.items()},
     "densenet_bc100_k12": densenet(12, (16, 16, 16), 24, imagenet=False, classes=10),
     "inception_v3": inception_v3(),
@@ -357,7 +371,9 @@ def test_parameter_counts_quoted_in_the_docs(name, overrides, count):
 # Xie et al. 2017, Table 7 (ResNeXt-29, 8x64d and 16x64d); Huang et al. 2017, Table 2 (DenseNet-BC, L=100
 # k=12; the same module with L=250 k=24, another row of the table, checks the layer formula). The papers'
 # last digit is not always rounded: 68,155,210 parameters are printed 68.1M.
+# He et al. 2016, Table 6: ResNet-20/32/44/56/110 with 0.27M, 0.46M, 0.66M, 0.85M and 1.7M parameters.
 PAPER_COUNTS = [
+    *[(f"resnet{d}", {}, m) for d, m in zip(CIFAR_RESNET_DEPTHS, (0.27, 0.46, 0.66, 0.85, 1.7))],
     ("resnext29_8x64d", {}, 34.4),
     ("resnext29_8x64d", {"groups": 16}, 68.1),
     ("densenet_bc100_k12", {}, 0.8),
@@ -369,7 +385,47 @@ PAPER_COUNTS = [
                          ids=[f"{name}-{millions}M" for name, _, millions in PAPER_COUNTS])
 def test_cifar_variants_have_their_papers_parameter_counts(name, overrides, millions):
     model = flaxnets.create_model(name, num_classes=10, **overrides)
-    assert abs(count_params(abstract_variables(model, (1, 32, 32, 3))["params"]) / 1e6 - millions) < 0.1
+    unit = 10.0 ** -len(repr(millions).partition(".")[2])  # one unit of the last digit printed: 0.27M, 0.01M
+    assert abs(count_params(abstract_variables(model, (1, 32, 32, 3))["params"]) / 1e6 - millions) < unit
+
+
+def _torch_cifar_resnet(torch, depth: int):
+    """An independent PyTorch ResNet-(6n+2) for CIFAR with option A shortcuts, written from section 4.2 of the
+    paper the way PyTorch reproductions write it (strided identity, channels zero-padded on both sides)."""
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.pad = (cout - cin) // 2
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            if self.pad:
+                x = nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+            return torch.relu(y + x)
+
+    n = (depth - 2) // 6
+    layers, cin = [nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
+    for stage, width in enumerate((16, 32, 64)):
+        for index in range(n):
+            layers.append(Block(cin, width, 2 if stage and not index else 1))
+            cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("depth", CIFAR_RESNET_DEPTHS)
+def test_cifar_resnets_have_the_parameters_of_a_pytorch_reference(depth):
+    from reference import torch_or_skip
+
+    torch = torch_or_skip()
+    reference = _torch_cifar_resnet(torch, depth)
+    assert reference(torch.zeros(1, 3, 8, 8)).shape == (1, 10)  # the shortcuts' shapes fit
+    assert param_count(f"resnet{depth}") == sum(p.numel() for p in reference.parameters())
 
 
 def test_lenet5_count_at_mnist_size():

@@ -24,8 +24,8 @@ def test_batch_must_split_over_devices(digits):
 
 def test_image_side_is_raised_to_the_architecture_minimum(digits):
     assert image_side(Config(arch="lenet5_relu"), digits, "lenet5_relu") == flaxnets.min_input_size("lenet5_relu", 1)
-    # ImageNet networks see at least 32 pixels (their last maps 1x1), small-image ones the data's own 8.
-    assert [image_side(Config(arch=a), digits, a) for a in ("resnet18", "googlenet", "resnet18_cifar")] == [32, 32, 8]
+    # ImageNet networks see at least 16 pixels (their last maps 1x1), small-image ones the data's own 8.
+    assert [image_side(Config(arch=a), digits, a) for a in ("resnet18", "googlenet", "resnet18_cifar")] == [16, 16, 8]
     with pytest.raises(ConfigError, match="minimum input of 32x32"):
         image_side(Config(arch="vgg11", image_size=16), digits, "vgg11")
 

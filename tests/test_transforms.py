@@ -99,7 +99,7 @@ WITH_PARAMETER_TANGENTS = ("lenet5_bn", "alexnet_paper", "vgg11_bn", "nin", "goo
 # twice as wide inside) and stem (DenseNet's is the same convolution and pool). Compiling these checks for
 # them in float64 takes 10-50 s each on two cores, for no layer not already checked.
 _STAND_INS = {"densenet121": "densenet_bc100_k12", "resnext50_32x4d": "resnext29_8x64d", "wide_resnet50_2": "resnet50"}
-SAME_LAYERS_AS = {**_STAND_INS, **{deeper: _STAND_INS[smaller] for deeper, smaller in DEEPER.items()}}
+SAME_LAYERS_AS = {**_STAND_INS, **{deeper: _STAND_INS.get(smaller, smaller) for deeper, smaller in DEEPER.items()}}
 # Inception v3, whose 11 modules all differ, compares forward and reverse mode in training alone (the mode with
 # batch statistics; evaluation differs only in BatchNorm, checked in both modes elsewhere) and without
 # `linearize`: 13 s instead of 23.

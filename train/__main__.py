@@ -10,7 +10,8 @@ from train.config import parse_args
 def done_line(config, results: dict) -> str:
     """The run's last line: final test accuracy, and which checkpoint is "best" and on what it was chosen."""
     top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
-    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{top5} after "
+    ema = f" (averaged weights: {results['ema_test_top1']:.2%})" if "ema_test_top1" in results else ""
+    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{top5}{ema} after "
             f"{results['epoch']} epochs; workdir {config.workdir}")
     if "best_step" in results:
         on = results["best_selected_on"]
@@ -18,7 +19,18 @@ def done_line(config, results: dict) -> str:
                  f"{results['best_top1']:.2%}, selected on the {'validation' if on == 'val' else 'test'} split")
         if on == "test":
             line += " (no --val-split: the test split chose it, so its test accuracy is optimistic)"
+        elif "best_test_top1" in results:
+            line += f"; its test top-1 {results['best_test_top1']:.2%} ({results['best_weights']} weights)"
     return line + "."
+
+
+def recipe_line(config, results: dict) -> str | None:
+    """The run's test top-1 beside its recipe's expected figure (`train.recipes.report_line`): that of the
+    checkpoint chosen on the validation split where there is one, else of the last epoch's weights."""
+    from train.recipes import report_line
+
+    chosen = results.get("best_test_top1") if results.get("best_selected_on") == "val" else None
+    return report_line(config.recipe, config.arch, results["test_top1"] if chosen is None else chosen)
 
 
 def main(argv=None) -> int:
@@ -45,6 +57,9 @@ def main(argv=None) -> int:
         if config.lr_find or jax.process_index() != 0:
             return 0
         print(done_line(config, results))
+        recipe = recipe_line(config, results)
+        if recipe:
+            print(recipe)
         return 0
 
     return run_command(body)

@@ -24,6 +24,8 @@ PARALLEL = ("shard_map", "pmap")
 PIPELINES = ("auto", "memory", "stream")
 CROPS = ("inception", "alexnet")
 DECODERS = ("auto", "opencv", "pillow")
+AUTO_AUGMENT = ("ta_wide", "ra")
+MIX_MODES = ("batch", "elem")
 
 
 # Facts a saved config.json states about its run but that are not settings: ignored when it is read back.
@@ -87,6 +89,20 @@ class Config:
     keep_checkpoints: int = 3
     log_every_steps: int = 20
     zero_init_residual: bool = False
+    # Recipe primitives (flaxnets.augment, flaxnets.autoaugment, flaxnets.training; train.recipes); all off.
+    recipe: str | None = None  # the named recipe these settings started from (train/recipes/NAME.json)
+    auto_augment: str | None = None  # ta_wide (TrivialAugment Wide) or ra (RandAugment), each training image
+    ra_num_ops: int = 2
+    ra_magnitude: int = 9  # bin of 31
+    random_erase: float = 0.0  # probability of erasing a random rectangle of each training image
+    mixup_alpha: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix_alpha: float = 0.0  # the same for cutmix
+    mix_prob: float = 1.0  # probability that a batch (or example) is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix rather than mixup
+    mix_mode: str = "batch"  # one lambda per batch, or per example (elem)
+    ema_decay: float = 0.0  # per-step decay of the weights' moving average; 0: none
+    drop_path_rate: float = 0.0  # ResNets: stochastic depth of the last block (0 for the first, linear between)
+    decay_norm_and_bias: bool = False  # weight decay on biases and normalisation parameters too
     # torchvision weights to start from: a published set's name (IMAGENET1K_V1, flaxnets.hub), a URL or a
     # .pth/.safetensors/.npz file.
     init_from: str | None = None
@@ -118,7 +134,8 @@ class Config:
         """Raise `ConfigError` for the first setting that cannot work; returns self for chaining."""
         _check_types(self)
         for name in ("lr", "momentum", "warmup_epochs", "lr_decay_factor", "weight_decay", "label_smoothing",
-                     "clip_grad_norm", "lighting", "lr_find_start", "lr_find_end"):
+                     "clip_grad_norm", "lighting", "lr_find_start", "lr_find_end", "random_erase", "mixup_alpha",
+                     "cutmix_alpha", "mix_prob", "mix_switch_prob", "ema_decay", "drop_path_rate"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}.")
@@ -151,6 +168,7 @@ class Config:
         if self.lighting < 0:
             raise ConfigError(f"--lighting cannot be negative, got {self.lighting}.")
         _check_ranges(self)
+        _check_recipe_settings(self)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
                               ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS),
                               ("decoder", DECODERS)):
@@ -220,8 +238,27 @@ class Config:
         return cls.from_dict({k: v for k, v in values.items() if k in known})
 
     @classmethod
-    def from_file(cls, path: str) -> "Config":
-        """Settings from a JSON file, or from a JSON object given in place of a file name (``'{"lr": 0.1}'``)."""
+    def from_recipe(cls, name: str) -> "Config":
+        """The defaults with the settings of recipe ``name`` (`train.recipes`) over them, ``recipe`` set."""
+        from train.recipes import RecipeError, load_recipe
+
+        try:
+            recipe = load_recipe(name)
+        except RecipeError as error:
+            raise ConfigError(str(error)) from None
+        if "recipe" in recipe.settings:
+            raise ConfigError(f"recipe file {recipe.path}: settings cannot name another recipe.")
+        try:
+            config = cls.from_dict({**dataclasses.asdict(cls()), **recipe.settings})
+            _check_types(config)
+        except ConfigError as error:
+            raise ConfigError(f"recipe file {recipe.path}: {error}") from None
+        return dataclasses.replace(config, recipe=recipe.label)
+
+    @classmethod
+    def from_file(cls, path: str, base: "Config | None" = None) -> "Config":
+        """Settings from a JSON file, or from a JSON object given in place of a file name (``'{"lr": 0.1}'``),
+        over those of ``base`` (default: the defaults)."""
         where = f"config file {path}"
         try:
             if path.lstrip().startswith("{"):
@@ -239,7 +276,7 @@ class Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{where} must hold a JSON object of settings.")
         try:
-            config = cls.from_dict(values)
+            config = cls.from_dict({**(dataclasses.asdict(base) if base else {}), **values})
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         return config
@@ -262,6 +299,11 @@ RESUME: dict[str, str] = {
     "ten_crop": "result",
     "seed": "result", "zero_init_residual": "result", "init_from": "result", "freeze_backbone": "result",
     "mean": "result", "std": "result",
+    "auto_augment": "result", "ra_num_ops": "result", "ra_magnitude": "result", "random_erase": "result",
+    "mixup_alpha": "result", "cutmix_alpha": "result", "mix_prob": "result", "mix_switch_prob": "result",
+    "mix_mode": "result", "drop_path_rate": "result", "decay_norm_and_bias": "result",
+    # Whether the checkpoints hold a moving average of the weights is their make-up; its decay a result.
+    "ema_decay": "result", "recipe": "free",
     "data_dir": "free", "workdir": "free", "eval_batch_size": "free", "parallel": "free", "workers": "free",
     "checkpoint_every_epochs": "free", "keep_checkpoints": "free", "log_every_steps": "free",
     "distributed": "free", "coordinator": "free", "num_processes": "free", "process_id": "free",
@@ -298,6 +340,31 @@ def _check_ranges(config: Config) -> None:
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"--coordinator must be HOST:PORT with a port from 1 to 65535, got "
                               f"{config.coordinator!r}.")
+
+
+def _check_recipe_settings(config: "Config") -> None:
+    """Raise `ConfigError` for the first recipe primitive set out of its range."""
+    for name in ("random_erase", "mix_prob", "mix_switch_prob"):
+        if not 0 <= getattr(config, name) <= 1:
+            raise ConfigError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(config, name)}.")
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} cannot be negative (0 turns it off), got {getattr(config, name)}.")
+    if not 0 <= config.ema_decay < 1:
+        raise ConfigError(f"--ema-decay must be in [0, 1) (0: no moving average), got {config.ema_decay}.")
+    if not 0 <= config.drop_path_rate < 1:
+        raise ConfigError(f"--drop-path-rate must be in [0, 1), got {config.drop_path_rate}.")
+    if config.auto_augment is not None and config.auto_augment not in AUTO_AUGMENT:
+        raise ConfigError(f"--auto-augment must be one of {', '.join(AUTO_AUGMENT)}; got {config.auto_augment!r}.")
+    if config.mix_mode not in MIX_MODES:
+        raise ConfigError(f"--mix-mode must be one of {', '.join(MIX_MODES)}; got {config.mix_mode!r}.")
+    if not isinstance(config.ra_num_ops, int) or config.ra_num_ops < 1:
+        raise ConfigError(f"--ra-num-ops must be a positive whole number, got {config.ra_num_ops!r}.")
+    if not 0 <= config.ra_magnitude <= 30:
+        raise ConfigError(f"--ra-magnitude is a bin of 31, 0 to 30; got {config.ra_magnitude}.")
+    if (config.mixup_alpha or config.cutmix_alpha) and config.batch_size % 2:
+        raise ConfigError(f"mixup and cutmix pair each example with another: --batch-size must be even, got "
+                          f"{config.batch_size}.")
 
 
 def _type_name(hint: Any) -> str:
@@ -450,6 +517,25 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--log-every-steps", "progress line every this many steps", type=int)
     add("--zero-init-residual", "ResNets: start each residual branch's last BatchNorm scale at zero",
         action=argparse.BooleanOptionalAction)
+    add("--recipe", "a named recipe (python -m train.recipes lists them) or a recipe file: its settings first, "
+        "then --config's, then the flags given")
+    add("--auto-augment", "TrivialAugment Wide (ta_wide) or RandAugment (ra) on every training image, "
+        "torchvision's operations", choices=AUTO_AUGMENT)
+    add("--ra-num-ops", "RandAugment: operations per image", type=int)
+    add("--ra-magnitude", "RandAugment: magnitude bin, 0-30", type=int)
+    add("--random-erase", "probability of erasing a random rectangle of a training image (torchvision's "
+        "RandomErasing)", type=float)
+    add("--mixup-alpha", "mixup's Beta(alpha, alpha); 0: off", type=float)
+    add("--cutmix-alpha", "cutmix's Beta(alpha, alpha); 0: off", type=float)
+    add("--mix-prob", "probability that a batch (or example) is mixed", type=float)
+    add("--mix-switch-prob", "with mixup and cutmix both on: probability of cutmix", type=float)
+    add("--mix-mode", "one mixing draw per batch, or per example (elem)", choices=MIX_MODES)
+    add("--ema-decay", "per-step decay of a moving average of the weights, evaluated and checkpointed beside "
+        "them (e.g. 0.999); 0: none", type=float)
+    add("--drop-path-rate", "ResNets: stochastic depth, the last block's drop probability (linear from 0)",
+        type=float)
+    add("--decay-norm-and-bias", "weight decay on biases and normalisation parameters too",
+        action=argparse.BooleanOptionalAction)
     add("--init-from", "start from torchvision weights: a published set of --arch (IMAGENET1K_V1, IMAGENET1K_V2, "
         "DEFAULT; downloaded once into ~/.cache/flaxnets), a URL, or a .pth/.safetensors/.npz file; a new head if "
         "the classes differ")
@@ -481,7 +567,9 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m train")
     """Command line -> validated `Config`: defaults, then ``--config FILE``, then the flags given."""
     args = vars(build_parser(prog).parse_args(argv))
     config_file = args.pop("config")
-    config = Config.from_file(config_file) if config_file else Config()
+    recipe = args.pop("recipe")
+    base = Config.from_recipe(recipe) if recipe else Config()
+    config = Config.from_file(config_file, base=base) if config_file else base
     given = {k: v for k, v in args.items() if v is not None}
     if given.get("coordinator") or given.get("num_processes") is not None:
         given.setdefault("distributed", True)

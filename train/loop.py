@@ -121,6 +121,10 @@ def check_resume(meta: dict, run: Run, directory: str) -> dict[str, tuple[Any, A
             val_split = config.val_split
         return dataclasses.replace(config, image_size=run.image_side, val_split=val_split)
 
+    if bool((meta.get("config") or {}).get("ema_decay")) != bool(run.config.ema_decay):
+        had = "with" if (meta.get("config") or {}).get("ema_decay") else "without"
+        raise CheckpointError(f"{directory} was trained {had} a moving average of the weights (--ema-decay); resume "
+                              "the same way (its checkpoints hold the average or do not) or use another --workdir.")
     differences = used(run.config).changes(used(Config.recorded(meta["config"])))
     fixed = {name: old for name, (old, new) in differences.items() if RESUME[name] == "fixed"}
     if fixed:
@@ -201,7 +205,23 @@ class _SignalFlag:
 
 def evaluate(run: Run, feed, state) -> dict[str, float]:
     """Loss, top-1 and top-5 over every example of the validation split (``val_*``, when the run has one)
-    and of the test split (``test_*``)."""
+    and of the test split (``test_*``); with ``--ema-decay``, the same of the averaged weights (``ema_*``)."""
+    out = _scores(run, feed, state)
+    if run.config.ema_decay:
+        out.update({f"ema_{key}": value for key, value in _scores(run, feed, state.averaged()).items()})
+    return out
+
+
+def selection_metrics(run: Run, results: dict[str, float]) -> dict[str, float]:
+    """What a checkpoint is saved with: the top-1 it is ranked by on the selection split (the better of the
+    trained and the averaged weights, with ``--ema-decay``), and the test top-1 of those same weights."""
+    key = f"{run.selection_split}_top1"
+    ema = bool(run.config.ema_decay) and results[f"ema_{key}"] > results[key]
+    prefix = "ema_" if ema else ""
+    return {key: results[prefix + key], "chosen_test_top1": results[prefix + "test_top1"], "chosen_ema": float(ema)}
+
+
+def _scores(run: Run, feed, state) -> dict[str, float]:
     out = {}
     for split in ("val", "test") if run.data.val_size else ("test",):
         sums = feed.evaluate(state, split)
@@ -386,8 +406,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
             reporter.record(results)
             reporter.info(_epoch_line(results, config.epochs))
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
-                selection = f"{run.selection_split}_top1"
-                checkpoints.save(step, state, meta(epoch + 1, 0), metrics={selection: results[selection]})
+                checkpoints.save(step, state, meta(epoch + 1, 0), metrics=selection_metrics(run, results))
                 last_good = step
             if stop.signum:
                 checkpoints.save(step, state, meta(epoch + 1, 0))
@@ -400,6 +419,10 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
         results["best_step"], results["best_top1"] = best
         results["best_epoch"] = best[0] // run.steps_per_epoch
         results["best_selected_on"] = run.selection_split
+        chosen = checkpoints.manager.metrics(best[0]) or {}
+        if "chosen_test_top1" in chosen:  # checkpoints of earlier versions lack it
+            results["best_test_top1"] = chosen["chosen_test_top1"]
+            results["best_weights"] = "ema" if chosen.get("chosen_ema") else "trained"
     results["traces"] = dict(driver.traces)
     if config.plots and jax.process_index() == 0:
         _write_plots(run, workdir, state, results["epoch"], reporter)
@@ -446,6 +469,7 @@ def _epoch_line(results: dict, epochs: int) -> str:
     for split in ("val", "test"):
         if f"{split}_top1" in results:
             top5 = f" top-5 {results[f'{split}_top5']:.2%}" if f"{split}_top5" in results else ""
-            parts.append(f"{split} loss {results[f'{split}_loss']:.4f} top-1 {results[f'{split}_top1']:.2%}{top5}")
+            ema = f" (EMA {results[f'ema_{split}_top1']:.2%})" if f"ema_{split}_top1" in results else ""
+            parts.append(f"{split} loss {results[f'{split}_loss']:.4f} top-1 {results[f'{split}_top1']:.2%}{ema}{top5}")
     parts.append(f"{results['images_per_sec']:,.0f} img/s, {results['epoch_time_s']:.1f} s, lr {results['lr']:.3g}")
     return " | ".join(parts)

@@ -2,15 +2,15 @@
 
 Weight decay is the optimizer's own: added to the gradient before momentum for SGD and Adam (PyTorch's
 ``weight_decay``), decoupled for AdamW (Loshchilov and Hutter 2019). It applies to kernels only: biases
-and BatchNorm scales and offsets (1-D parameters) are not decayed, as in Goyal et al. 2017, section 5.1.
+and BatchNorm scales and offsets (1-D parameters) are not decayed, as in Goyal et al. 2017, section 5.1
+(`flaxnets.training.decay_mask`), unless ``decay_norm_and_bias`` asks for every parameter to be.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import optax
 
+from flaxnets.training import decay_mask
 from train.config import Config
 
 __all__ = ["make_schedule", "make_optimizer", "decay_mask", "after_fence"]
@@ -38,11 +38,6 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), main], [warmup])
 
 
-def decay_mask(params) -> object:
-    """True for the parameters weight decay applies to: kernels, not biases or normalisation parameters."""
-    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
-
-
 def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer (with clipping and weight decay) and its schedule, for `Config.optimizer`."""
     schedule = make_schedule(config, steps_per_epoch)
@@ -50,16 +45,17 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> tuple[optax.Gradient
     if config.clip_grad_norm:
         parts.append(optax.clip_by_global_norm(config.clip_grad_norm))
     wd = config.weight_decay
+    mask = None if config.decay_norm_and_bias else decay_mask
     if config.optimizer in ("sgd", "nesterov"):
         if wd:
-            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+            parts.append(optax.add_decayed_weights(wd, mask=mask))
         parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.optimizer == "nesterov"))
     elif config.optimizer == "adam":
         if wd:
-            parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+            parts.append(optax.add_decayed_weights(wd, mask=mask))
         parts.append(optax.adam(schedule))
     else:  # adamw
-        parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=mask))
     return optax.chain(*parts), schedule
 
 

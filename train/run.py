@@ -35,17 +35,18 @@ from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
 from train.tuning import StepSettings, step_settings
 
-__all__ = ["Run", "build_run", "image_side", "run_optimizer"]
+__all__ = ["Run", "build_run", "image_side", "run_optimizer", "recipe_step_options"]
 
 
 def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
     """The side images are resized to: --image-size, or the data's own (the architecture's native input
-    size for images of varying size), raised to the model's minimum and to a seventh of its native side.
+    size for images of varying size), raised to the model's minimum and to a fourteenth of its native side.
 
-    That last floor is 32 pixels for the ImageNet architectures (224: their last feature maps are then at
-    least 1x1 after a 32-fold reduction) and changes nothing for those made for small images. Without it
-    an 8x8 digit would reach a ResNet's first stage as 2x2 pixels, after its stride-2 stem and max-pool:
-    ResNet-18 with every other default reached 95.3% test top-1 on the digits at 8x8 and 98.1% at 32x32
+    That last floor is 16 pixels for the ImageNet architectures (224: their last feature maps are 1x1, the
+    padding of their strided layers rounding up) and changes nothing for those made for small images.
+    Without it an 8x8 digit would reach a ResNet's first stage as 2x2 pixels, after its stride-2 stem and
+    max-pool: ResNet-18 with every other default reached 95.3% test top-1 on the digits at 8x8, 97.8% at
+    16x16 and 98.1% at 32x32, where each epoch costs 2.3 times as much CPU time as at 16
     (benchmarks/RESULTS.md)."""
     spec = flaxnets.get_spec(arch)
     smallest = _smallest_training_side(config, arch, data.image_shape[-1])
@@ -59,7 +60,7 @@ def image_side(config: Config, data: Dataset | Streamed, arch: str) -> int:
     height, width = data.image_shape[:2]
     if height is None or width is None:
         return max(spec.input_size, smallest)
-    return max(height, width, smallest, spec.input_size // 7)
+    return max(height, width, smallest, spec.input_size // 14)
 
 
 def _smallest_training_side(config: Config, arch: str, channels: int) -> int:
@@ -101,7 +102,8 @@ class Run:
         """The per-device train step with this run's model, optimizer, preprocessing and loss settings."""
         return steps.bind(steps.train_step, model=self.model, tx=self.tx, preprocess=self.preprocess,
                           num_classes=self.data.num_classes, label_smoothing=self.config.label_smoothing,
-                          aux_loss_weight=self.spec.aux_loss_weight)
+                          aux_loss_weight=self.spec.aux_loss_weight, **recipe_step_options(self.config,
+                                                                                           self.steps_per_epoch))
 
     @functools.cached_property
     def eval_step(self):
@@ -167,7 +169,7 @@ class Run:
         state = init()
         if pretrained and self.config.init_from:
             state = self._with_pretrained(state)
-        return state
+        return steps.with_ema(state) if self.config.ema_decay else state
 
     def state_shapes(self) -> steps.TrainState:
         """The structure of `init_state`'s state, its shapes and dtypes on this process's first device,
@@ -258,6 +260,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         if spec.family != "resnet":
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")
         overrides["zero_init_residual"] = True
+    if config.drop_path_rate:
+        if "drop_path_rate" not in flaxnets.registry.model_options(config.arch):
+            raise ConfigError(f"--drop-path-rate (stochastic depth) applies to the ResNet families, not {config.arch}.")
+        overrides["drop_path_rate"] = config.drop_path_rate
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     # The backend's kernel set (flaxnets.cpu's with its gradient fence on a CPU, flaxnets.gpu's on a GPU: the
     # same numbers, faster steps), for every model built from flaxnets' kernel set (a model of the user's own
@@ -278,17 +284,30 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     on_device = data.in_memory  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if on_device else 0, flip=data.flip and on_device,
-                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec)
+                                  dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec,
+                                  auto_augment=config.auto_augment, ra_num_ops=config.ra_num_ops,
+                                  ra_magnitude=config.ra_magnitude, random_erase=config.random_erase)
     if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:
         print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
               flush=True)
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
-    # A batch larger than the largest split scored would be all padding: cut to that split.
-    eval_batch = min(config.eval_batch_size, max(data.test_size, data.val_size or 0, 1))
-    eval_batch = math.ceil(eval_batch / device_count) * device_count
+    # No larger than the largest split it scores: padding a 360-image test split to 500 costs 39% more.
+    largest = max(data.test_size, data.val_size or 0, 1)
+    eval_batch = math.ceil(min(config.eval_batch_size, largest) / device_count) * device_count
     return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides,
                settings)
+
+
+def recipe_step_options(config: Config, steps_per_epoch: int) -> dict[str, Any]:
+    """The train step's mixing and weight-averaging settings (`train.step.train_step`): the average follows
+    the weights from the end of the learning-rate warm-up, as torchvision's recipe restarts it until then."""
+    mixing = None
+    if config.mixup_alpha or config.cutmix_alpha:
+        mixing = steps.Mixing(config.mixup_alpha, config.cutmix_alpha, config.mix_prob, config.mix_switch_prob,
+                              config.mix_mode)
+    return {"mixing": mixing, "ema_decay": config.ema_decay,
+            "ema_start_step": int(round(config.warmup_epochs_used * steps_per_epoch))}
 
 
 def with_weights_defaults(config: Config, channels: int) -> Config:

@@ -8,6 +8,9 @@ update equals the one a single device would make on the whole global batch.
 Augmentation happens here, on the device: images arrive as uint8 and are cropped, flipped, resized and
 normalised inside the compiled step. The random numbers of each example come from the step's key folded
 with the example's index in the dataset, so they do not depend on how the batch is split over devices.
+TrivialAugment Wide or RandAugment (`flaxnets.autoaugment`) and random erasing (`flaxnets.augment`) run
+here too, on every training image; mixup and cutmix (`Mixing`) mix each device's share of the batch, and
+the moving average of the weights (`EmaTrainState`) follows every step.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-__all__ = ["TrainState", "Preprocess", "train_step", "eval_step", "cross_entropy"]
+from flaxnets import augment, autoaugment
+from flaxnets.training import ema_update
+
+__all__ = ["TrainState", "EmaTrainState", "with_ema", "Preprocess", "Mixing", "train_step", "eval_step",
+           "cross_entropy"]
 
 
 @flax.struct.dataclass
@@ -35,6 +42,25 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jnp.ndarray  # base key; step k uses fold_in(rng, k)
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A `TrainState` with an exponential moving average of the weights beside them (``--ema-decay``):
+    ``ema`` holds ``params`` and ``batch_stats`` (`flaxnets.training.ema_update`). A class of its own, so that
+    the checkpoints of runs without it keep the structure they always had."""
+
+    ema: Any
+
+    def averaged(self) -> "EmaTrainState":
+        """The state with the averaged weights in place of the trained ones, for evaluation."""
+        return self.replace(params=self.ema["params"], batch_stats=self.ema["batch_stats"])
+
+
+def with_ema(state: TrainState) -> EmaTrainState:
+    """``state`` with a moving average that starts at its weights."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+    return EmaTrainState(**fields, ema={"params": state.params, "batch_stats": state.batch_stats})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +84,34 @@ class Preprocess:
     lighting: float = 0.0
     eigval: tuple[float, ...] = ()
     eigvec: tuple[tuple[float, ...], ...] = ()
+    auto_augment: str | None = None  # "ta_wide" (TrivialAugment Wide) or "ra" (RandAugment)
+    ra_num_ops: int = 2
+    ra_magnitude: int = 9
+    random_erase: float = 0.0  # probability of erasing a rectangle of each normalised image
 
     def __call__(self, images: jnp.ndarray, keys: jnp.ndarray | None, *, train: bool) -> jnp.ndarray:
+        training = train and keys is not None
+        if training and self.auto_augment:
+            # On the uint8 images, before the crop and flip (for streamed data, after the host's): the order
+            # changes where black borders fall, not the distribution of the operations.
+            images = jax.vmap(self._policy)(images, keys)
         x = images.astype(jnp.float32) / 255.0
-        if train and self.augment and keys is not None:
+        if training and self.augment:
             x = jax.vmap(self._augment_one)(x, keys)
         n, h, w, c = x.shape
         if (h, w) != (self.size, self.size):
             x = jax.image.resize(x, (n, self.size, self.size, c), "bilinear", antialias=False)
         x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+        if training and self.random_erase:  # after normalisation, as torchvision's recipe: 0 is the mean pixel
+            x = jax.vmap(lambda image, key: augment.random_erasing(image, jax.random.fold_in(key, 4),
+                                                                   self.random_erase))(x, keys)
         return x.astype(self.dtype)
+
+    def _policy(self, image: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
+        key = jax.random.fold_in(key, 3)
+        if self.auto_augment == "ta_wide":
+            return autoaugment.trivial_augment_wide(image, key)
+        return autoaugment.rand_augment(image, key, self.ra_num_ops, self.ra_magnitude)
 
     def _augment_one(self, image: jnp.ndarray, key: jnp.ndarray) -> jnp.ndarray:
         crop_key, flip_key = jax.random.split(key)
@@ -90,12 +134,32 @@ class Preprocess:
         return jnp.asarray(self.eigvec, jnp.float32) @ (alpha * jnp.asarray(self.eigval, jnp.float32))
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixing:
+    """Mixup and cutmix of each device's share of the batch, after preprocessing (`flaxnets.augment.mix`,
+    timm's ``Mixup``). The partner of an example is the one at the mirrored position of the same device's
+    share, as timm's is in each process's batch; in ``"batch"`` mode every device draws the same lambda."""
+
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: str = "batch"
+
+    def __call__(self, images: jnp.ndarray, targets: jnp.ndarray, key: jnp.ndarray):
+        return augment.mix(images, targets, key, mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                           prob=self.prob, switch_prob=self.switch_prob, mode=self.mode)
+
+
+def smoothed_targets(labels: jnp.ndarray, num_classes: int, smoothing: float = 0.0) -> jnp.ndarray:
+    """One-hot labels smoothed as in Szegedy et al. 2016 (section 7)."""
+    targets = jax.nn.one_hot(labels, num_classes)
+    return optax.smooth_labels(targets, smoothing) if smoothing else targets
+
+
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, num_classes: int, smoothing: float = 0.0) -> jnp.ndarray:
     """Per-example cross-entropy against one-hot labels smoothed as in Szegedy et al. 2016 (section 7)."""
-    targets = jax.nn.one_hot(labels, num_classes)
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), smoothed_targets(labels, num_classes, smoothing))
 
 
 def _example_keys(rng: jnp.ndarray, step: jnp.ndarray, indices: jnp.ndarray) -> jnp.ndarray:
@@ -113,27 +177,36 @@ def train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     aux_loss_weight: float = 0.0,
+    mixing: Mixing | None = None,
+    ema_decay: float = 0.0,
+    ema_start_step: int = 0,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimisation step on this device's ``batch`` (``image`` uint8, ``label``, ``index`` in the dataset).
 
     Returns the new state and metric sums over the global batch (``loss_sum``, ``correct``, ``count``),
-    so they can be added across steps and divided once.
+    so they can be added across steps and divided once. With `mixing` the loss is against the mixed
+    targets and ``correct`` counts predictions of each example's own label. With ``ema_decay`` the state is
+    an `EmaTrainState` whose average takes in the new weights (reset to them before ``ema_start_step``).
     """
     keys = _example_keys(state.rng, state.step, batch["index"])
     images = preprocess(batch["image"], keys, train=True)
-    dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 1 << 30)
+    step_key = jax.random.fold_in(state.rng, state.step)
+    dropout_key = jax.random.fold_in(step_key, 1 << 30)
     if axis_name is not None:
         dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+    targets = smoothed_targets(batch["label"], num_classes, label_smoothing)
+    if mixing is not None:
+        images, targets = mixing(images, targets, jax.random.fold_in(step_key, (1 << 30) + 1))
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats", "aux_logits"],
                                       rngs={"dropout": dropout_key})
-        losses = cross_entropy(logits, batch["label"], num_classes, label_smoothing)
+        losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
         loss = losses.mean()
         for head in jax.tree_util.tree_leaves(mutated.get("aux_logits", {})):
-            loss = loss + aux_loss_weight * cross_entropy(head, batch["label"], num_classes, label_smoothing).mean()
+            loss = loss + aux_loss_weight * optax.softmax_cross_entropy(head.astype(jnp.float32), targets).mean()
         return loss, (logits, losses, mutated.get("batch_stats", state.batch_stats))
 
     grads, (logits, losses, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -149,6 +222,9 @@ def train_step(
     if axis_name is not None:
         metrics = {k: lax.psum(v, axis_name) for k, v in metrics.items()}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if ema_decay:
+        new_state = new_state.replace(ema=ema_update(state.ema, {"params": params, "batch_stats": batch_stats},
+                                                     ema_decay, state.step, ema_start_step))
     return new_state, metrics
 
 

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -26,28 +27,24 @@ class Sizes:
     seeds: tuple[int, ...]
     needs_files: bool  # whether it reads --data-dir's Fashion-MNIST files
     target: float  # test top-1 every seed must reach
-    digits: tuple[str, ...]  # the README's LeNet-5 run
+    median_target: float  # and their median
+    digits: tuple[str, ...] | None  # the README's LeNet-5 run, for the CPU/GPU comparison; None: not run
 
 
-# A CIFAR-style recipe scaled to batch 512 (bfloat16, Nesterov SGD, cosine with 2 warm-up epochs, label
-# smoothing 0.1; the trainer adds random crops with 2-pixel padding and flips) that passed 94.9% in 30 epochs
-# on the H200 (benchmarks/RESULTS.md). Checkpoints only at the end, so that the wall time is training's.
-REAL = Sizes(
-    train=("--arch", "resnet18_cifar", "--dataset", "fashion_mnist", "--epochs", "30", "--batch-size", "512",
-           "--lr", "0.2", "--optimizer", "nesterov", "--schedule", "cosine", "--warmup-epochs", "2",
-           "--weight-decay", "5e-4", "--label-smoothing", "0.1", "--dtype", "bfloat16",
-           "--checkpoint-every-epochs", "30", "--no-plots"),
-    seeds=(0, 1, 2), needs_files=True, target=0.949,  # ResNet-18 in Fashion-MNIST's benchmark table
-    digits=("--arch", "lenet5_relu", "--dataset", "digits", "--epochs", "30", "--image-size", "28"),
-)
+# The project's Fashion-MNIST recipe (train/recipes/fashion_mnist_fast.json: resnet18_cifar, bfloat16, batch
+# 512, Nesterov SGD with a cosine schedule, random erasing, a moving average of the weights, the best epoch
+# chosen on a tenth of the training images held out). Targets: every seed at least 95.0% test top-1, their
+# median at least 95.8%.
+REAL = Sizes(train=("--recipe", "fashion_mnist_fast"), seeds=(0, 1, 2), needs_files=True, target=0.95,
+             median_target=0.958, digits=None)
 DRY = Sizes(
     train=("--arch", "lenet5_bn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0",
            "--image-size", "12", "--no-plots"),
-    seeds=(0,), needs_files=False, target=0.0,
+    seeds=(0,), needs_files=False, target=0.0, median_target=0.0,
     digits=("--arch", "lenet5_relu", "--dataset", "digits", "--epochs", "1", "--image-size", "12", "--warmup-epochs",
             "0", "--no-plots"),
 )
-LIMIT_S, DRY_LIMIT_S = 220, 120  # 53 s a run and 22 s for the digits on the H200 (2026-11-30)
+LIMIT_S, DRY_LIMIT_S = 200, 120  # about 55 s a run on the H200, the later seeds without compiling
 
 
 def _train_run(name: str, train_args: Sequence[str], workdir: Path, timeout: float, cache: Path) -> dict[str, Any]:
@@ -83,8 +80,15 @@ def _train_run(name: str, train_args: Sequence[str], workdir: Path, timeout: flo
     epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     epochs = [e for e in epochs if "test_top1" in e and "images_per_sec" in e]
     rates, times = [e["images_per_sec"] for e in epochs], [e["epoch_time_s"] for e in epochs]
+    # With a validation split the run's figure is the test top-1 of the checkpoint chosen on it (trained or
+    # averaged weights), which the trainer's last line states; else the last epoch's.
+    chosen = re.search(r"its test top-1 ([0-9.]+)% \((\w+) weights\)", "".join(lines[-5:]))
     return {"name": name, "command": "python -m train " + " ".join(train_args), "rc": rc, "wall_s": round(wall, 1),
-            "epochs": len(epochs), "test_top1": epochs[-1]["test_top1"] if epochs else None,
+            "epochs": len(epochs),
+            "test_top1": float(chosen.group(1)) / 100 if chosen else (epochs[-1]["test_top1"] if epochs else None),
+            "chosen_weights": chosen.group(2) if chosen else None,
+            "last_epoch_test_top1": epochs[-1]["test_top1"] if epochs else None,
+            "last_epoch_ema_test_top1": epochs[-1].get("ema_test_top1") if epochs else None,
             "test_top1_per_epoch": [round(e["test_top1"], 4) for e in epochs],
             # The first epoch's figures include compilation; the median is over the others.
             "images_per_s_first_epoch": round(rates[0], 1) if rates else None,
@@ -107,9 +111,9 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
             return False, (f"{data_dir} lacks Fashion-MNIST's IDX files: copy the four .gz files there "
                            "(benchmarks/gpu_run.sh --help)")
         train_args += ["--data-dir", str(data_dir)]
-    digits_reserve = 30 if not args.dry_run else 0  # seconds kept for the LeNet-5 run
+    digits_reserve = 30 if sizes.digits and not args.dry_run else 0  # seconds kept for the LeNet-5 run
     runs = record.data["runs"] = []
-    for index, seed in enumerate(sizes.seeds):
+    for seed in sizes.seeds:
         left = record.remaining() - digits_reserve
         if runs and left < 1.1 * runs[-1]["wall_s"]:
             record.data.setdefault("skipped", []).append(seed)
@@ -119,18 +123,21 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
         runs.append(_train_run(f"seed {seed}", [*train_args, "--seed", str(seed)], folder / f"seed{seed}", left,
                                folder / "xla-cache"))
         record.save()
-    # The README's command into an empty compilation cache, as its CPU figure was measured.
-    digits = _train_run("digits", sizes.digits, folder / "digits", max(record.remaining(), 10),
-                        folder / "xla-cache-digits")
-    record.data["digits"] = digits
-    record.data["digits"]["cpu_reference"] = ("98.06% in 48 s wall on 2 CPU cores, compilation included "
-                                              "(benchmarks/RESULTS.md, 'Training accuracy')")
+    digits = None
+    if sizes.digits:  # the README's command into an empty compilation cache, as its CPU figure was measured
+        digits = _train_run("digits", sizes.digits, folder / "digits", max(record.remaining(), 10),
+                            folder / "xla-cache-digits")
+        digits["cpu_reference"] = "the README's first command's figure in benchmarks/RESULTS.md, 'Training accuracy'"
+        record.data["digits"] = digits
     top1 = [r["test_top1"] or 0.0 for r in runs]
     median = statistics.median(top1) if top1 else 0.0
     record.data["median_top1"] = median
-    reached = bool(top1) and min(top1) >= sizes.target and len(runs) == len(sizes.seeds)
-    ok = all(r["rc"] == 0 for r in runs) and digits["rc"] == 0 and (args.dry_run or reached)
-    return ok, (f"{len(runs)} seed(s): test top-1 " + ", ".join(f"{t:.2%}" for t in top1) + f" (median {median:.2%}; "
-                f"{'every seed' if reached else 'target'} {sizes.target:.1%}), wall "
-                + ", ".join(f"{r['wall_s']:.0f}" for r in runs) + f" s; digits {digits['test_top1'] or 0:.2%} in "
-                f"{digits['wall_s']:.0f} s")
+    reached = (bool(top1) and len(runs) == len(sizes.seeds) and min(top1) >= sizes.target
+               and median >= sizes.median_target)
+    ok = all(r["rc"] == 0 for r in runs) and (digits is None or digits["rc"] == 0) and (args.dry_run or reached)
+    line = (f"{len(runs)} seed(s): test top-1 " + ", ".join(f"{t:.2%}" for t in top1) + f" (median {median:.2%}; "
+            f"targets {sizes.target:.1%} each, {sizes.median_target:.1%} median), wall "
+            + ", ".join(f"{r['wall_s']:.0f}" for r in runs) + " s")
+    if digits:
+        line += f"; digits {digits['test_top1'] or 0:.2%} in {digits['wall_s']:.0f} s"
+    return ok, line

@@ -21,7 +21,7 @@ from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "drop_path_rates"]
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -45,6 +45,8 @@ class BasicBlock(nn.Module):
     zero_init_last: bool = False
     groups: int = 1
     width_per_group: int = 64
+    shortcut: Literal["projection", "pad"] = "projection"
+    drop_path: ModuleDef | None = None
     expansion = 1
 
     @nn.compact
@@ -57,7 +59,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.filters, (3, 3), padding=padding(1), name="conv2")(y)
         y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_last else nn.initializers.ones, name="bn2")(y)
-        return nn.relu(y + _shortcut(self, x))
+        return nn.relu(_dropped(self, y) + _shortcut(self, x))
 
 
 class Bottleneck(nn.Module):
@@ -80,6 +82,8 @@ class Bottleneck(nn.Module):
     zero_init_last: bool = False
     groups: int = 1
     width_per_group: int = 64
+    shortcut: Literal["projection", "pad"] = "projection"
+    drop_path: ModuleDef | None = None
     expansion = 4
 
     @nn.compact
@@ -91,16 +95,28 @@ class Bottleneck(nn.Module):
         y = nn.relu(self.norm(name="bn2")(y))
         y = self.conv(self.filters * 4, (1, 1), name="conv3")(y)
         y = self.norm(scale_init=nn.initializers.zeros if self.zero_init_last else nn.initializers.ones, name="bn3")(y)
-        return nn.relu(y + _shortcut(self, x))
+        return nn.relu(_dropped(self, y) + _shortcut(self, x))
 
 
 def _shortcut(block, x):
-    """Identity, or a strided 1x1 projection with BatchNorm when the shape changes (the paper's option B)."""
+    """Identity, or when the shape changes: a strided 1x1 projection with BatchNorm (``"projection"``, the
+    paper's option B, torchvision's), or the identity subsampled with the stride and zero-padded to the new
+    width (``"pad"``, the paper's option A, with no parameters; its CIFAR networks of section 4.2)."""
     out_features = block.filters * block.expansion
     if block.strides == 1 and x.shape[-1] == out_features:
         return x
+    if block.shortcut == "pad":
+        x = x[:, ::block.strides, ::block.strides, :]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, out_features - x.shape[-1])))
+    if block.shortcut != "projection":
+        raise ValueError(f"ResNet shortcut must be 'projection' or 'pad', got {block.shortcut!r}.")
     x = block.conv(out_features, (1, 1), block.strides, name="downsample_conv")(x)
     return block.norm(name="downsample_bn")(x)
+
+
+def _dropped(block, y):
+    """The residual branch ``y`` through the block's stochastic depth, where it has one."""
+    return y if block.drop_path is None else block.drop_path(name="drop_path")(y)
 
 
 class ResNet(nn.Module):
@@ -122,6 +138,17 @@ class ResNet(nn.Module):
     ``resnext29_8x64d`` is the CIFAR ResNeXt of section 5.3 of Xie et al.: the 3x3 stem, three stages of
     three bottlenecks (29 layers), cardinality 8 at 64 channels per group (``groups=16`` is their 16x64d).
 
+    ``resnet20`` ... ``resnet110`` are the CIFAR networks of the paper's section 4.2: the 3x3 stem, three
+    stages of n basic blocks (depth 6n + 2) at 16, 32 and 64 filters (``width=16``), and ``shortcut="pad"``
+    (option A: identity shortcuts, subsampled and zero-padded where the width doubles, no parameters).
+
+    ``drop_path_rate`` is stochastic depth (Huang, Sun, Liu, Sedra, Weinberger, "Deep Networks with
+    Stochastic Depth", ECCV 2016, arXiv:1603.09382): in training, each example skips each block's residual
+    branch with a probability that grows linearly with the block's index, from 0 for the first block to
+    ``drop_path_rate`` for the last (timm's rule for its ResNets; the paper's "linear decay" ends at 0.5).
+    Kept branches are scaled by 1 / (1 - p) in training, as timm and torchvision do, so evaluation uses
+    the network unchanged; the paper scales in evaluation instead. It draws from the ``dropout`` rng.
+
     Feature points (`flaxnets.features`): the stem's activation (``act1``) and each stage's output
     (``layer1``...). ``remat=True`` recomputes each block's activations in the backward pass instead of
     storing them (`flax.linen.remat`); values and gradients are unchanged.
@@ -135,6 +162,8 @@ class ResNet(nn.Module):
     groups: int = 1
     width_per_group: int = 64
     zero_init_residual: bool = False
+    shortcut: Literal["projection", "pad"] = "projection"
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
@@ -170,10 +199,17 @@ class ResNet(nn.Module):
             x = tap(self, nn.relu(norm(name="bn1")(x)), "act1", reduction=1)
         else:
             raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"ResNet drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
         block = nn.remat(self.block) if self.remat else self.block
         reduction = 4 if self.stem == "imagenet" else 1
         for stage, blocks in enumerate(self.stage_sizes):
             for index in range(blocks):
+                rate = next(rates)
+                # One example's whole branch is kept or dropped: flax's Dropout with a mask broadcast over
+                # the pixels and channels is exactly that (the kept scaled by 1 / (1 - rate)).
+                drop = partial(nn.Dropout, rate, broadcast_dims=(1, 2, 3), deterministic=not train) if rate else None
                 x = block(
                     filters=self.width * 2**stage,
                     conv=conv,
@@ -182,6 +218,8 @@ class ResNet(nn.Module):
                     zero_init_last=self.zero_init_residual,
                     groups=self.groups,
                     width_per_group=self.width_per_group,
+                    shortcut=self.shortcut,
+                    drop_path=drop,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
             x = tap(self, x, f"layer{stage + 1}", reduction=reduction * 2**stage)
@@ -190,6 +228,13 @@ class ResNet(nn.Module):
             x = self.ops.dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,
                                param_dtype=self.param_dtype, name="fc")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
+
+
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Each block's stochastic-depth probability: linear from 0 (first block) to ``rate`` (last), as timm
+    sets it for its ResNets (``rate * index / (blocks - 1)``)."""
+    return [rate * index / max(blocks - 1, 1) for index in range(blocks)]
+
 
 _PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 _DEPTHS = {
@@ -280,3 +325,23 @@ register(
         default_params=34_426_698,
     )
 )
+
+# Section 4.2 and Table 6 of He et al.: ResNet-6n+2 for CIFAR-10 with option A shortcuts; parameters at 10
+# classes (the paper prints 0.27M, 0.46M, 0.66M, 0.85M and 1.7M).
+_CIFAR_DEPTHS = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962}
+
+for _depth, _count in _CIFAR_DEPTHS.items():
+    _n = (_depth - 2) // 6
+    register(
+        ModelSpec(
+            name=f"resnet{_depth}",
+            build=partial(ResNet, stage_sizes=(_n, _n, _n), block=BasicBlock, stem="cifar", width=16, shortcut="pad"),
+            family="resnet",
+            paper=_PAPER,
+            input_size=32,
+            num_classes=10,
+            description=f"ResNet-{_depth} of the paper's CIFAR-10 experiments: 16-32-64 filters, option A shortcuts",
+            min_input_size=1,
+            default_params=_count,
+        )
+    )
