@@ -35,7 +35,7 @@ if [ "$mode" = "--dry-run" ]; then
   arch=lenet5_relu; dtype=float32; train_batch=8; size=(--image-size 32); steps=4; epochs=2
   limits=(60 90 60)
 else
-  images=4000; workers=$(nproc); batch=64; batches=32; segments=5; repeats=2; side=224
+  images=4000; workers=$(nproc); batch=64; batches=32; segments=5; repeats=1; side=224
   arch=resnet50; dtype=bfloat16; train_batch=256; size=(); steps=30; epochs=3
   limits=(55 60 35)
 fi
