@@ -4,7 +4,9 @@
 * ``flops``: parameters and forward multiply-accumulates per architecture, counted three ways;
 * ``profile``: a per-layer table of shapes, parameters, MACs and activation memory;
 * ``vs_torch``: the same architecture and batch in PyTorch and flaxnets, alternating, and their ratio;
-* ``gpu_run``: the steps of ``bash benchmarks/gpu_run.sh``, everything claimed for GPUs in one short run.
+* ``peers``: flaxnets beside a plain Flax model, torchvision and torch.compile on the same batch;
+* ``step_variants``: the train step under each BatchNorm formulation and kernel set, with a kernel profile;
+* ``gpu``: the steps of ``bash benchmarks/gpu_run.sh``, everything claimed for GPUs in one short run.
 
 Every result states its conditions (device, versions, batch, dtype, input size, repeats, median and spread)
 and is written as JSON and CSV under ``benchmarks/results/``; `benchmarks/RESULTS.md` holds the tables.

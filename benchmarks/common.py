@@ -48,8 +48,9 @@ __all__ = [
     "as_request",
     "model_for",
     "markdown_table",
-    "KERNELS",
+    "KERNEL_CHOICES",
     "add_kernels_option",
+    "kernels_argument",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -62,15 +63,16 @@ class BenchmarkError(ValueError):
 def run_cli(body: Callable[[], int]) -> int:
     """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2.
 
-    JAX's CPU backend is first given Eigen's convolutions and YNNPACK's reductions, as the trainer does
-    (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training runs; ``XLA_FLAGS`` naming
-    the option overrides it.
+    When JAX will run on the CPU, its CPU backend is first given Eigen's convolutions and YNNPACK's
+    reductions, as the trainer does (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training
+    runs; ``XLA_FLAGS`` naming the option overrides it.
     """
     from flaxnets.cli import ModelRequestError
-    from flaxnets.cpu import prefer_eigen
+    from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
     from flaxnets.registry import UnknownModelError
 
-    prefer_eigen()
+    if cpu_backend_ahead():  # an accelerator's run keeps XLA_FLAGS as it was
+        prefer_eigen()
 
     try:
         return body()
@@ -272,15 +274,18 @@ class Step:
     lower_s: float
     compile_s: float
     model: Any
-    cpu_kernels: bool
+    kernels: str  # the kernel set the model is built with: "cpu", "gpu" or "plain" (train.tuning.StepSettings)
 
-    def run(self) -> None:
-        """Execute one step; a train step feeds its new (donated) state into the next call."""
+    def run(self, steps: int = 1) -> None:
+        """Execute ``steps`` steps back to back and wait for the last; a train step feeds its new (donated)
+        state into the next call. Waiting once, not after every step, keeps the device's queue full as a
+        training loop does: a wait per step adds the host's dispatch time to every step."""
         import jax
 
-        out = self.compiled(*self.args)
-        if self.mode == "train":
-            self.args[0] = out[0]
+        for _ in range(steps):
+            out = self.compiled(*self.args)
+            if self.mode == "train":
+                self.args[0] = out[0]
         jax.block_until_ready(out)
 
     def cost(self) -> dict[str, float]:
@@ -297,15 +302,19 @@ class Step:
         return compiled_memory_bytes(self.compiled)
 
 
-# --kernels: flaxnets.cpu's kernel set and gradient fence, plain JAX, or the first exactly on a CPU backend.
-KERNELS = {"auto": None, "cpu": True, "plain": False}
+KERNEL_CHOICES = ("auto", "cpu", "gpu", "plain")
 
 
 def add_kernels_option(parser: Any) -> None:
-    """``--kernels auto|cpu|plain``; ``KERNELS[args.kernels]`` is `build_step`'s ``cpu_kernels``."""
-    parser.add_argument("--kernels", choices=tuple(KERNELS), default="auto",
-                        help="flaxnets.cpu's kernel set and gradient fence ('cpu'), plain JAX ('plain'), or 'cpu' "
-                             "exactly when JAX runs on the CPU ('auto', as python -m train does)")
+    """``--kernels auto|cpu|gpu|plain``; `kernels_argument` turns its value into `build_step`'s ``kernels``."""
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                        help="flaxnets.cpu's kernel set and gradient fence ('cpu'), flaxnets.gpu's ('gpu'), plain JAX "
+                             "('plain'), or the backend's own as python -m train takes it ('auto')")
+
+
+def kernels_argument(value: str) -> str | None:
+    """``--kernels``'s value as `build_step`'s ``kernels`` (None for "auto")."""
+    return None if value == "auto" else value
 
 
 def as_request(arch: str | ModelRequest, size: int | None = None) -> ModelRequest:
@@ -335,7 +344,7 @@ def build_step(
     variables: Any = None,
     compiler_options: dict[str, Any] | None = None,
     seed: int = 0,
-    cpu_kernels: bool | None = None,
+    kernels: str | None = None,
     ops: Any = None,
     tie_gradients: bool | None = None,
     settings: StepSettings | None = None,
@@ -349,8 +358,9 @@ def build_step(
     normalises with the statistics of the whole batch, as the trainer does. ``variables`` (e.g. converted
     from torchvision) replace the synthetic ones. ``compiler_options`` are XLA debug options for this
     executable only.
-    ``cpu_kernels`` builds the model from `flaxnets.cpu.ops` and fences the train step's gradients with
-    `flaxnets.cpu.tie_gradients`, as the trainer does; `None` does so when JAX's backend is the CPU.
+    ``kernels`` names the kernel set the model is built from ("cpu": `flaxnets.cpu.ops`, with the train
+    step's gradients fenced by `flaxnets.cpu.tie_gradients`, as the trainer does on a CPU; "gpu":
+    `flaxnets.gpu.ops`; "plain"); `None` takes the backend's, as the trainer does (``settings``).
     ``ops`` and ``tie_gradients`` replace either part (`benchmarks.cpu_kernels` takes them apart).
     ``settings`` (a `train.tuning.StepSettings`; default the backend's, as the trainer uses) adds its XLA
     options under ``compiler_options`` and traces under its matmul precision. ``donate=False`` keeps the
@@ -382,11 +392,10 @@ def build_step(
     jdtype = parse_dtype(dtype)
     settings = step_settings() if settings is None else settings
     compiler_options = {**settings.compiler_options, **(compiler_options or {})}
-    if cpu_kernels is None:
-        cpu_kernels = flaxnets.cpu.is_cpu_backend()
+    kernels = settings.kernels if kernels is None else kernels
     if ops is None:
-        ops = flaxnets.cpu.ops() if cpu_kernels else flaxnets.layers.PLAIN
-    tie_gradients = cpu_kernels if tie_gradients is None else tie_gradients
+        ops = dataclasses.replace(settings, kernels=kernels).ops()
+    tie_gradients = kernels == "cpu" if tie_gradients is None else tie_gradients
     model = model_for(request, jdtype, ops=ops)
     if variables is None:
         variables = synthetic_variables(abstract_variables(model, (1, size, size, channels)), seed)
@@ -401,6 +410,8 @@ def build_step(
     if mode == "train":
         tx = optax.sgd(1e-3, momentum=0.9)
         if tie_gradients:
+            import flaxnets.cpu
+
             tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
         params = variables["params"]
         state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -422,7 +433,7 @@ def build_step(
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
     compile_s = time.perf_counter() - start
-    return Step(request.name, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, cpu_kernels)
+    return Step(request.name, mode, batch, size, dtype, devices, compiled, args, lower_s, compile_s, model, kernels)
 
 
 # ------------------------------------------------------------------------------------------------------

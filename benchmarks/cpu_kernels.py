@@ -44,13 +44,14 @@ def compare_variants(arch: str, batch: int, size: int | None, repeats: int, warm
     import jax
 
     import flaxnets
+    import flaxnets.cpu
     from benchmarks.common import build_step, measure
 
     steps = {}
     for name, (fences, tie) in VARIANTS.items():
         ops = flaxnets.layers.PLAIN if fences is None else flaxnets.cpu.ops(fences=fences)
         steps[name] = build_step(arch, "train", batch, size=size, ops=ops, tie_gradients=tie,
-                                 cpu_kernels=fences is not None)
+                                 kernels="plain" if fences is None else "cpu")
         log(f"{arch} {name}: compiled in {steps[name].compile_s:.1f} s")
     for _ in range(warmup):
         for step in steps.values():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run: everything flaxnets claims for GPUs, measured on one CUDA device in one go.
 #
-#   bash benchmarks/gpu_run.sh --out DIR [--data-dir PATH] [--dry-run]      (from the checkout's root)
+#   bash benchmarks/gpu_run.sh --out DIR [--steps a,b,...] [--data-dir PATH] [--dry-run]   (from the checkout's root)
 #
 # Needs jax with its CUDA plugin, flax, optax, orbax-checkpoint, chex, numpy, scikit-learn, pillow, tqdm,
 # matplotlib, and torch + torchvision for the conversion check; not tensorflow-datasets nor Grain. The
@@ -9,21 +9,22 @@
 # files must be in --data-dir (default data/fashion_mnist, which git ignores): copy them there first, e.g.
 #   mkdir -p data && cp -r ../shared/datasets/fashion_mnist data/
 #
-# Steps, each its own process under its own time limit (`python -m benchmarks.gpu_run limits`), each
-# writing DIR/STEP.json and DIR/STEP.log, in this order: environment (device, versions, measured ceilings),
-# correctness, parallel, accuracy, throughput, tune; then the table of results (DIR/summary.md) and
-# DIR/results.tgz, which holds every step's .json and .log and the table. On one H200 the limits
-# add up to 525 s, plus at most 30 s for pip: 9 min 15 s in the worst case. A step that ends early hands
-# its unused seconds to the next. --dry-run: every step at toy sizes on the CPU (a minute or two).
+# Steps, each its own process under its own time limit (`python -m benchmarks.gpu limits`), each writing
+# DIR/STEP.json and DIR/STEP.log, in this order: environment, correctness, parallel, tune, peers, accuracy,
+# pipeline, throughput (benchmarks/gpu/__init__.py says what each measures); --steps runs some of them, in
+# that order. Then the table of results (DIR/summary.md) and DIR/results.tgz, which holds every step's
+# .json and .log and the table. A step that ends early hands its unused seconds to the next. --dry-run:
+# every step at toy sizes on the CPU (a minute or two).
 set -uo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-out="" data_dir="data/fashion_mnist" dry=()
+out="" data_dir="data/fashion_mnist" dry=() steps=()
 while (( $# )); do
     case "$1" in
         --out) out="${2:?--out needs a folder}"; shift 2 ;;
         --data-dir) data_dir="${2:?--data-dir needs a folder}"; shift 2 ;;
         --dry-run) dry=(--dry-run); shift ;;
+        --steps) steps=(--steps "${2:?--steps needs a comma-separated list}"); shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)." >&2; exit 2 ;;
     esac
@@ -48,17 +49,17 @@ else
         || echo "install: pip failed; the steps import the checkout directly"
 fi
 
-steps=() limits=()  # in the order they run
-while read -r step seconds; do steps+=("$step") limits+=("$seconds"); done \
-    < <("$python" -m benchmarks.gpu_run limits "${dry[@]}")
-(( ${#steps[@]} )) || { echo "error: $python cannot run benchmarks.gpu_run (see --help)." >&2; exit 2; }
+names=() limits=()  # in the order they run
+while read -r step seconds; do names+=("$step") limits+=("$seconds"); done \
+    < <("$python" -m benchmarks.gpu limits "${dry[@]}" "${steps[@]}")
+(( ${#names[@]} )) || { echo "error: $python cannot run benchmarks.gpu (see --help)." >&2; exit 2; }
 grace=15 saved=0 codes=()
-for i in "${!steps[@]}"; do
-    step=${steps[$i]}
+for i in "${!names[@]}"; do
+    step=${names[$i]}
     seconds=$(( limits[i] + saved ))
     echo "== $step (at most ${seconds} s) =="
     started=$SECONDS
-    timeout -k 10 "$seconds" "$python" -m benchmarks.gpu_run "$step" --out "$out" --budget $(( seconds - grace )) \
+    timeout -k 10 "$seconds" "$python" -m benchmarks.gpu "$step" --out "$out" --budget $(( seconds - grace )) \
         --data-dir "$data_dir" "${dry[@]}" 2>&1 | tee "$out/$step.log"
     code=${PIPESTATUS[0]}
     codes+=("$step=$code")
@@ -66,7 +67,7 @@ for i in "${!steps[@]}"; do
     (( saved > 0 )) || saved=0
 done
 echo
-"$python" -m benchmarks.gpu_run summary --out "$out" --codes "${codes[@]}" "${dry[@]}"
+"$python" -m benchmarks.gpu summary --out "$out" --codes "${codes[@]}" "${dry[@]}" "${steps[@]}"
 # Everything a report needs in one small file (the accuracy runs' checkpoints and the compilation cache
 # stay behind): what to bring back from a machine that returns only a few files.
 (cd "$out" && tar czf results.tgz --exclude='*.tmp' -- *.json *.log summary.md) \

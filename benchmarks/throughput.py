@@ -27,8 +27,8 @@ import statistics
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import (KERNELS, BenchmarkError, add_kernels_option, as_request, environment, markdown_table,
-                               measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
+from benchmarks.common import (BenchmarkError, add_kernels_option, as_request, environment, kernels_argument,
+                               markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -50,26 +50,22 @@ def model_flops(arch: str | ModelRequest, mode: str, batch: int, size: int | Non
 
 def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int | None = None, dtype: str = "float32",
                    devices: int = 1, repeats: int = 5, warmup: int = 2, steps: int = 1,
-                   peak: float | None = None, cpu_kernels: bool | None = None, settings: Any = None,
-                   donate: bool = True, log=print) -> dict[str, Any]:
+                   peak: float | None = None, kernels: str | None = None, settings: Any = None,
+                   donate: bool = True, ops: Any = None, log=print) -> dict[str, Any]:
     """Compile and time one configuration; return its result row (every number with its conditions).
-    ``arch`` (a name or a `ModelRequest`), ``cpu_kernels``, ``settings`` and ``donate`` as for
+    ``arch`` (a name or a `ModelRequest`), ``kernels``, ``settings``, ``donate`` and ``ops`` as for
     `benchmarks.common.build_step`."""
     import jax
 
     from benchmarks.common import build_step
 
     request = as_request(arch, size)
-    step = build_step(request, mode, batch, dtype=dtype, devices=devices, cpu_kernels=cpu_kernels,
-                      settings=settings, donate=donate)
+    step = build_step(request, mode, batch, dtype=dtype, devices=devices, kernels=kernels,
+                      settings=settings, donate=donate, ops=ops)
     log(f"{request.describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s "
         f"(lowering {step.lower_s:.1f} s)")
 
-    def call():
-        for _ in range(steps):
-            step.run()
-
-    timing = measure(call, repeats, warmup)
+    timing = measure(lambda: step.run(steps), repeats, warmup)
     per_step = [t / steps for t in timing.times]
     median = statistics.median(per_step)
     flops = model_flops(request, mode, batch)
@@ -79,7 +75,7 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
     row = {
         "arch": step.arch, "model_args": dict(request.options), "mode": mode, "batch": batch, "size": step.size,
         "dtype": dtype, "devices": devices,
-        "device": device.device_kind, "cpu_kernels": step.cpu_kernels,
+        "device": device.device_kind, "kernels": step.kernels,
         "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
         "ms_per_step": round(median * 1e3, 3), "ms_min": round(min(per_step) * 1e3, 3),
         "ms_max": round(max(per_step) * 1e3, 3),
@@ -156,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = ("train", "infer") if args.mode == "both" else (args.mode,)
         rows = [throughput_row(request, mode, batch, dtype=args.dtype, devices=args.devices,
                                repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops,
-                               cpu_kernels=KERNELS[args.kernels])
+                               kernels=kernels_argument(args.kernels))
                 for request in requests for mode in modes]
         print(markdown_table(rows, COLUMNS))
         if not args.no_write:

@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import KERNELS, BenchmarkError, add_kernels_option, environment, run_cli, write_results
+from benchmarks.common import (BenchmarkError, add_kernels_option, environment, kernels_argument, run_cli,
+                               write_results)
 
 __all__ = ["load_torch", "compare", "main"]
 
@@ -71,10 +72,10 @@ def _torch_model(torchvision: Any, arch: str, torch: Any):
 
 def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: int = 1,
             compiler_options: dict[str, Any] | None = None, log=print,
-            cpu_kernels: bool | None = None) -> dict[str, Any]:
+            kernels: str | None = None) -> dict[str, Any]:
     """Time ``arch``'s ``mode`` step in PyTorch and flaxnets, alternating; return one result row.
 
-    ``cpu_kernels`` as for `benchmarks.common.build_step` (`None`: on when JAX runs on the CPU)."""
+    ``kernels`` as for `benchmarks.common.build_step` (`None`: the backend's kernel set)."""
     import jax
     import numpy as np
 
@@ -87,7 +88,7 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
     tmodel = _torch_model(torchvision, arch, torch)
     variables = from_torch(arch, tmodel.state_dict())  # GoogLeNet: no auxiliary heads, as the checkpoint
     step = build_step(arch, mode, batch, size=size, variables=variables, compiler_options=compiler_options,
-                      cpu_kernels=cpu_kernels)
+                      kernels=kernels)
     log(f"{arch} {mode}: flaxnets compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
 
     images_u8 = np.asarray(step.args[1]["image"] if mode == "train" else step.args[1])
@@ -128,7 +129,7 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
     pairs = sorted(a / b for a, b in zip(torch_times, flax_times))
     row = {
         "arch": arch, "mode": mode, "batch": batch, "size": size, "repeats": repeats,
-        "cpu_kernels": step.cpu_kernels,
+        "kernels": step.kernels,
         "torch_ms": round(t.median * 1e3, 1), "torch_min_ms": round(t.min * 1e3, 1),
         "torch_max_ms": round(t.max * 1e3, 1),
         "flax_ms": round(f.median * 1e3, 1), "flax_min_ms": round(f.min * 1e3, 1), "flax_max_ms": round(f.max * 1e3, 1),
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         modes = ("train", "infer") if args.mode == "both" else (args.mode,)
         options = dict(args.xla_option)
         rows = [compare(arch, mode, args.batch, args.size, args.repeats, args.warmup, options or None,
-                        cpu_kernels=KERNELS[args.kernels])
+                        kernels=kernels_argument(args.kernels))
                 for arch in archs for mode in modes]
         conditions = {**environment(), "torch": torch.__version__, "command": "python -m benchmarks.vs_torch "
                       + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -4,24 +4,47 @@
 >>> model = flaxnets.create_model("resnet18", num_classes=10)
 >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 >>> logits = model.apply(variables, jnp.zeros((8, 32, 32, 3)), train=False)   # (8, 10)
+
+``import flaxnets`` loads the models, the registry and the analysis only. What only some callers need is
+imported when first asked for: `flaxnets.cpu` (XLA-CPU kernels, which import optax), `flaxnets.nnx`
+(the models as Flax NNX modules) and `flaxnets.export` (StableHLO and ONNX files).
 """
 
-from flaxnets import cpu, hub, layers, models  # noqa: F401  (models registers every architecture)
+import importlib
+
+from flaxnets import hub, layers, models  # noqa: F401  (models registers every architecture)
 from flaxnets.analysis import count_params, min_input_size, summary
 from flaxnets.convert import from_torch, load_pretrained, pretrained_overrides, to_torch
+from flaxnets.features import FeatureInfo, FeatureNet, forward_intermediates
 from flaxnets.layers import BatchNorm, LocalResponseNorm
-from flaxnets.registry import ModelSpec, UnknownModelError, create_model, get_spec, list_models, model_info
+from flaxnets.pretrained import from_pretrained, reset_classifier, save_pretrained
+from flaxnets.registry import (ModelSpec, UnknownModelError, create_model, feature_info, get_spec, list_models,
+                               model_info)
 
 __version__ = "0.1.0"
 
+# Submodules loaded on first use (PEP 562), so that `import flaxnets` never pays for them.
+_ON_DEMAND = ("cpu", "export", "nnx")
+
+
+def __getattr__(name: str):
+    if name in _ON_DEMAND:
+        return importlib.import_module(f"flaxnets.{name}")
+    raise AttributeError(f"module 'flaxnets' has no attribute {name!r}")
+
+
 __all__ = [
     "BatchNorm",
+    "FeatureInfo",
+    "FeatureNet",
     "LocalResponseNorm",
     "ModelSpec",
     "UnknownModelError",
     "count_params",
-    "cpu",
     "create_model",
+    "feature_info",
+    "forward_intermediates",
+    "from_pretrained",
     "from_torch",
     "get_spec",
     "hub",
@@ -32,6 +55,8 @@ __all__ = [
     "model_info",
     "models",
     "pretrained_overrides",
+    "reset_classifier",
+    "save_pretrained",
     "summary",
     "to_torch",
 ]

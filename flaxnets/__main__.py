@@ -1,15 +1,24 @@
-"""``python -m flaxnets [PATTERN]``: the table of architectures; ``python -m flaxnets summary NAME``: one layer by layer.
+"""``python -m flaxnets [PATTERN]``: the table of architectures; ``python -m flaxnets summary NAME``: one layer by layer;
+``python -m flaxnets export NAME --out FILE``: the model as StableHLO or ONNX (`flaxnets.export`).
 
 ``summary`` takes ``--input-size``, ``--channels``, ``--num-classes`` and ``--model-arg KEY=VALUE``
 (repeatable) to look at the network an exercise asks for, e.g. ``summary nin --channels 1 --num-classes 10``,
 and ``--batch N`` to add the memory a training step and a prediction need at N images (XLA's estimates
 for the compiled programs on this backend; nothing is allocated).
+
+``export`` takes the same options, the weights (``--pretrained [SET]`` for torchvision's, ``--weights``
+for a folder `flaxnets.save_pretrained` wrote or a torchvision weights file; random ones otherwise), and
+``--format stablehlo|onnx`` (by default the suffix of ``--out``). The file is written only if it computes
+what the JAX model computes (``--tolerance``, relative to the largest output).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import jax
 
 from flaxnets.analysis import step_memory, summary
 from flaxnets.cli import ModelRequestError, add_model_arguments, request_from_args
@@ -42,9 +51,62 @@ def print_summary(name: str, args: argparse.Namespace) -> None:
         print(memory.describe())
 
 
+def export_main(argv: list[str]) -> int:
+    """``python -m flaxnets export NAME --out FILE [...]``."""
+    from flaxnets.export import FORMATS, TOLERANCE, ExportError, export
+    from flaxnets.pretrained import from_pretrained, read_config
+    from flaxnets.pth import WeightsFileError
+
+    parser = argparse.ArgumentParser(prog="python -m flaxnets export",
+                                     description="Write an architecture as StableHLO or ONNX, checked against JAX.")
+    parser.add_argument("name", help="a registered architecture (python -m flaxnets lists them)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="SET",
+                         help="torchvision's published weights (SET: e.g. IMAGENET1K_V1; default: its best)")
+    weights.add_argument("--weights", default=None, metavar="PATH",
+                         help="a folder flaxnets.save_pretrained wrote, or a torchvision .pth/.safetensors/.npz file")
+    parser.add_argument("--format", choices=sorted(set(FORMATS.values())), default=None,
+                        help="default: from the suffix of --out (.stablehlo or .onnx)")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (never overwritten)")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE,
+                        help=f"allowed difference from the JAX model, relative to its largest output (default {TOLERANCE:g})")
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        # What can be refused before building anything is refused first.
+        if Path(args.out).exists():
+            raise ExportError(f"{args.out} already exists; choose another name (nothing is overwritten).")
+        if args.format is None and Path(args.out).suffix not in FORMATS:
+            raise ExportError(f"cannot tell the format of {args.out}: name it .stablehlo or .onnx, or pass --format.")
+        request = request_from_args(args.name, args).checked()
+        if args.weights and Path(args.weights).is_dir():
+            saved = read_config(args.weights)["architecture"]
+            if saved != args.name:
+                raise ExportError(f"{args.weights} holds {saved} weights, not {args.name}'s.")
+            model, variables = from_pretrained(args.weights, num_classes=request.num_classes, **request.options)
+        elif args.pretrained or args.weights:
+            model, variables = from_pretrained(args.name, args.pretrained or args.weights,
+                                               num_classes=request.num_classes, **request.options)
+        else:  # random weights: a check of the export path itself
+            model = request.build()
+            images = jax.numpy.zeros(request.input_shape())
+            variables = jax.jit(lambda key: model.init(key, images, train=False))(jax.random.key(0))
+        report = export(model, variables, args.out, format=args.format, input_shape=request.input_shape()[1:],
+                        tolerance=args.tolerance)
+    except (UnknownModelError, ModelRequestError, ExportError, WeightsFileError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.describe())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m flaxnets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("words", nargs="*", help="a glob over names (default '*'), or 'summary NAME'")
+    parser.add_argument("words", nargs="*", help="a glob over names (default '*'), 'summary NAME', or 'export NAME' "
+                                                 "(python -m flaxnets export --help)")
     parser.add_argument("--batch", type=int, default=None,
                         help="with summary: also print the memory a training step and a prediction need at this batch")
     add_model_arguments(parser)

@@ -15,7 +15,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from flaxnets.input_size import smallest_input
 from flaxnets.registry import create_model, get_spec
@@ -235,10 +234,6 @@ def _largest_layer_bytes(module: nn.Module, variables: Any, images: Any, scale: 
     return largest
 
 
-def _cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
-
 def step_memory(
     model: str | nn.Module,
     input_shape: tuple[int, ...] | None = None,
@@ -258,6 +253,8 @@ def step_memory(
     as for `summary`. The trainer's own step (its metrics, per-example random keys) differs by well under
     a percent (tests/test_exercises.py compares it with `benchmarks.common.build_step`).
     """
+    import optax  # only this estimate needs an optimizer: `import flaxnets` does not import optax
+
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}.")
     module, input_shape = _resolve(model, input_shape, num_classes, overrides)
@@ -272,15 +269,18 @@ def step_memory(
     def scale(pixels: jnp.ndarray) -> jnp.ndarray:
         return pixels.astype(jnp.float32) / 255.0
 
+    def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
     def train(state, images, labels, rng):
         params, batch_stats, opt_state = state
 
         def loss_fn(params):
             logits, mutated = module.apply({"params": params, "batch_stats": batch_stats}, scale(images), train=True,
                                            mutable=["batch_stats", "aux_logits"], rngs={"dropout": rng})
-            loss = _cross_entropy(logits, labels)
+            loss = cross_entropy(logits, labels)
             for head in jax.tree_util.tree_leaves(mutated.get("aux_logits", {})):  # their weight costs no memory
-                loss = loss + _cross_entropy(head, labels)
+                loss = loss + cross_entropy(head, labels)
             return loss, mutated.get("batch_stats", batch_stats)
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

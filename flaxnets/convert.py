@@ -422,6 +422,7 @@ def from_torch(
     Raises:
       StateDictMismatchError: a key is missing, unexpected or of the wrong shape (the first one is named).
     """
+    _check_supported(arch)
     state_dict = _current_names(arch, _unwrap(state_dict))
     if num_classes is None:
         head = state_dict.get(_head_torch_key(arch))
@@ -612,7 +613,17 @@ def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
     loaded = reader(path)
     if not isinstance(loaded, Mapping):
         raise WeightsFileError(f"{path} holds a {type(loaded).__name__}, not a state_dict (names to tensors).")
-    return {key: _as_numpy(value) for key, value in _unwrap(loaded).items()}
+    state_dict = {}
+    for key, value in _unwrap(loaded).items():
+        array = _as_numpy(value)
+        # Weights are real numbers (bfloat16 included): text, objects or complex numbers would fail (or lose a
+        # part) in conversion.
+        real = array.dtype == np.bool_ or jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype,
+                                                                                                     jnp.integer)
+        if not isinstance(key, str) or not real:
+            raise WeightsFileError(f"{path}: tensor {key!r} holds {array.dtype} values, not real numbers.")
+        state_dict[key] = array
+    return state_dict
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: PathLike) -> None:

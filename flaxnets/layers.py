@@ -240,19 +240,26 @@ class BatchNorm(nn.Module):
     """Batch normalization over every axis but the last (Ioffe and Szegedy 2015), as `torch.nn.BatchNorm2d` does it.
 
     A drop-in for `flax.linen.BatchNorm` (same variable names: params ``scale``/``bias``, batch_stats
-    ``mean``/``var``) that departs from it in two ways, both to follow PyTorch:
+    ``mean``/``var``). Like PyTorch, the running variance is updated with the unbiased batch variance
+    (``n / (n - 1)`` times the biased one used to normalise), so running statistics after a step equal
+    torchvision's.
 
-    * the running variance is updated with the unbiased batch variance (``n / (n - 1)`` times the biased
-      one used to normalise), so running statistics after a step equal torchvision's;
-    * the variance is computed in two passes, ``mean((x - mean)**2)``, not as ``mean(x**2) - mean**2``,
-      which loses precision when activations have a large mean.
+    The batch statistics take one pass over the input: the mean and the mean square of ``x - shift`` are
+    reduced together, ``shift`` being the running mean (its gradient stopped), and the variance is their
+    difference of squares. Subtracting a prior estimate of the mean keeps that difference exact to
+    float32 rounding times ``(mean - shift)**2 / var``, which is small once the running mean tracks the
+    batch's (and the "shifted data" algorithm of Chan, Golub and LeVeque 1983, "Algorithms for computing
+    the sample variance"); PyTorch's two passes (mean, then the mean squared deviation) read every
+    activation once more. Normalisation is one multiply-add per element, ``x * inv + (bias - mean * inv)``
+    with ``inv = scale / sqrt(var + epsilon)``. benchmarks/RESULTS.md ("GPU") has the formulations measured.
 
-    Statistics are computed in at least float32 whatever ``dtype`` is, and kept (with ``scale`` and
-    ``bias``) in ``param_dtype`` raised to at least float32: float64 under ``jax_enable_x64`` when asked
-    for, float32 for bfloat16 parameters. With ``axis_name`` set (under
-    ``shard_map``/``pmap``) the mean and variance are averaged over that device axis, so every device
-    normalises with the statistics of the whole global batch. ``momentum`` is flax's (the weight of the old
-    running value): PyTorch's ``momentum=0.1`` is ``0.9`` here.
+    Statistics and the multiply-add are computed in at least float32 whatever ``dtype`` is, and kept
+    (with ``scale`` and ``bias``) in ``param_dtype`` raised to at least float32: float64 under
+    ``jax_enable_x64`` when asked for, float32 for bfloat16 parameters; only the output is cast to
+    ``dtype``. With ``axis_name`` set (under ``shard_map``/``pmap``) both moments are averaged over that
+    device axis in one collective, so every device normalises with the statistics of the whole global
+    batch. ``momentum`` is flax's (the weight of the old running value): PyTorch's ``momentum=0.1`` is
+    ``0.9`` here.
     """
 
     use_running_average: bool | None = None
@@ -281,19 +288,20 @@ class BatchNorm(nn.Module):
         else:
             # Flax initialises outside any device mapping, so collectives only run once initialised.
             synced = self.axis_name is not None and not self.is_initializing()
-            mean = jnp.mean(xc, axes)
+            shift = lax.stop_gradient(running_mean.value).astype(compute)
+            deviation = xc - shift
+            moments = (jnp.mean(deviation, axes), jnp.mean(jnp.square(deviation), axes))
             if synced:
-                mean = lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(xc - mean), axes)
-            if synced:
-                var = lax.pmean(var, self.axis_name)
+                moments = lax.pmean(moments, self.axis_name)
+            mean = shift + moments[0]
+            var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0)
             if not self.is_initializing():
                 count = math.prod(x.shape[:-1]) * (lax.psum(1, self.axis_name) if synced else 1)
                 unbiased = var * (count / jnp.maximum(count - 1, 1))
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
-        y = (xc - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
-        return y.astype(self.dtype or x.dtype)
+        inv = scale * lax.rsqrt(var + self.epsilon)
+        return (xc * inv + (bias - mean * inv)).astype(self.dtype or x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +312,7 @@ class Ops:
     `flax.linen.Dense` and `MaxPool`: standard JAX operations that every transformation (``grad``,
     ``jvp``, ``vmap``, ``remat``, sharding) handles on every backend. Another set must build layers with
     the same parameters and results; `flaxnets.cpu.ops` is one, with gradients that XLA's CPU backend
-    runs faster, and is what ``create_model(..., cpu_kernels=True)`` passes.
+    runs faster, passed by the caller who asks for it: ``create_model(..., ops=flaxnets.cpu.ops())``.
     """
 
     conv: Callable[..., nn.Module] = nn.Conv

@@ -10,13 +10,15 @@ import dataclasses
 import difflib
 import fnmatch
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets import features
+
 __all__ = ["ModelSpec", "UnknownModelError", "UnknownOptionError", "register", "get_spec", "list_models", "model_info",
-           "create_model", "model_options", "parse_model_arg"]
+           "create_model", "feature_info", "model_options", "parse_model_arg"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,44 +127,50 @@ def create_model(
     name: str,
     /,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     bn_axis_name: str | None = None,
-    cpu_kernels: bool = False,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build the architecture registered as ``name``.
 
     Args:
       name: a name from `list_models` (positional only, so ``name=`` reaches the module).
-      num_classes: width of the returned logits; 0 builds the model without its class layer, which
-        returns its pooled features ``(N, module.num_features)`` instead (timm's convention).
+      num_classes: width of the returned logits, by default the architecture's own (1000 for the ImageNet
+        models, 10 for the CIFAR and MNIST ones: `ModelSpec.num_classes`); 0 builds the model without its
+        class layer, which returns its pooled features ``(N, module.num_features)`` instead (timm's convention).
       dtype: computation dtype (``jnp.bfloat16`` for mixed precision).
       param_dtype: dtype of the parameters and BatchNorm statistics (raised to at least float32 for the
         statistics); ``jnp.float64`` under ``jax_enable_x64`` gives a float64 model end to end.
       bn_axis_name: the device axis over which BatchNorm averages its statistics under
         ``shard_map``/``pmap``; ``None`` under plain ``jit``. Models without BatchNorm accept and ignore it.
-      cpu_kernels: build convolutions, dense layers and max pooling from `flaxnets.cpu.ops`, whose
-        gradients XLA's CPU backend runs faster; they do not support forward-mode differentiation.
-        Off by default: the model is then plain JAX, for every transformation and backend.
+      features_only: build `flaxnets.features.FeatureNet` instead: the model without its class layer,
+        returning the feature maps of its stages as a list (timm's ``features_only``); its
+        ``feature_info`` names each map's channels and reduction.
+      out_indices: with ``features_only``, which feature points to return (by default all of them;
+        negative indices count from the last).
       **overrides: fields of the model's module (e.g. ``zero_init_residual=True``, ``aux_logits=False``,
-        ``name="backbone"``, ``ops=...``).
+        ``remat=True``, ``name="backbone"``). ``ops`` is the kernel set its convolutions, dense layers and max pooling are
+        built from: `flaxnets.layers.PLAIN` (plain JAX, for every transformation and backend) unless the
+        caller passes another, such as ``ops=flaxnets.cpu.ops()`` for XLA's CPU backend.
 
     Returns:
       An unbound ``flax.linen`` module; ``module.apply(variables, images_nhwc, train)`` gives logits of
       shape ``(N, num_classes)`` in ``promote_types(dtype, float32)``.
     """
     spec = get_spec(name)
+    if features_only:
+        return _feature_model(name, num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
+                              out_indices=out_indices, **overrides)
+    if out_indices is not None:
+        raise ValueError("out_indices chooses feature maps: it applies with features_only=True.")
+    num_classes = spec.num_classes if num_classes is None else num_classes
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer (0 for the model without its class "
                          f"layer), got {num_classes!r}.")
-    if cpu_kernels:
-        if "ops" in overrides:
-            raise ValueError("give either cpu_kernels=True or ops=..., not both.")
-        from flaxnets.cpu import ops  # the opt-in seam: nothing else in the library reaches flaxnets.cpu
-
-        overrides["ops"] = ops()
     try:
         return spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
                           **overrides)
@@ -176,6 +184,31 @@ def create_model(
         raise UnknownOptionError(
             f"{name} has no option {', '.join(map(repr, unknown))};{hint} its options are {', '.join(fields)}."
         ) from err
+
+
+def _feature_model(arch: str, /, num_classes: int | None, *, out_indices: Sequence[int] | None, **fields: Any
+                   ) -> nn.Module:
+    """`create_model`'s ``features_only=True``: a `FeatureNet` over the headless model."""
+    if num_classes not in (None, 0):
+        raise ValueError("features_only=True builds the model without its class layer: leave num_classes out.")
+    module_name = fields.pop("name", None)
+    # parent=None: built inside another module's compact method, the model is FeatureNet's, not that module's.
+    backbone = create_model(arch, num_classes=0, parent=None, **fields)
+    info = feature_info(arch, **{k: v for k, v in fields.items() if k not in ("dtype", "param_dtype", "bn_axis_name")})
+    indices = features.resolve_indices(len(info), out_indices, arch)
+    return features.FeatureNet(backbone, indices, tuple(info[i] for i in indices), name=module_name)
+
+
+def feature_info(name: str, /, **options: Any) -> tuple[features.FeatureInfo, ...]:
+    """The feature points of ``create_model(name, **options)`` in network order: each one's index, name,
+    channels and reduction (traced at the architecture's own input size; nothing is computed)."""
+    spec = get_spec(name)
+    options = {key: value for key, value in options.items() if key not in ("features_only", "out_indices", "num_classes")}
+    model = create_model(name, num_classes=0, **{**options, "parent": None})  # unbound, even inside a module
+    info = features.feature_points(model, spec.input_size, spec.in_channels)
+    if not info:
+        raise ValueError(f"{name} marks no feature points.")
+    return info
 
 
 def model_options(name: str) -> list[str]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, costs, cpu_kernels, flops, profile, throughput, vs_torch
+from benchmarks import common, costs, cpu_kernels, flops, peers, profile, step_variants, throughput, vs_torch
 from flaxnets.analysis import abstract_variables, count_params, trace_layers
 
 
@@ -135,6 +135,10 @@ def test_cpu_kernel_variants_are_timed_side_by_side():
     (flops, ["--arch", "nothing*"], "no architecture"),
     (profile, ["--arch", "alexnet", "--size", "8"], "minimum input"),
     (vs_torch, ["--arch", "lenet5"], "torchvision has no lenet5"),
+    (peers, ["--arch", "resnet18", "--peers", "flaxnets,jax"], "unknown peer"),
+    (peers, ["--arch", "resnet18", "--steps", "0"], "--steps"),
+    (step_variants, ["--arch", "vgg11"], "ResNet-family"),
+    (step_variants, ["--variant", "library:fast"], "unknown kernel set"),
 ])
 def test_bad_arguments_get_one_sentence_and_exit_2(module, argv, needle, capsys):
     assert module.main(argv) == 2
@@ -154,13 +158,46 @@ def test_vs_torch_keeps_the_maths_of_torchvision():
 
 
 
+def test_peers_side_by_side_at_toy_size(tmp_path, capsys):
+    """flaxnets, the plain Flax model and eager torchvision train side by side in one process; a peer that
+    has no such architecture (torchvision's LeNet-5) is skipped with the reason; the table's last column
+    is flaxnets' speed over each, and the JSON holds the conditions."""
+    assert peers.main(["--arch", "lenet5", "--batch", "4", "--steps", "1", "--repeats", "2", "--warmup", "1",
+                       "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "peers_lenet5_b4_bfloat16.json").read_text())
+    rows = {row["peer"]: row for row in results["rows"]}
+    assert list(rows) == list(peers.PEERS)
+    assert "torchvision has no lenet5" in rows["torch"]["skipped"] and "skipped" in rows["torch.compile"]
+    for row in (rows["flaxnets"], rows["flax"]):
+        assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+        assert row["speed"] == pytest.approx(rows["flaxnets"]["images_per_s"] / row["images_per_s"], rel=1e-3)
+        assert row["memory_mib"] is not None and row["compile_s"] > 0
+    assert results["conditions"]["command"].startswith("python -m benchmarks.peers")
+    assert "| flaxnets speed |" in capsys.readouterr().out
+
+
+def test_torchvision_peer_trains_eagerly():
+    if vs_torch.load_torch()[2]:
+        pytest.skip(vs_torch.load_torch()[2])
+    prepared = peers.prepare("torch", "resnet18", 2, 16, "float32")
+    row = peers.time_peer(prepared, 2, steps=1, repeats=1, warmup=1)
+    assert row["images_per_s"] > 0
+
+
+def flaxnets_plain():
+    from flaxnets.layers import PLAIN
+
+    return PLAIN
+
+
 def test_step_settings_reach_the_benchmark_step_and_the_trainer_drivers():
     """`train.tuning`'s settings are the options of the compiled step: an unknown XLA option fails to
     compile in both places, a known one and a matmul precision give the plain step's numbers."""
     from train.parallel import make_driver
-    from train.tuning import GPU_SETTINGS, StepSettings, step_settings
+    from train.tuning import CPU_SETTINGS, GPU_SETTINGS, StepSettings, step_settings
 
-    assert step_settings("cpu") == StepSettings() and step_settings("gpu") is GPU_SETTINGS
+    assert step_settings("cpu") is CPU_SETTINGS and step_settings("gpu") is GPU_SETTINGS
+    assert step_settings("tpu") == StepSettings() and StepSettings().ops() is flaxnets_plain()
     bad = StepSettings(compiler_options={"xla_no_such_option": 1})
     with pytest.raises(Exception, match="xla_no_such_option"):
         common.build_step("lenet5", "infer", 2, settings=bad)

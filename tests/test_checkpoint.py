@@ -29,6 +29,12 @@ def _state(seed: int) -> dict:
     return {"params": {f"w{i:02d}": rng.standard_normal((64 + i, 16), dtype=np.float32) for i in range(ARRAYS)}}
 
 
+def _meta(epoch: int) -> dict:
+    """A meta item as the trainer writes it (`train.run.Run.meta`), with what every command reads."""
+    return {"arch": "lenet5", "num_classes": 2, "image_side": 12, "epoch": epoch, "position": 0, "batch_size": 4,
+            "dataset": {"class_names": ["a", "b"], "image_shape": [8, 8, 1], "mean": [0.5], "std": [0.25]}}
+
+
 def _truncate_largest_chunk(step_dir) -> None:
     target = max((step_dir / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
     target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
@@ -47,15 +53,15 @@ def echoes(monkeypatch, caplog):
 def test_damaged_newest_checkpoint_is_set_aside_without_echoes(tmp_path, echoes, capfd):
     warnings = []
     checkpoints = Checkpoints(str(tmp_path), keep=5, warn=warnings.append)
-    checkpoints.save(1, _state(1), {"epoch": 1})
-    checkpoints.save(2, _state(2), {"epoch": 2})
+    checkpoints.save(1, _state(1), _meta(1))
+    checkpoints.save(2, _state(2), _meta(2))
     _truncate_largest_chunk(tmp_path / "checkpoints" / "2")
 
     restored, meta, step = checkpoints.restore(jax.tree_util.tree_map(np.zeros_like, _state(0)))
     checkpoints.close()
     gc.collect()
 
-    assert (step, meta) == (1, {"epoch": 1})
+    assert (step, meta) == (1, _meta(1))
     jax.tree_util.tree_map(np.testing.assert_array_equal, restored, _state(1))
     assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint 2 cannot be read (")
     assert (tmp_path / "corrupt_checkpoints" / "2").is_dir()
@@ -65,9 +71,9 @@ def test_damaged_newest_checkpoint_is_set_aside_without_echoes(tmp_path, echoes,
 
 def test_loading_a_damaged_checkpoint_for_inference_fails_in_one_sentence(tmp_path, echoes, capfd):
     checkpoints = Checkpoints(str(tmp_path), keep=5, warn=print)
-    checkpoints.save(1, _state(1), {"epoch": 1})
+    checkpoints.save(1, _state(1), _meta(1))
     checkpoints.close()
-    variables, meta = load_variables(str(tmp_path), 1)
+    variables, meta = Checkpoints(str(tmp_path), writable=False).restore_saved(1)
     jax.tree_util.tree_map(np.testing.assert_array_equal, variables["params"], _state(1)["params"])
     _truncate_largest_chunk(tmp_path / "checkpoints" / "1")
 

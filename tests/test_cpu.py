@@ -60,28 +60,36 @@ def test_ynnpack_convolutions_reads_the_option(monkeypatch, flags, expected):
 
 
 def test_prefer_eigen_sets_the_option_only_before_jax_starts():
-    """In a fresh process: the option is added, a user's own setting is kept, and once JAX runs nothing
-    changes (XLA would not read the variable again)."""
+    """In a fresh process: the CPU is known to be ahead, before JAX starts, only when no other platform
+    is named; the option is added, a user's own setting is kept, and once JAX runs nothing changes (XLA
+    would not read the variable again). The trainer's line says which library runs the convolutions."""
     script = """
 import os
 import jax, jax.numpy as jnp
-from flaxnets.cpu import prefer_eigen
+from flaxnets.cpu import cpu_backend_ahead, describe, prefer_eigen
+jax.config.update("jax_platforms", "cuda,cpu")
+on_gpu = cpu_backend_ahead()
+jax.config.update("jax_platforms", "cpu")
+ahead = cpu_backend_ahead()
 first = prefer_eigen()
 flags = os.environ["XLA_FLAGS"]
 jnp.ones(3).block_until_ready()
+line = describe()
 os.environ["XLA_FLAGS"] = ""
 late = prefer_eigen()
-print(first, repr(flags), late, repr(os.environ["XLA_FLAGS"]), sep="|")
+print(on_gpu, ahead, first, repr(flags), late, repr(os.environ["XLA_FLAGS"]), line, sep="|")
 """
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().split("|") == ["True", f"'--xla_force_host_platform_device_count=2 {EIGEN_SETTING}'",
-                                             "False", "''"]
+    fields = out.stdout.strip().split("|")
+    assert fields[:6] == ["False", "True", "True", f"'--xla_force_host_platform_device_count=2 {EIGEN_SETTING}'",
+                          "False", "''"]
+    assert fields[6].startswith("XLA's CPU backend: ") and f"with Eigen ({EIGEN_SETTING} in XLA_FLAGS)" in fields[6]
     env["XLA_FLAGS"] = f"{YNN_OPTION}=individual_convolution"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().split("|")[:2] == ["False", f"'{YNN_OPTION}=individual_convolution'"]
+    assert out.stdout.strip().split("|")[2:4] == ["False", f"'{YNN_OPTION}=individual_convolution'"]
 
 
 def test_the_kernel_set_is_decided_when_it_is_built(monkeypatch):
@@ -176,7 +184,7 @@ def test_cpu_kernels_model_gives_the_plain_model_values_and_gradients(name, side
     spec = flaxnets.get_spec(name)
     plain = flaxnets.create_model(name, num_classes=10)
     if fences:
-        fast = flaxnets.create_model(name, num_classes=10, cpu_kernels=True)
+        fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops())
         assert fast.ops == flaxnets.cpu.ops() and plain.ops == PLAIN
     else:
         fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops(fences=False))
@@ -203,7 +211,7 @@ def test_cpu_kernels_refuse_forward_mode_and_plain_layers_do_not():
     """The reason the kernel set is an opt-in: `jax.custom_vjp` functions have no forward mode."""
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
     plain = flaxnets.create_model("alexnet_small", num_classes=10)
-    fast = flaxnets.create_model("alexnet_small", num_classes=10, cpu_kernels=True)
+    fast = flaxnets.create_model("alexnet_small", num_classes=10, ops=flaxnets.cpu.ops())
     variables = plain.init(jax.random.key(1), x, False)
     jax.jvp(lambda v: plain.apply(variables, v, False), (x,), (x,))
     with pytest.raises(TypeError, match="custom_vjp"):
@@ -220,9 +228,6 @@ def test_cpu_kernels_accept_an_empty_batch():
         np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
 
 
-def test_create_model_takes_cpu_kernels_or_ops_not_both():
-    with pytest.raises(ValueError, match="not both"):
-        flaxnets.create_model("lenet5", num_classes=10, cpu_kernels=True, ops=PLAIN)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_step_memory_is_the_trainer_step_and_grows_with_the_batch():
     """flaxnets builds the train step from flax and optax alone; XLA's figure for it is the one of the
     trainer's own step (`train.step.train_step` through `benchmarks.common.build_step`, plain kernels)."""
     small, large = (step_memory("lenet5_bn", batch=batch) for batch in (32, 128))
-    trainer = common.build_step("lenet5_bn", "train", 128, cpu_kernels=False).memory_bytes()
+    trainer = common.build_step("lenet5_bn", "train", 128, kernels="plain").memory_bytes()
     assert large.train_bytes == pytest.approx(trainer, rel=0.01)
     assert 0 < large.predict_bytes < large.train_bytes
     assert small.train_bytes < large.train_bytes and small.predict_bytes < large.predict_bytes

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tarfile
 
-from benchmarks import gpu_run
+from benchmarks.gpu import runner, throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,19 +25,19 @@ def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
     result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    for step in gpu_run.STEPS:
+    for step in runner.STEPS:
         data = json.loads((out / f"{step}.json").read_text())
         assert data["status"] == "ok" and data["ok"] and data["dry_run"], (step, data.get("headline"), data.get("error"))
         assert (out / f"{step}.log").read_text().strip()
     table = "".join(line for line in result.stdout[result.stdout.index("| step | status"):].splitlines(keepends=True)
                     if line.startswith("|"))
     assert f"results: {out}/results.tgz" in result.stdout
-    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(gpu_run.STEPS)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == list(runner.STEPS)
     assert all(line.split("|")[2].strip() == "ok" for line in table.splitlines()[2:])
     assert (out / "summary.md").read_text().endswith(table)
     with tarfile.open(out / "results.tgz") as packed:
         names = set(packed.getnames())
-    assert names >= {"summary.md"} | {f"{s}.{e}" for s in gpu_run.STEPS for e in ("json", "log")}
+    assert names >= {"summary.md"} | {f"{s}.{e}" for s in runner.STEPS for e in ("json", "log")}
     assert all(name.endswith((".json", ".log", ".md")) for name in names)  # no checkpoints, no cache
     correctness = json.loads((out / "correctness.json").read_text())
     assert {row["check"] for row in correctness["steps"]} == {"float32", "bfloat16"}
@@ -48,7 +48,7 @@ def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
 
 
 def test_throughput_order_puts_the_first_architecture_then_bfloat16_training_first():
-    order = gpu_run.throughput_order(["resnet50", "resnet18", "vgg16"])
+    order = throughput.throughput_order(["resnet50", "resnet18", "vgg16"])
     assert order[:4] == [("resnet50", "train", "bfloat16"), ("resnet50", "infer", "bfloat16"),
                          ("resnet50", "train", "float32"), ("resnet50", "infer", "float32")]
     assert order[4:6] == [("resnet18", "train", "bfloat16"), ("vgg16", "train", "bfloat16")]
@@ -56,13 +56,13 @@ def test_throughput_order_puts_the_first_architecture_then_bfloat16_training_fir
 
 
 def test_summary_names_steps_that_timed_out_crashed_or_never_ran(tmp_path):
-    gpu_run.Record(tmp_path, "environment", dry=True, budget=10).finish(True, "fine")
-    gpu_run.Record(tmp_path, "correctness", dry=True, budget=10)  # killed while running
-    gpu_run.Record(tmp_path, "parallel", dry=True, budget=10)
-    killed = gpu_run.Record(tmp_path, "throughput", dry=True, budget=10)
+    runner.Record(tmp_path, "environment", dry=True, budget=10).finish(True, "fine")
+    runner.Record(tmp_path, "correctness", dry=True, budget=10)  # killed while running
+    runner.Record(tmp_path, "parallel", dry=True, budget=10)
+    killed = runner.Record(tmp_path, "throughput", dry=True, budget=10)
     killed.data["rows"] = [{"arch": "resnet50"}, {"arch": "vgg16"}, {"arch": "alexnet", "error": "boom"}]
     killed.doing("googlenet train bfloat16")
-    text = gpu_run.summary(tmp_path, {"environment": 0, "correctness": 124, "parallel": 1, "throughput": 124},
+    text = runner.summary(tmp_path, {"environment": 0, "correctness": 124, "parallel": 1, "throughput": 124},
                            dry=True)
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines() if line.startswith("| ")}
     assert rows["environment"] == "ok" and rows["correctness"] == "timeout" and rows["parallel"] == "crashed (exit 1)"

@@ -4,6 +4,8 @@ leaves that nothing imports (imports inside functions count: they run too)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,3 +83,19 @@ def test_the_library_imports_nothing_of_the_trainer_or_the_benchmarks():
     for name, targets in graph.items():
         if name.startswith("flaxnets"):
             assert not {t for t in targets if t.startswith(("train", "benchmarks"))}, name
+
+
+def test_the_models_never_import_the_cpu_kernels():
+    """The CPU kernels are the caller's choice (``create_model(name, ops=flaxnets.cpu.ops())``): the
+    architectures, their layers and the registry never reach for them."""
+    graph = import_graph()
+    models = [name for name in graph if name.startswith("flaxnets.models")] + ["flaxnets.layers", "flaxnets.registry"]
+    for name in models:
+        assert not {t for t in graph[name] if t == "flaxnets.cpu" or t.startswith("flaxnets.cpu.")}, name
+
+
+def test_import_flaxnets_imports_neither_optax_nor_the_optional_parts():
+    script = ("import flaxnets, sys; loaded = [m for m in ('optax', 'flaxnets.cpu', 'flaxnets.nnx', 'flaxnets.export', "
+              "'flax.nnx', 'onnx', 'jax2onnx') if m in sys.modules]; print(loaded); assert not loaded")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]

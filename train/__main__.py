@@ -1,8 +1,9 @@
 """``python -m train --arch ARCH --dataset NAME [...]``: parse the command line and train (see --help)."""
 
+import os
 import sys
 
-from train.cli import run_command
+# Only what is light at the top: every Grain worker process of a streamed run imports this module again.
 from train.config import parse_args
 
 
@@ -33,11 +34,19 @@ def recipe_line(config, results: dict) -> str | None:
 
 
 def main(argv=None) -> int:
+    from train.cli import run_command
+
     def body() -> int:
         config = parse_args(argv)
-        from flaxnets.cpu import prefer_eigen
+        if config.distributed:  # before JAX starts: its runtime may end this process from C++
+            from train.stderr_watch import watch_stderr
 
-        prefer_eigen()  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+            watch_stderr(-1 if config.process_id is None else config.process_id, config.num_processes or -1,
+                         os.path.abspath(config.workdir))
+        from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
+
+        if cpu_backend_ahead():  # before JAX starts: Eigen's CPU convolutions, YNNPACK's reductions (flaxnets.cpu)
+            prefer_eigen()
         from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
 
         initialize_distributed(config)

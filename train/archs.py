@@ -19,7 +19,7 @@ from typing import Callable
 from flaxnets.registry import ModelSpec, get_spec, list_models, register
 from train.config import ConfigError
 
-__all__ = ["ArchError", "resolve_arch", "is_user_arch"]
+__all__ = ["ArchError", "resolve_arch", "is_user_arch", "check_user_model"]
 
 
 class ArchError(ConfigError):
@@ -65,3 +65,50 @@ def resolve_arch(arch: str) -> ModelSpec:
         name=arch, build=factory, family="user", paper=getattr(factory, "paper", "a model of the user's own"),
         input_size=int(getattr(factory, "input_size", 224)), in_channels=int(getattr(factory, "in_channels", 3)),
         num_classes=int(getattr(factory, "num_classes", 10)), description=doc[0] if doc else arch))
+
+
+def _phrase(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def check_user_model(arch: str, *, num_classes: int, channels: int, side: int, overrides: dict) -> None:
+    """Raise `ArchError`, naming ``arch``, unless its factory builds a flax module that takes
+    ``(batch, side, side, channels)`` images and returns ``(batch, num_classes)`` logits in both modes.
+
+    The model is only traced (`jax.eval_shape`): nothing is computed. Run before anything else builds or
+    traces the model, so that a factory that raises, returns something else, or returns logits of another
+    width is one sentence rather than a traceback from deep inside the trainer.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from flaxnets.registry import create_model
+
+    try:
+        model = create_model(arch, num_classes=num_classes, **overrides)
+    except Exception as error:  # noqa: BLE001 - the user's code: whatever it raises is theirs to see, in one line
+        raise ArchError(f"--arch {arch}: the factory failed ({_phrase(error)}).") from None
+    if not isinstance(model, nn.Module):
+        raise ArchError(f"--arch {arch}: the factory returned a value of type {type(model).__name__}, not a "
+                        "flax.linen Module.")
+
+    def both_modes(rngs, images):
+        variables = model.init(rngs, images, train=False)
+        trained, _ = model.apply(variables, images, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": rngs["dropout"]})
+        return model.apply(variables, images, train=False), trained
+
+    images = jax.ShapeDtypeStruct((2, side, side, channels), jnp.float32)
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    try:
+        outputs = jax.eval_shape(both_modes, rngs, images)
+    except Exception as error:  # noqa: BLE001 - as above
+        raise ArchError(f"--arch {arch} fails on {side}x{side}x{channels} images ({_phrase(error)}).") from None
+    for mode, logits in zip(("inference", "training"), outputs):
+        shape = getattr(logits, "shape", None)
+        if shape != (2, num_classes):
+            got = f"logits of shape {tuple(shape)}" if shape is not None else f"a {type(logits).__name__}"
+            raise ArchError(f"--arch {arch} returns {got} in {mode} for 2 images; {num_classes} classes need "
+                            f"logits of shape (batch, {num_classes}).")

@@ -1,8 +1,16 @@
-"""Turning the errors a user can cause into one sentence and an exit code, for every command of `train`."""
+"""Turning the errors a user can cause into one sentence and an exit code, for every command of `train`.
+
+A run of several processes (``--coordinator``, ``--distributed``) can also end because another of its
+processes died: a collective then fails with a `jax.errors.JaxRuntimeError`, which is one sentence here, or
+JAX's distributed runtime ends the process from C++, which `train.stderr_watch` reports in one sentence.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import traceback
 from typing import Callable
 
 from flaxnets.convert import StateDictMismatchError, WeightsFileError
@@ -10,21 +18,66 @@ from flaxnets.registry import UnknownModelError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
+from train.stderr_watch import RESTART
+from train.workdir import WorkdirError
 
-USER_ERRORS = (ConfigError, DataError, UnknownModelError, CheckpointError, StateDictMismatchError, WeightsFileError)
+USER_ERRORS = (ConfigError, DataError, UnknownModelError, CheckpointError, StateDictMismatchError, WeightsFileError,
+               WorkdirError)
 
 
 def run_command(body: Callable[[], int]) -> int:
-    """Run ``body``; a user error prints ``error: <sentence>`` and returns 2 instead of a traceback."""
+    """Run ``body``; a user error prints ``error: <sentence>`` and returns 2 instead of a traceback.
+
+    In a run of several processes, a failed collective (another process died) is one sentence too, and a
+    process that fails leaves at once (`os._exit`): JAX's exit handler would otherwise wait at a shutdown
+    barrier for processes that are gone or that wait for this one, for minutes.
+    """
     from train.loop import Interrupted, TrainError
 
     try:
-        return body()
+        code = body()
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        code = 2
     except TrainError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        code = 1
     except Interrupted as stop:
-        return 128 + stop.signum
+        code = 128 + stop.signum
+    except Exception as error:  # noqa: BLE001 - only in a multi-process run; re-raised otherwise
+        if not _multi_process():
+            raise
+        import jax
+
+        if isinstance(error, jax.errors.JaxRuntimeError) or _PEER_FAILURE.search(str(error)):
+            print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: an operation with the "
+                  f"other processes failed ({_first_line(error)}), most likely because one of them died; "
+                  f"{RESTART}.", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        code = 1
+    if code and _multi_process():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# How a collective or a barrier with a process that died fails when JAX re-raises it as another type (a
+# ValueError from `jax.experimental.multihost_utils`, Orbax's barriers): CPU (Gloo, MPI) and GPU (NCCL)
+# collectives, the coordination service's barriers and RPCs.
+_PEER_FAILURE = re.compile(r"Gloo|NCCL|\bMPI\b|barrier|coordination service|heartbeat|Connection reset|Socket closed|"
+                           r"DEADLINE_EXCEEDED|UNAVAILABLE", re.IGNORECASE)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"\[external/[^\]]*\]\s*", "", text)[:200]
+
+
+def _multi_process() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1

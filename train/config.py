@@ -23,12 +23,19 @@ DTYPES = ("float32", "bfloat16")
 PARALLEL = ("shard_map", "pmap")
 PIPELINES = ("auto", "memory", "stream")
 CROPS = ("inception", "alexnet")
+DECODERS = ("auto", "opencv", "pillow")
 AUTO_AUGMENT = ("ta_wide", "ra")
 MIX_MODES = ("batch", "elem")
 
 
 # Facts a saved config.json states about its run but that are not settings: ignored when it is read back.
-DERIVED = ("best_checkpoint_selected_on",)
+DERIVED = ("best_checkpoint_selected_on", "history")
+
+SEED_LIMIT = 2**32  # seeds are 0 to 2**32 - 1, as numpy's and PyTorch's generators take them
+IMAGE_SIDE_LIMIT = 4096  # the largest side flaxnets.min_input_size searches; far beyond any classic CNN's input
+WORKERS_LIMIT = 256
+LR_FIND_STEPS_LIMIT = 100_000
+STEPS_LIMIT = 2**31 - 1  # TrainState.step is an int32
 
 
 class ConfigError(ValueError):
@@ -69,8 +76,11 @@ class Config:
     # (ImageNet, big folders) stream through Grain with `workers` processes decoding and augmenting.
     pipeline: str = "auto"  # auto, memory, stream
     # Grain worker processes of the streamed pipeline; 0 decodes in this process (with two threads); None:
-    # one per core, at most 8 (on 2 cores 0, 1 and 2 workers measured within noise of each other, 2 best).
+    # one per core (train.data.stream.default_workers).
     workers: int | None = None
+    # How streamed JPEGs are decoded to their crops (train.data.jpeg): auto (opencv when installed, the
+    # faster; else pillow), opencv or pillow; both decode at reduced size where the crop allows.
+    decoder: str = "auto"
     crop: str = "inception"  # streamed training crop: inception (random-resized) or alexnet (224 from 256)
     lighting: float = 0.0  # std of AlexNet's PCA colour noise (the paper uses 0.1); 0 turns it off
     ten_crop: bool = False  # streamed evaluation: average the softmax of 4 corner + centre crops and mirrors
@@ -113,6 +123,12 @@ class Config:
     lr_find_steps: int = 200
     lr_find_start: float = 1e-7
     lr_find_end: float = 10.0
+    # Resume with settings that change the result (RESUME below) all the same, recording the change in the
+    # run's history (config.json and the checkpoints' metadata).
+    allow_changes: bool = False
+    # Multi-host: a process that sends no heartbeat for this long is declared dead, and the others stop
+    # (JAX's own default is 100 s).
+    heartbeat_timeout_seconds: int = 30
 
     def validate(self) -> "Config":
         """Raise `ConfigError` for the first setting that cannot work; returns self for chaining."""
@@ -151,9 +167,11 @@ class Config:
             raise ConfigError(f"--workers must be a whole number, 0 or more; got {self.workers!r}.")
         if self.lighting < 0:
             raise ConfigError(f"--lighting cannot be negative, got {self.lighting}.")
+        _check_ranges(self)
         _check_recipe_settings(self)
         for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("dtype", DTYPES),
-                              ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS)):
+                              ("parallel", PARALLEL), ("pipeline", PIPELINES), ("crop", CROPS),
+                              ("decoder", DECODERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
@@ -175,6 +193,12 @@ class Config:
                               f"({self.lr_find_end}).")
         return self
 
+    def changes(self, recorded: "Config") -> dict[str, tuple[Any, Any]]:
+        """``{name: (recorded value, this value)}`` of the settings that change a run's result (`RESUME`)
+        and differ between ``recorded`` and this config."""
+        return {name: (getattr(recorded, name), getattr(self, name)) for name, kind in RESUME.items()
+                if kind != "free" and getattr(recorded, name) != getattr(self, name)}
+
     @property
     def warmup_epochs_used(self) -> float:
         """The warm-up the schedule runs: `warmup_epochs`, but at most half the run, so that a schedule
@@ -189,6 +213,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """The settings of a JSON object (a config file's, or one recorded in a checkpoint); `ConfigError`
+        for a key that is no setting or a value of the wrong type."""
         values = {k: v for k, v in values.items() if k not in DERIVED}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -198,7 +224,18 @@ class Config:
         for name in ("lr_decay_epochs", "mean", "std"):  # JSON has lists where the config holds tuples
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
-        return cls(**values)
+        config = cls(**values)
+        _check_types(config)
+        return config
+
+    @classmethod
+    def recorded(cls, values: dict[str, Any]) -> "Config":
+        """The settings a checkpoint recorded (`train.run.Run.meta`): as `from_dict`, but keys this version no
+        longer has are left out, so that a run of an earlier version still resumes, evaluates and predicts."""
+        if not isinstance(values, dict):
+            raise ConfigError("the recorded settings are not a JSON object.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({k: v for k, v in values.items() if k in known})
 
     @classmethod
     def from_recipe(cls, name: str) -> "Config":
@@ -240,10 +277,69 @@ class Config:
             raise ConfigError(f"{where} must hold a JSON object of settings.")
         try:
             config = cls.from_dict({**(dataclasses.asdict(base) if base else {}), **values})
-            _check_types(config)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
         return config
+
+
+# What each setting is to a run resumed from its checkpoints (`Config.changes`, checked by train.loop):
+# - "fixed": what the checkpoint is made of (its shapes, its data, the order of examples an epoch in progress
+#   follows); never changes in a workdir;
+# - "result": changes the numbers the run produces; a resume with another value is refused unless
+#   --allow-changes, which records the change in the run's history;
+# - "free": how the run is executed, stored or watched, not what it computes; changes freely (evaluation
+#   batches and the device count change sums only in their last bits).
+RESUME: dict[str, str] = {
+    "arch": "fixed", "model_args": "fixed", "dataset": "fixed", "val_split": "fixed", "batch_size": "fixed",
+    "image_size": "fixed",
+    "epochs": "result", "optimizer": "result", "lr": "result", "momentum": "result", "schedule": "result",
+    "warmup_epochs": "result", "lr_decay_epochs": "result", "lr_decay_factor": "result",
+    "weight_decay": "result", "label_smoothing": "result", "clip_grad_norm": "result", "dtype": "result",
+    "augment": "result", "pipeline": "result", "decoder": "result", "crop": "result", "lighting": "result",
+    "ten_crop": "result",
+    "seed": "result", "zero_init_residual": "result", "init_from": "result", "freeze_backbone": "result",
+    "mean": "result", "std": "result",
+    "auto_augment": "result", "ra_num_ops": "result", "ra_magnitude": "result", "random_erase": "result",
+    "mixup_alpha": "result", "cutmix_alpha": "result", "mix_prob": "result", "mix_switch_prob": "result",
+    "mix_mode": "result", "drop_path_rate": "result", "decay_norm_and_bias": "result",
+    # Whether the checkpoints hold a moving average of the weights is their make-up; its decay a result.
+    "ema_decay": "result", "recipe": "free",
+    "data_dir": "free", "workdir": "free", "eval_batch_size": "free", "parallel": "free", "workers": "free",
+    "checkpoint_every_epochs": "free", "keep_checkpoints": "free", "log_every_steps": "free",
+    "distributed": "free", "coordinator": "free", "num_processes": "free", "process_id": "free",
+    "heartbeat_timeout_seconds": "free", "plots": "free", "lr_find": "free", "lr_find_steps": "free",
+    "lr_find_start": "free", "lr_find_end": "free", "allow_changes": "free",
+}
+
+
+def _check_ranges(config: Config) -> None:
+    """Raise `ConfigError` for a number outside what the run can use (each flag's own range)."""
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {config.seed}.")
+    if config.image_size is not None and config.image_size > IMAGE_SIDE_LIMIT:
+        raise ConfigError(f"--image-size must be at most {IMAGE_SIDE_LIMIT}, got {config.image_size}.")
+    if config.workers is not None and config.workers > WORKERS_LIMIT:
+        raise ConfigError(f"--workers must be at most {WORKERS_LIMIT}, got {config.workers}.")
+    if config.lr_find_steps > LR_FIND_STEPS_LIMIT:
+        raise ConfigError(f"--lr-find-steps must be at most {LR_FIND_STEPS_LIMIT:,}, got {config.lr_find_steps}.")
+    if config.epochs > STEPS_LIMIT:
+        raise ConfigError(f"--epochs must be at most {STEPS_LIMIT:,}, got {config.epochs}.")
+    if any(epoch < 1 for epoch in config.lr_decay_epochs):
+        raise ConfigError(f"--lr-decay-epochs must be positive epochs, got "
+                          f"{','.join(map(str, config.lr_decay_epochs))}.")
+    if not 1 <= config.heartbeat_timeout_seconds <= 3600:
+        raise ConfigError(f"--heartbeat-timeout-seconds must be from 1 to 3600, got "
+                          f"{config.heartbeat_timeout_seconds}.")
+    if config.num_processes is not None and config.num_processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {config.num_processes}.")
+    if config.process_id is not None and not 0 <= config.process_id < (config.num_processes or 1):
+        raise ConfigError(f"--process-id must be from 0 to --num-processes - 1 ({(config.num_processes or 1) - 1}), "
+                          f"got {config.process_id}.")
+    if config.coordinator is not None:
+        host, _, port = config.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--coordinator must be HOST:PORT with a port from 1 to 65535, got "
+                              f"{config.coordinator!r}.")
 
 
 def _check_recipe_settings(config: "Config") -> None:
@@ -321,8 +417,13 @@ def _model_arg(text: str) -> tuple[str, Any]:
 def _check_init_from(arch: str, source: str) -> None:
     """Raise `ConfigError` unless ``source`` is a file, a URL, or a weight set ``arch`` has (flaxnets.hub)."""
     from flaxnets import hub
+    from flaxnets.convert import supported_models
+    from flaxnets.registry import list_models
 
     if hub.is_url(source) or os.path.isfile(source):
+        if arch in list_models() and arch not in supported_models():
+            raise ConfigError(f"--init-from converts torchvision weights, and {arch} has no torchvision counterpart "
+                              f"(those that do: {', '.join(supported_models()[:6])}, ...).")
         return
     if hub.is_weights_name(source):
         try:
@@ -404,7 +505,9 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--augment", "random crops with padding, and flips where the dataset allows them",
         action=argparse.BooleanOptionalAction)
     add("--pipeline", "memory: on the devices; stream: Grain workers; auto: by size", choices=PIPELINES)
-    add("--workers", "Grain worker processes for a streamed dataset (none: one per core, at most 8)", type=int)
+    add("--workers", "Grain worker processes for a streamed dataset (none: one per core)", type=int)
+    add("--decoder", "streamed JPEGs: decoded straight to the crop, at reduced size where it allows, by opencv "
+        "(pip install opencv-python-headless) or pillow; auto: opencv when installed", choices=DECODERS)
     add("--crop", "streamed training crop: random-resized (inception) or 224-of-256 (alexnet)", choices=CROPS)
     add("--lighting", "standard deviation of AlexNet's PCA colour noise (0.1 in the paper; 0: off)", type=float)
     add("--ten-crop", "streamed evaluation over ten crops per image", action=argparse.BooleanOptionalAction)
@@ -451,6 +554,11 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("--lr-find-steps", "steps of the range test", type=int)
     add("--lr-find-start", "first rate of the range test", type=float)
     add("--lr-find-end", "last rate of the range test (it stops earlier if the loss diverges)", type=float)
+    add("--allow-changes", "resume with settings that change the result (seed, rates, schedule, augmentation, ...) "
+        "although the workdir's run was trained with others; the change is recorded in its history",
+        action=argparse.BooleanOptionalAction)
+    add("--heartbeat-timeout-seconds", "multi-process runs: a process silent for this long is declared dead and "
+        "the others stop", type=int)
     parser.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
     return parser
 

@@ -14,7 +14,7 @@ import json
 import sys
 
 from train.cli import run_command
-from train.config import CommandParser, Config, ConfigError
+from train.config import WORKERS_LIMIT, CommandParser, Config, ConfigError
 
 
 def main(argv=None) -> int:
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
         parser.error("give either --workdir (a trained run) or --arch, --weights and --dataset (published weights)")
     if args.weights is not None and (args.arch is None or args.dataset is None):
         parser.error("--weights needs --arch (the architecture the weights are for) and --dataset")
-    if args.batch_size < 1 or args.workers < 0:
-        parser.error("--batch-size must be at least 1 and --workers at least 0")
+    if not 1 <= args.batch_size <= 65536 or not 0 <= args.workers <= WORKERS_LIMIT:
+        parser.error(f"--batch-size must be from 1 to 65536 and --workers from 0 to {WORKERS_LIMIT}")
 
     def body() -> int:
         return _published(args) if args.weights is not None else _checkpoint(args)
@@ -53,15 +53,14 @@ def _checkpoint(args) -> int:
     from train.inference import load_variables, locate
 
     workdir, step = locate(args.workdir, args.checkpoint)
-    _, meta = load_variables(workdir, step)
-    try:
-        config = Config.from_dict(meta["config"])
-    except (KeyError, TypeError):
-        raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.") from None
+    variables, meta = load_variables(workdir, step)
+    if "config" not in meta:
+        raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
+    config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint.check_meta)
     changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel)) if v}
     config = dataclasses.replace(config, workdir=workdir, **changes).validate()
     run = loop.build_run(config)
-    results = loop.evaluate_checkpoint(run, workdir, step)
+    results = loop.evaluate_checkpoint(run, workdir, step, variables, meta)
     print(json.dumps({"workdir": workdir, "step": step, "arch": config.arch, "dataset": config.dataset,
                       **results}, indent=2))
     return 0

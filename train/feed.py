@@ -8,7 +8,6 @@ steps ``start..steps_per_epoch-1`` of an epoch in order, ``train(state, inputs)`
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Iterator
 
 import jax
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from train.data import Dataset, Streamed, epoch_order
-from train.data.stream import eval_batches, prefetch, train_batches
+from train.data.jpeg import resolve_backend
+from train.data.stream import default_workers, eval_batches, prefetch, train_batches
 from train.parallel import Driver, host
 
 __all__ = ["MemoryFeed", "StreamFeed", "make_feed", "eval_indices"]
@@ -65,21 +65,42 @@ class MemoryFeed:
 
 
 class StreamFeed:
-    """Examples read, decoded and augmented by Grain workers on the host, a few batches ahead."""
+    """Examples read, decoded and augmented by Grain workers on the host, a few batches ahead.
+
+    One pipeline serves the training batches from the first epoch asked for to ``epochs - 1``: its workers
+    start once, not once an epoch, and decode the next epoch's first batches while the run evaluates. An
+    epoch asked for anywhere else than where the pipeline stands (a resume, an epoch left unfinished)
+    starts a new one there.
+    """
 
     def __init__(self, driver: Driver, data: Streamed, *, seed: int, batch_size: int, steps_per_epoch: int,
-                 eval_batch_size: int, side: int, crop: str, workers: int, ten_crop: bool):
+                 eval_batch_size: int, side: int, crop: str, workers: int, ten_crop: bool, decoder: str | None = None,
+                 epochs: int = 1):
         self.driver, self.data, self.seed = driver, data, seed
         self.batch_size, self.steps_per_epoch, self.eval_batch_size = batch_size, steps_per_epoch, eval_batch_size
-        self.side, self.crop, self.workers, self.ten_crop = side, crop, workers, ten_crop
+        self.side, self.crop, self.workers, self.ten_crop, self.decoder = side, crop, workers, ten_crop, decoder
+        self.epochs = epochs
         self.processes = (jax.process_index(), jax.process_count())
+        self._stream, self._next = None, None  # the training pipeline, and the (epoch, step) it gives next
 
     def batches(self, epoch: int, start: int) -> Iterator[Any]:
-        host_batches = train_batches(self.data, side=self.side, seed=self.seed, epoch=epoch, start=start,
-                                     steps=self.steps_per_epoch, batch=self.batch_size, crop=self.crop,
-                                     workers=self.workers, process_index=self.processes[0],
-                                     process_count=self.processes[1])
-        return prefetch(host_batches, self.driver.put_batch)
+        if self._stream is None or self._next != (epoch, start):
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+            self._stream = train_batches(self.data, side=self.side, seed=self.seed, epoch=epoch, start=start,
+                                         steps=self.steps_per_epoch, batch=self.batch_size, crop=self.crop,
+                                         workers=self.workers, process_index=self.processes[0],
+                                         process_count=self.processes[1], decoder=self.decoder,
+                                         epochs=max(self.epochs, epoch + 1))
+        self._next = None  # known again only once this epoch's batches have all been taken
+
+        def epoch_batches() -> Iterator[dict]:
+            for _ in range(start, self.steps_per_epoch):
+                yield next(self._stream)
+            self._next = (epoch + 1, 0)
+
+        return prefetch(epoch_batches(), self.driver.put_batch)
 
     def train(self, state, inputs):
         return self.driver.train_batch(state, inputs)
@@ -98,8 +119,7 @@ def make_feed(run, driver: Driver, with_train: bool = True) -> MemoryFeed | Stre
                   eval_batch_size=run.eval_batch_size)
     if run.data.in_memory:
         return MemoryFeed(driver, run.data, with_train=with_train, **common)
-    workers = run.config.workers
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+    workers = default_workers() if run.config.workers is None else run.config.workers
     return StreamFeed(driver, run.data, side=run.image_side, crop=run.config.crop, workers=workers,
-                      ten_crop=run.config.ten_crop, **common)
+                      ten_crop=run.config.ten_crop, decoder=resolve_backend(run.config.decoder),
+                      epochs=run.config.epochs, **common)

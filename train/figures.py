@@ -17,7 +17,6 @@ the model's input gets, so they look as the data does; `unnormalize` maps model 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -80,19 +79,15 @@ def first_conv_kernel(params: Any, in_channels: int | None = None) -> tuple[str,
 def read_metrics(path: str) -> list[dict]:
     """The records of a run's ``metrics.jsonl``, one per step (a resumed run's later record wins), by step.
 
-    A line that is not a JSON object (a run killed mid-write) is skipped.
+    A line that is not a JSON record of a step (a run killed mid-write) is skipped
+    (`train.workdir.read_records`).
     """
+    from train.workdir import read_records
+
     by_step: dict[int, dict] = {}
-    with open(path) as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-                # Runs of earlier versions called the test split's metrics eval_*.
-                by_step[int(record["step"])] = {("test_" + k[5:] if k.startswith("eval_") else k): v
-                                                for k, v in record.items()}
+    for step, record, _ in read_records(path):
+        if record is not None:  # runs of earlier versions called the test split's metrics eval_*
+            by_step[step] = {("test_" + k[5:] if k.startswith("eval_") else k): v for k, v in record.items()}
     return [by_step[step] for step in sorted(by_step)]
 
 

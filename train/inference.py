@@ -11,15 +11,16 @@ their accuracy with.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 import flaxnets
-from train.checkpoint import CheckpointError, Checkpoints, describe_error, drained_event_loops
+from train.checkpoint import CheckpointError, Checkpoints
 from train.step import Preprocess
 
 __all__ = ["load_variables", "locate", "predict_images", "published_variables", "read_images", "score_split"]
@@ -32,50 +33,69 @@ def locate(path: str, which: str = "latest") -> tuple[str, int]:
         raise CheckpointError(f"{path} is not a folder (give a --workdir of a run, or one of its checkpoints).")
     if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
         return os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-    checkpoints = Checkpoints(path, warn=lambda message: None)
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/STEP).")
+    checkpoints = Checkpoints(path, warn=_warn, writable=False)
     try:
         steps = checkpoints.steps()
         if not steps:
+            if checkpoints.unusable:
+                newest = max(checkpoints.unusable)
+                raise CheckpointError(f"no checkpoint in {path} can be read (checkpoint {newest}: "
+                                      f"{checkpoints.unusable[newest]}).")
             raise CheckpointError(f"{path} holds no checkpoint (expected {path}/checkpoints/STEP).")
         if which == "latest":
-            return path, steps[-1]
-        if which == "best":
-            best = checkpoints.best_step()
-            if best is None:
+            step = steps[-1]
+        elif which == "best":
+            step = checkpoints.best_step()
+            if step is None:
                 raise CheckpointError(f"{path} has no checkpoint saved with its accuracy (only interrupted or older "
                                       f"ones: steps {steps}); use --checkpoint latest or a step number.")
-            return path, best
-        if which.isdigit() and int(which) in steps:
-            return path, int(which)
-        raise CheckpointError(f"{path} has no checkpoint {which!r}; it has latest, best and steps {steps}.")
+        elif which.isdigit() and int(which) in steps:
+            step = int(which)
+        elif which.isdigit() and int(which) in checkpoints.unusable:
+            raise CheckpointError(f"checkpoint {which} in {path} cannot be read ({checkpoints.unusable[int(which)]}).")
+        else:
+            raise CheckpointError(f"{path} has no checkpoint {which!r}; it has latest, best and steps {steps}.")
+        for warning in checkpoints.skipped(newer_than=step if which == "latest" else None):
+            _warn(warning)
+        return path, step
     finally:
         checkpoints.close()
 
 
 def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
-    """The model variables (params and batch_stats) and the meta of checkpoint ``step``."""
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                                   "meta": ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    """The model variables (params and batch_stats) and the meta of checkpoint ``step``; read only, so
+    that it can run while a run trains into ``workdir``."""
+    checkpoints = Checkpoints(workdir, warn=_warn, writable=False)
     try:
-        # Onto this process's first device, whatever devices it was saved from: restored as saved, the
-        # checkpoint of a multi-process run names other processes' devices and Orbax refuses it
-        # ("Topology mismatch detected").
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        metadata = manager.item_metadata(step)["state"]
-        target = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                                        getattr(metadata, "tree", metadata))
-        with drained_event_loops():
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                     meta=ocp.args.JsonRestore()))
-    except Exception as error:  # noqa: BLE001 - any failure to read means "unusable"
-        raise CheckpointError(f"checkpoint {step} in {workdir} cannot be read ({describe_error(error)}).") from None
+        state, meta = checkpoints.restore_saved(step)
     finally:
-        manager.close()
-    state = restored["state"]
+        checkpoints.close()
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    return variables, restored["meta"]
+    _check_fit(variables, meta, f"checkpoint {step} in {workdir}")
+    return variables, meta
+
+
+def _check_fit(variables: dict, meta: dict, where: str) -> None:
+    """Raise `CheckpointError` unless ``variables`` have the shapes of the model ``meta`` describes (a
+    checkpoint is untrusted: its arrays and its meta could come from different runs)."""
+    from flax.traverse_util import flatten_dict
+
+    side, channels = meta["image_side"], meta["dataset"]["image_shape"][-1]
+    expected = jax.eval_shape(lambda: _model(meta).init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                                        jnp.zeros((1, side, side, channels)), train=False))
+    for name in ("params", "batch_stats"):
+        ours = {k: tuple(v.shape) for k, v in flatten_dict(dict(expected.get(name, {}))).items()}
+        theirs = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(variables.get(name) or {})).items()}
+        if ours != theirs:
+            key = sorted(set(ours) ^ set(theirs) or [k for k in ours if ours[k] != theirs[k]])[0]
+            raise CheckpointError(f"{where} holds {name} that do not fit {meta['arch']}: {'/'.join(key)} is "
+                                  f"{theirs.get(key, 'missing')} there and {ours.get(key, 'absent')} in the model.")
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
@@ -136,11 +156,19 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
     out = []
     for path in paths:
         try:
-            array = decode_image(path, channels)
+            with warnings.catch_warnings():
+                # PIL warns of images of 89 to 179 million pixels and refuses larger ones: both are refused
+                # here, in one sentence, rather than decoded into gigabytes (or echoed as a warning).
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                array = decode_image(path, channels)
         except FileNotFoundError:
             raise CheckpointError(f"{path} does not exist.") from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise CheckpointError(f"{path} is too large to decode safely ({str(error).split(' could')[0]}).") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CheckpointError(f"{path} is not an image PIL can read ({error}).") from None
+        except Exception as error:  # noqa: BLE001 - an image file is untrusted input: anything PIL raises
+            raise CheckpointError(f"{path} is not an image PIL can read ({type(error).__name__}: {error}).") from None
         if height and width:
             pil = Image.fromarray(array[..., 0] if channels == 1 else array)
             array = np.asarray(pil.resize((width, height), Image.BILINEAR), np.uint8).reshape(height, width, channels)
@@ -150,18 +178,27 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
     return np.stack(out)
 
 
+def _model(meta: dict):
+    """The model a checkpoint's (or published weights') ``meta`` describes; a model of the user's own is
+    registered again in this process and checked, so that a factory since broken is one sentence."""
+    from train.archs import check_user_model, is_user_arch, resolve_arch
+
+    options = dict((meta.get("config") or {}).get("model_args") or {})
+    if is_user_arch(meta["arch"]):
+        resolve_arch(meta["arch"])
+        check_user_model(meta["arch"], num_classes=meta["num_classes"], channels=meta["dataset"]["image_shape"][-1],
+                         side=meta["image_side"], overrides=options)
+    return flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"], **options)
+
+
 def predict_images(variables: dict, meta: dict, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
     """Class probabilities ``(N, classes)`` of uint8 images already in the training data's shape, by the
     model a checkpoint's ``meta`` describes (architecture, options, classes, input side, normalisation).
 
     One compiled function for every batch: the last batch is padded to ``batch_size``, not compiled again.
     """
-    from train.archs import resolve_arch
-
     dataset = meta["dataset"]
-    resolve_arch(meta["arch"])  # a model of the user's own is registered again in this process
-    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"],
-                                  **(meta.get("config") or {}).get("model_args", {}))
+    model = _model(meta)
     preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
                             augment=False)
     variables = jax.tree_util.tree_map(jnp.asarray, variables)
@@ -196,8 +233,7 @@ def score_split(variables: dict, meta: dict, data, *, batch_size: int = 256, wor
     dataset = meta["dataset"]
     devices = jax.local_devices()
     batch_size = -(-max(1, min(batch_size, len(data.test))) // len(devices)) * len(devices)
-    model = flaxnets.create_model(meta["arch"], num_classes=meta["num_classes"],
-                                  **(meta.get("config") or {}).get("model_args", {}))
+    model = _model(meta)
     preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
                             augment=False)
     mesh = Mesh(np.asarray(devices), ("batch",))

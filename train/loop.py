@@ -7,25 +7,30 @@ and resumed ends with the same parameters as one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
 import flaxnets
 from train.checkpoint import CheckpointError, Checkpoints
-from train.config import Config, ConfigError
+from train.config import RESUME, Config, ConfigError
+from train.data import DataError, parse_val_split
 from train.parallel import host
 from train.report import Reporter
 from train.run import Run, build_run
+from train.workdir import Lock, WorkdirBusy
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "evaluate", "evaluate_checkpoint", "usable_workdir",
-           "initialize_distributed"]
+           "initialize_distributed", "check_resume", "held", "resume", "Resumed"]
 
 
 class TrainError(RuntimeError):
@@ -44,11 +49,18 @@ def initialize_distributed(config: Config) -> None:
     """Start JAX's multi-process runtime when the config asks for it (before any other JAX call)."""
     if not config.distributed:
         return
-    kwargs = {}
+    # A process silent for `heartbeat_timeout_seconds` is declared dead and the others are stopped (their
+    # report: train.stderr_watch), rather than waiting on a collective with it.
+    kwargs = {"heartbeat_timeout_seconds": config.heartbeat_timeout_seconds}
     if config.coordinator:
-        kwargs = {"coordinator_address": config.coordinator, "num_processes": config.num_processes,
-                  "process_id": config.process_id}
-    jax.distributed.initialize(**kwargs)
+        kwargs.update(coordinator_address=config.coordinator, num_processes=config.num_processes,
+                      process_id=config.process_id)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as error:  # noqa: BLE001 - whatever the runtime raises, the run cannot start
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"JAX's distributed runtime did not start ({text}); check --coordinator, "
+                          "--num-processes and --process-id.") from None
 
 
 def enable_compilation_cache() -> str | None:
@@ -68,46 +80,102 @@ def enable_compilation_cache() -> str | None:
     return folder
 
 
-def _check_compatible(meta: dict, run: Run, directory: str) -> None:
+def _flags(values: dict[str, Any]) -> str:
+    """``--seed 0, --lr 0.05`` for ``{"seed": 0, "lr": 0.05}`` (JSON for what is not a plain value)."""
+    def shown(value):
+        if value is None:
+            return "(none)"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value)) or "(none)"
+        return json.dumps(value) if isinstance(value, (dict, bool)) else str(value)
+    return ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in values.items())
+
+
+def check_resume(meta: dict, run: Run, directory: str) -> dict[str, tuple[Any, Any]]:
+    """Raise unless ``run`` may go on from a checkpoint with ``meta``; return the settings that change the
+    result (`train.config.RESUME`) and differ from the recorded ones, which ``--allow-changes`` allowed.
+
+    A checkpoint of another architecture, class count or image side, or recorded under other "fixed"
+    settings, is a `CheckpointError`; "result" settings that differ without ``--allow-changes`` are a
+    `ConfigError` listing them.
+    """
     ours = (run.config.arch, run.data.num_classes)
-    theirs = (meta.get("arch"), meta.get("num_classes"))
+    theirs = (meta["arch"], meta["num_classes"])
     if ours != theirs:
         raise CheckpointError(f"{directory} holds a checkpoint of {theirs[0]} with {theirs[1]} classes, not "
                               f"{ours[0]} with {ours[1]}; use another --workdir.")
-    if meta.get("batch_size") != run.config.batch_size:
-        raise CheckpointError(f"{directory} was trained with --batch-size {meta.get('batch_size')}; resume with the "
-                              "same batch size (the data order depends on it) or use another --workdir.")
-    if meta.get("image_side") != run.image_side:
-        raise CheckpointError(f"{directory} was trained on {meta.get('image_side')}-pixel images, this run would "
+    if meta["image_side"] != run.image_side:
+        raise CheckpointError(f"{directory} was trained on {meta['image_side']}-pixel images, this run would "
                               f"use {run.image_side}; use the same --image-size or another --workdir.")
-    theirs_args = (meta.get("config") or {}).get("model_args") or {}
-    if theirs_args != dict(run.config.model_args):
-        raise CheckpointError(f"{directory} was trained with --model-arg {theirs_args or '(none)'}, not "
-                              f"{dict(run.config.model_args) or '(none)'}; use the same or another --workdir.")
+    if "config" not in meta:  # checkpoints of early versions record only these
+        if meta.get("batch_size") != run.config.batch_size:
+            raise CheckpointError(f"{directory} was trained with --batch-size {meta.get('batch_size')}; resume with "
+                                  "the same batch size (the data order depends on it) or use another --workdir.")
+        return {}
+    # Compared as the run uses them: the image side (compared above) where the data decides it, a validation
+    # fraction whether given as text or as a number.
+    def used(config: Config) -> Config:
+        try:
+            val_split = parse_val_split(config.val_split)
+        except DataError:
+            val_split = config.val_split
+        return dataclasses.replace(config, image_size=run.image_side, val_split=val_split)
+
     if bool((meta.get("config") or {}).get("ema_decay")) != bool(run.config.ema_decay):
         had = "with" if (meta.get("config") or {}).get("ema_decay") else "without"
         raise CheckpointError(f"{directory} was trained {had} a moving average of the weights (--ema-decay); resume "
                               "the same way (its checkpoints hold the average or do not) or use another --workdir.")
-    theirs_val = (meta.get("config") or {}).get("val_split")
-    if str(theirs_val or "") != str(run.config.val_split or ""):
-        raise CheckpointError(f"{directory} was trained with --val-split {theirs_val or '(none)'}; resume with the same "
-                              "(the training examples depend on it) or use another --workdir.")
+    differences = used(run.config).changes(used(Config.recorded(meta["config"])))
+    fixed = {name: old for name, (old, new) in differences.items() if RESUME[name] == "fixed"}
+    if fixed:
+        now = _flags({name: differences[name][1] for name in fixed})
+        raise CheckpointError(f"{directory} holds a run trained with {_flags(fixed)} (this run: {now}), which its "
+                              "checkpoints and the order of its data depend on; resume with the same or use another "
+                              "--workdir.")
+    if differences and not run.config.allow_changes:
+        now = _flags({name: new for name, (_, new) in differences.items()})
+        which = "settings that change" if len(differences) > 1 else "a setting that changes"
+        raise ConfigError(f"{directory} holds a run trained with {_flags({k: v[0] for k, v in differences.items()})} "
+                          f"(this run: {now}), {which} the result; resume with the recorded settings, add "
+                          "--allow-changes to change them (recorded in the run's history), or use another --workdir.")
+    return differences
 
 
-def _save_config(run: Run, workdir: str, step: int) -> None:
-    """config.json on the first run; a changed config on resume goes beside it, never over it."""
+def _save_config(run: Run, workdir: str, history: list[dict]) -> None:
+    """config.json: the settings the run trains with now, and the history of the changes allowed on resume
+    (each with the step it applied from). Replaced whole, never half-written."""
     path = os.path.join(workdir, "config.json")
     # Beside the settings, the one consequence a reader of the file must not miss.
-    text = run.config.to_json(best_checkpoint_selected_on=run.selection_split)
-    if os.path.exists(path):
-        with open(path) as handle:
-            if handle.read() == text:
-                return
-        path = os.path.join(workdir, f"config.resumed-at-step-{step}.json")
+    text = run.config.to_json(best_checkpoint_selected_on=run.selection_split,
+                              **({"history": history} if history else {}))
     tmp = path + ".tmp"
     with open(tmp, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def held(workdir: str) -> Iterator[None]:
+    """Hold ``workdir`` for this run (`train.workdir.Lock`, taken by process 0; every process learns the
+    outcome), or raise `train.workdir.WorkdirBusy` naming the run that holds it."""
+    lock = Lock(workdir)
+    refusal = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirBusy as error:
+            refusal = error
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)) and refusal is None:
+            refusal = WorkdirBusy(f"--workdir {workdir} is in use by another training run (process 0 found it locked).")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _SignalFlag:
@@ -165,15 +233,13 @@ def _scores(run: Run, feed, state) -> dict[str, float]:
     return out
 
 
-def evaluate_checkpoint(run: Run, workdir: str, step: int) -> dict[str, float]:
-    """Score checkpoint ``step`` of ``workdir`` on every test example, as training did."""
-    checkpoints = Checkpoints(workdir, warn=lambda message: None)
-    try:
-        meta = checkpoints.read_meta(step)
-        _check_compatible(meta, run, workdir)
-        state, _, _ = checkpoints.restore(run.init_state(pretrained=False), step=step)
-    finally:
-        checkpoints.close()
+def evaluate_checkpoint(run: Run, workdir: str, step: int, variables: dict, meta: dict) -> dict[str, float]:
+    """Score the ``variables`` of checkpoint ``step`` of ``workdir`` (and its ``meta``, read once by
+    `train.inference.load_variables`, so that a run training meanwhile may delete it) on every test
+    example, as training did."""
+    check_resume(meta, run, workdir)
+    state = run.init_state(pretrained=False)
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"] or state.batch_stats)
     return evaluate(run, run.feed(with_train=False), run.driver.put_replicated(state))
 
 
@@ -189,40 +255,32 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
 
         return lr_find(build_run(config), stream=stream)
     workdir = usable_workdir(config.workdir)
-    run = build_run(config)
-    fresh = not os.path.isdir(os.path.join(workdir, "checkpoints"))
-    if fresh and config.init_from:
-        run.pretrained_variables()  # read and converted now: a bad weights file fails before anything is written
     created = not os.path.exists(workdir)
     if jax.process_index() == 0:
         try:
             os.makedirs(workdir, exist_ok=True)
         except OSError as error:
             raise ConfigError(f"--workdir {config.workdir} cannot be made ({error.strerror}).") from None
-    total_steps = config.epochs * run.steps_per_epoch
-    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
-                              warn=lambda message: print(message, file=sys.stderr, flush=True))
-    try:
-        # Checked before the Reporter opens its event and metrics files: a workdir of another run is left
-        # exactly as it was. A newest checkpoint whose meta cannot be read is set aside like any unreadable one.
-        latest = checkpoints.latest_meta()
-        if latest is not None:
-            _check_compatible(latest[1], run, workdir)
-        reporter = Reporter(workdir, total_steps, stream=stream)
-        checkpoints.warn = reporter.warn
+    with held(workdir):
+        checkpoints = None
         try:
-            return _train(run, workdir, checkpoints, reporter)
+            run = build_run(config)
+            if config.init_from and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+                run.pretrained_variables()  # read and converted now: bad weights fail before anything is written
+            checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints,
+                                      warn=lambda message: print(message, file=sys.stderr, flush=True))
+            return _train(run, workdir, checkpoints, stream)
+        except Interrupted:
+            raise
+        except BaseException:
+            # A workdir this call made that holds no checkpoint (a bad setting, a loss that diverged before
+            # the first save) is not left behind half-made.
+            if created and jax.process_index() == 0 and (checkpoints is None or not checkpoints.steps()):
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
         finally:
-            reporter.close()
-    except (TrainError, Interrupted):
-        raise
-    except BaseException:
-        # A workdir this call made and that holds no checkpoint yet is not left half-made behind an error.
-        if created and jax.process_index() == 0 and not checkpoints.steps():
-            shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    finally:
-        checkpoints.close()
+            if checkpoints is not None:
+                checkpoints.close()
 
 
 def usable_workdir(path: str) -> str:
@@ -243,30 +301,76 @@ def usable_workdir(path: str) -> str:
     return workdir
 
 
-def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter) -> dict[str, Any]:
+@dataclasses.dataclass
+class Resumed:
+    """Where a run goes on from (`resume`): its state, and what the checkpoint it was read from records."""
+
+    state: Any
+    step: int | None = None  # the checkpoint's step; None for a run that starts afresh
+    epoch: int = 0
+    position: int = 0  # steps into the epoch in progress
+    epoch_sums: dict | None = None  # that epoch's metric sums so far
+    history: list = dataclasses.field(default_factory=list)  # changes allowed on resume, with their step
+    changes: dict = dataclasses.field(default_factory=dict)  # those allowed by this run
+
+
+def resume(run: Run, workdir: str, checkpoints: Checkpoints) -> Resumed:
+    """The state ``run`` starts from: the newest checkpoint that can be read (those that cannot are set
+    aside) if it is of this very run (`check_resume`), else a fresh state; raises `CheckpointError` or
+    `ConfigError` when the workdir holds another run's checkpoints or none that can be read."""
+    restored = checkpoints.restore(run.state_shapes(), check=lambda meta, _: check_resume(meta, run, workdir))
+    if restored is None:
+        return Resumed(run.init_state())
+    state, meta, step = restored
+    changes = check_resume(meta, run, workdir)
+    history = list(meta.get("history", []))
+    if changes:
+        history.append({"step": step, "changes": {name: list(pair) for name, pair in changes.items()}})
+    position = meta.get("position", 0)
+    return Resumed(state, step, meta["epoch"], position, meta.get("epoch_sums") if position else None, history,
+                   changes)
+
+
+def _train(run: Run, workdir: str, checkpoints: Checkpoints, stream) -> dict[str, Any]:
+    # Decided before the Reporter opens its event and metrics files, so that a workdir of another run, or
+    # one trained with other settings, is left exactly as it was.
+    start = resume(run, workdir, checkpoints)
+    reporter = Reporter(workdir, run.config.epochs * run.steps_per_epoch, stream=stream)
+    checkpoints.warn = reporter.warn
+    try:
+        if start.step is not None:
+            where = (f", {start.position} of {run.steps_per_epoch} steps into epoch {start.epoch + 1}"
+                     if start.position else "")
+            reporter.info(f"resuming from {checkpoints.directory}/{start.step}: {start.epoch} of {run.config.epochs} "
+                          f"epochs done{where}.")
+        if start.changes:
+            reporter.info(f"note: resuming with {_flags({k: new for k, (_, new) in start.changes.items()})} "
+                          "(--allow-changes), recorded in the run's history.")
+        return _train_epochs(run, workdir, checkpoints, reporter, start.state, start.step, start.epoch_sums,
+                             start.history)
+    finally:
+        reporter.close()
+
+
+def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter, state,
+                  last_good: int | None, resumed_sums: dict | None, history: list[dict]) -> dict[str, Any]:
     config = run.config
-    existing = checkpoints.steps()  # compatibility was checked by train_and_evaluate
-    state = run.init_state(pretrained=not existing)  # a resume only needs the structure
-    resumed_sums = None
-    if existing:
-        state, meta, saved_step = checkpoints.restore(state)
-        done, position = meta["epoch"], meta.get("position", 0)
-        where = f", {position} of {run.steps_per_epoch} steps into epoch {done + 1}" if position else ""
-        reporter.info(f"resuming from {checkpoints.directory}/{saved_step}: {done} of {config.epochs} epochs "
-                      f"done{where}.")
-        resumed_sums = meta.get("epoch_sums") if position else None
     start_step = int(state.step)
     if jax.process_index() == 0:
-        _save_config(run, workdir, start_step)
+        _save_config(run, workdir, history)
+
+    def meta(epoch: int, position: int, **extra) -> dict:
+        return {**run.meta(epoch, position), "history": history, **extra}
 
     driver, feed = run.driver, run.feed()
     state = driver.put_replicated(state)
     reporter.info(f"{config.arch} on {run.data.name}: {flaxnets.count_params(state.params):,} parameters, "
                   f"{run.image_side}x{run.image_side}x{run.data.image_shape[-1]} input, {driver.device_count} "
                   f"device(s) ({driver.kind}), {run.steps_per_epoch} steps per epoch, global batch {config.batch_size}.")
+    if run.settings.describe():
+        reporter.info(run.settings.describe())
 
     total_steps = config.epochs * run.steps_per_epoch
-    last_good = saved_step if existing else None
     results: dict[str, Any] = {}
     reporter.start(start_step)
     with _SignalFlag() as stop:
@@ -292,7 +396,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
                                       sums["correct"] / sums["count"], float(run.schedule(step - 1)),
                                       epoch_examples / max(elapsed, 1e-9))
                 if stop.signum and not end_of_epoch:  # at an epoch's end, the epoch is finished first
-                    checkpoints.save(step, state, {**run.meta(epoch, position + 1), "epoch_sums": sums})
+                    checkpoints.save(step, state, meta(epoch, position + 1, epoch_sums=sums))
                     _stopped(stop.signum, step, checkpoints, reporter)
             epoch_time = time.perf_counter() - started
             results = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
@@ -302,10 +406,10 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Reporter)
             reporter.record(results)
             reporter.info(_epoch_line(results, config.epochs))
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
-                checkpoints.save(step, state, run.meta(epoch + 1, 0), metrics=selection_metrics(run, results))
+                checkpoints.save(step, state, meta(epoch + 1, 0), metrics=selection_metrics(run, results))
                 last_good = step
             if stop.signum:
-                checkpoints.save(step, state, run.meta(epoch + 1, 0))
+                checkpoints.save(step, state, meta(epoch + 1, 0))
                 _stopped(stop.signum, step, checkpoints, reporter)
     if not results:
         reporter.info(f"{workdir} already holds a run of {config.epochs} epochs (step {start_step}); scoring it.")

@@ -120,7 +120,7 @@ def range_test(run: "Run") -> LRFinding:
     # Adam and AdamW alike the rate multiplies the whole update last, so this is the run's optimizer at
     # the sweep's rate (with weight decay, clipping and frozen layers as configured).
     unit = dataclasses.replace(config, lr=1.0, schedule="constant", warmup_epochs=0.0, lr_find=False)
-    unit_tx, _ = run_optimizer(unit, run.steps_per_epoch, fence=run.cpu_kernels)
+    unit_tx, _ = run_optimizer(unit, run.steps_per_epoch, fence=run.settings.fence)
     run = run.with_optimizer(optax.chain(unit_tx, optax.scale_by_schedule(rates)))
     initial = run.init_state()
     state = run.driver.put_replicated(initial)

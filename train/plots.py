@@ -34,14 +34,16 @@ def _samples(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from train.config import Config
+    from train.config import Config, ConfigError
     from train.data import DataError
     from train.inference import load_variables, locate
     from train.run import build_run
 
     workdir, step = locate(args.workdir, args.checkpoint)
     variables, meta = load_variables(workdir, step)
-    config = Config.from_dict(meta["config"])
+    if "config" not in meta:
+        raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
+    config = Config.recorded(meta["config"])
     if args.data_dir:
         config = dataclasses.replace(config, data_dir=args.data_dir)
     try:  # the run as it trained: its data (validation split included) and its schedule

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import jax
 
 from train.tensorboard import ScalarWriter
+from train.workdir import Unreadable, WorkdirError, read_records
 
 __all__ = ["Reporter"]
 
@@ -62,8 +63,9 @@ class Reporter:
         self._jsonl = open(path, "a", buffering=1)
         if self.tensorboard:
             try:
-                # Events after `step` in earlier files belong to epochs this run trains again.
-                self._writer = ScalarWriter(os.path.join(self.workdir, "tensorboard"), restart_step=step + 1 if step else None)
+                # Events after `step` in earlier files belong to epochs this run trains again (all of them
+                # when it starts from step 0: a run whose only checkpoint was set aside, say).
+                self._writer = ScalarWriter(os.path.join(self.workdir, "tensorboard"), restart_step=step + 1)
             except OSError as error:  # TensorBoard is a convenience, never a failure
                 self.warn(f"warning: TensorBoard logging is off ({error}).")
         if self.stream.isatty():
@@ -104,32 +106,26 @@ class Reporter:
 
 def _keep_records_up_to(path: str, step: int, superseded: str) -> None:
     """Leave in ``path`` the whole JSON lines of steps up to ``step``, in order and each step once (the last
-    line of a step wins); append everything else to ``superseded``. The file is replaced atomically."""
+    line of a step wins); append everything else, as it was, to ``superseded``. The file is replaced
+    atomically. A line that cannot be read is one more line to set aside (`train.workdir.read_records`)."""
     try:
-        with open(path) as handle:
-            lines = handle.read().splitlines(keepends=True)
-    except FileNotFoundError:
-        return
-    kept: dict[int, str] = {}
+        lines = read_records(path)
+    except Unreadable as error:
+        raise WorkdirError(f"{error}.") from None
+    kept: dict[int, bytes] = {}
     dropped = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            record_step = int(record["step"])
-        except (ValueError, TypeError, KeyError):
-            dropped.append(line if line.endswith("\n") else line + "\n")
-            continue
-        if record_step <= step:
+    for record_step, _, line in lines:
+        if record_step is not None and record_step <= step:
             if record_step in kept:
                 dropped.append(kept[record_step])
-            kept[record_step] = line if line.endswith("\n") else line + "\n"
+            kept[record_step] = line
         else:
             dropped.append(line)
     if not dropped:
         return
-    with open(superseded, "a") as handle:
-        handle.writelines(dropped)
+    with open(superseded, "ab") as handle:
+        handle.writelines(line if line.endswith(b"\n") else line + b"\n" for line in dropped)
     tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
+    with open(tmp, "wb") as handle:
         handle.writelines(kept[s] for s in sorted(kept))
     os.replace(tmp, path)

@@ -23,15 +23,17 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import flaxnets
 from flaxnets.registry import ModelSpec, UnknownOptionError
-from train.archs import resolve_arch
+from train.archs import check_user_model, resolve_arch
 from train import step as steps
-from train.config import Config, ConfigError
+from train.config import STEPS_LIMIT, Config, ConfigError
 from train.data import (Dataset, Streamed, ensure_statistics, fit_in_memory, load_dataset, parse_val_split,
                         with_validation)
+from train.data.jpeg import resolve_backend
 from train.data.stream import require_grain
 from train.feed import MemoryFeed, StreamFeed, make_feed
 from train.optim import after_fence, make_optimizer
 from train.parallel import AXIS, Driver, make_driver
+from train.tuning import StepSettings, step_settings
 
 __all__ = ["Run", "build_run", "image_side", "run_optimizer", "recipe_step_options"]
 
@@ -92,6 +94,7 @@ class Run:
     image_side: int
     eval_batch_size: int
     overrides: dict
+    settings: StepSettings = dataclasses.field(default_factory=StepSettings)  # the backend's (train.tuning)
     _pretrained: dict | None = dataclasses.field(default=None, repr=False)
 
     @functools.cached_property
@@ -117,10 +120,6 @@ class Run:
         """This run's data fed to its driver: from device memory or streamed, as the data says."""
         return make_feed(self, self.driver, with_train=with_train)
 
-    @property
-    def cpu_kernels(self) -> bool:
-        """Whether the model runs `flaxnets.cpu`'s kernel set (and the optimizer its gradient fence)."""
-        return self.model.ops is not flaxnets.layers.PLAIN
 
     def with_optimizer(self, tx: optax.GradientTransformation) -> "Run":
         """The same run with the optimizer ``tx`` (the range test's sweep), its own steps and driver."""
@@ -171,6 +170,14 @@ class Run:
         if pretrained and self.config.init_from:
             state = self._with_pretrained(state)
         return steps.with_ema(state) if self.config.ema_decay else state
+
+    def state_shapes(self) -> steps.TrainState:
+        """The structure of `init_state`'s state, its shapes and dtypes on this process's first device,
+        computed without computing anything: the target a checkpoint is restored into."""
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shapes = jax.eval_shape(lambda: self.init_state(pretrained=False))
+        return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                                      shapes)
 
     def pretrained_variables(self) -> dict:
         """The variables of ``--init-from`` for this model and class count (read and converted once)."""
@@ -223,11 +230,15 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if (config.init_from or config.freeze_backbone) and spec.family == "user":
         raise ConfigError("--init-from and --freeze-backbone convert torchvision weights, which fit flaxnets' own "
                           f"architectures, not {config.arch}.")
+    if spec.family == "user":  # before anything else builds or traces it
+        check_user_model(config.arch, num_classes=data.num_classes, channels=data.image_shape[-1],
+                         side=config.image_size or spec.input_size, overrides=dict(config.model_args))
     config = with_weights_defaults(config, data.image_shape[-1])
     side = image_side(config, data, config.arch)
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
         require_grain()  # before the statistics and the compilations, not at the first batch
+        resolve_backend(config.decoder)  # likewise: --decoder opencv without OpenCV
         if config.mean is None or config.std is None or config.lighting:  # else nothing would use them
             data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
@@ -238,6 +249,12 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {data.train_size} training "
                           f"examples of {data.name}.")
+    for flag, epochs in (("--epochs", config.epochs), ("--warmup-epochs", config.warmup_epochs),
+                         ("--lr-decay-epochs", max(config.lr_decay_epochs, default=0))):
+        if epochs * steps_per_epoch > STEPS_LIMIT:  # the step counter and the schedule count in int32
+            shown = f"{epochs:g}" if isinstance(epochs, float) else str(epochs)
+            raise ConfigError(f"{flag} {shown} makes {epochs * steps_per_epoch:,.0f} steps of {data.name}, more "
+                              f"than a run counts ({STEPS_LIMIT:,}).")
     overrides = dict(config.model_args)
     if config.zero_init_residual:
         if spec.family != "resnet":
@@ -248,12 +265,16 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
             raise ConfigError(f"--drop-path-rate (stochastic depth) applies to the ResNet families, not {config.arch}.")
         overrides["drop_path_rate"] = config.drop_path_rate
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    # On a CPU the run takes flaxnets.cpu's kernels and gradient fence (same numbers, faster steps), for
-    # every model built from flaxnets' kernel set (a model of the user's own may not take one).
-    cpu = flaxnets.cpu.is_cpu_backend() and "ops" in flaxnets.registry.model_options(config.arch)
+    # The backend's kernel set (flaxnets.cpu's with its gradient fence on a CPU, flaxnets.gpu's on a GPU: the
+    # same numbers, faster steps), for every model built from flaxnets' kernel set (a model of the user's own
+    # may not take one).
+    settings = step_settings()
+    if "ops" not in flaxnets.registry.model_options(config.arch):
+        settings = dataclasses.replace(settings, kernels="plain")
+    kernels = {"ops": settings.ops()} if settings.kernels != "plain" else {}
     try:
         model = flaxnets.create_model(config.arch, num_classes=data.num_classes, dtype=dtype, bn_axis_name=AXIS,
-                                      cpu_kernels=cpu, **overrides)
+                                      **{**kernels, **overrides})
     except UnknownOptionError as error:
         raise ConfigError(f"--model-arg: {error}") from None
     except (TypeError, ValueError) as error:  # a value the module refuses (or a user factory's own complaint)
@@ -270,11 +291,12 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
               f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
               flush=True)
-    tx, schedule = run_optimizer(config, steps_per_epoch, fence=cpu)
+    tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
     # No larger than the largest split it scores: padding a 360-image test split to 500 costs 39% more.
-    largest = max(data.test_size, data.val_size, 1)
+    largest = max(data.test_size, data.val_size or 0, 1)
     eval_batch = math.ceil(min(config.eval_batch_size, largest) / device_count) * device_count
-    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides)
+    return Run(config, spec, data, model, tx, schedule, preprocess, steps_per_epoch, side, eval_batch, overrides,
+               settings)
 
 
 def recipe_step_options(config: Config, steps_per_epoch: int) -> dict[str, Any]:
@@ -357,5 +379,7 @@ def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple
                                                        head_mask(config.arch, params))
         tx = optax.multi_transform({"head": tx, "frozen": optax.set_to_zero()}, labels)
     if fence:
+        import flaxnets.cpu
+
         tx = after_fence(flaxnets.cpu.tie_gradients(), tx)
     return tx, schedule

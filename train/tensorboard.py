@@ -81,7 +81,7 @@ def _event(step: int, wall_time: float, *, file_version: str | None = None, tag:
 class ScalarWriter:
     """Append scalars to a new event file in ``folder`` (one file per writer, as TensorBoard expects).
 
-    ``restart_step``: the step a resumed run starts from; earlier files' events from it on are superseded.
+    ``restart_step``: the first step a (re)started run writes; earlier files' events from it on are superseded.
     """
 
     def __init__(self, folder: str, restart_step: int | None = None):
@@ -91,7 +91,7 @@ class ScalarWriter:
         self.path = os.path.join(folder, name)
         self._file = open(self.path, "ab")
         self._write(_event(0, time.time(), file_version="brain.Event:2"))
-        if restart_step:
+        if restart_step is not None:
             self._write(_event(int(restart_step), time.time(), session_status=_SESSION_START))
 
     def _write(self, record: bytes) -> None:

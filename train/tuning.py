@@ -1,24 +1,27 @@
-"""How the compiled steps are built on a GPU: the table that the GPU run's tuning step fills.
+"""How the compiled steps are built on each backend: the one place that decides it.
 
-`step_settings()` is read once where a step is compiled, by the trainer's drivers (`train.parallel`) and
-by the benchmarks (`benchmarks.common.build_step`). On a GPU it returns `GPU_SETTINGS`; on any other
-backend nothing (the CPU has its own opt-in, `flaxnets.cpu`).
+`step_settings()` is read where a run or a benchmark is built (`train.run.build_run`,
+`benchmarks.common.build_step`) and where a step is compiled (the trainer's drivers, `train.parallel`):
+the kernel set the models are built with, whether the optimizer fences the gradients, and the compiler
+options and matmul precision of the step.
 
-`GPU_SETTINGS` is neutral (JAX's and XLA's defaults) until a GPU run measures better:
-``python -m benchmarks.gpu_run tune`` (step 3 of ``benchmarks/gpu_run.sh``) times ResNet-50's bfloat16
-train step under each variant and prints the winner as the line to put here, with what every variant
-gave; benchmarks/RESULTS.md ("GPU") records it.
+* On a CPU, `CPU_SETTINGS`: `flaxnets.cpu`'s kernel set and gradient fence.
+* On a GPU, `GPU_SETTINGS`: `flaxnets.gpu`'s kernel set, and what the GPU run's ``tune`` step measured
+  best (``python -m benchmarks.gpu tune``, part of ``benchmarks/gpu_run.sh``, times ResNet-50's bfloat16
+  train step under each variant and prints the winner as the line to put here; benchmarks/RESULTS.md,
+  "GPU", records it).
+* Elsewhere (TPU), the plain library and JAX's defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import jax
 
-__all__ = ["StepSettings", "GPU_SETTINGS", "step_settings"]
+__all__ = ["StepSettings", "CPU_SETTINGS", "GPU_SETTINGS", "step_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +33,45 @@ class StepSettings:
         e.g. ``{"xla_gpu_enable_latency_hiding_scheduler": True}``.
       matmul_precision: `jax.default_matmul_precision` while the step is traced (``"bfloat16"``,
         ``"tensorfloat32"``, ``"float32"``), or None for JAX's default.
+      kernels: the kernel set models are built with (a model's ``ops``): ``"cpu"`` (`flaxnets.cpu.ops`,
+        with its gradient fence in the optimizer), ``"gpu"`` (`flaxnets.gpu.ops`) or ``"plain"``.
     """
 
     compiler_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     matmul_precision: str | None = None
+    kernels: Literal["plain", "cpu", "gpu"] = "plain"
+
+    def ops(self):
+        """The kernel set `kernels` names (`flaxnets.layers.PLAIN` for ``"plain"``)."""
+        if self.kernels == "cpu":
+            import flaxnets.cpu
+
+            return flaxnets.cpu.ops()
+        if self.kernels == "gpu":
+            import flaxnets.gpu
+
+            return flaxnets.gpu.ops()
+        import flaxnets.layers
+
+        return flaxnets.layers.PLAIN
+
+    @property
+    def fence(self) -> bool:
+        """Whether the optimizer orders every gradient before the parameter updates (`flaxnets.cpu.tie_gradients`)."""
+        return self.kernels == "cpu"
+
+    def describe(self) -> str | None:
+        """One line for a run's log saying what these settings turn on; None when they are the plain defaults."""
+        if self.kernels == "cpu":
+            import flaxnets.cpu
+
+            return flaxnets.cpu.describe()
+        if self.kernels == "gpu" or self.compiler_options or self.matmul_precision:
+            options = ", ".join(f"{k}={v}" for k, v in self.compiler_options.items())
+            return ("XLA's GPU backend: flaxnets.gpu's kernels on (image stems folded space-to-depth, max pooling "
+                    "without select-and-scatter)" + (f"; compiler options {options}" if options else "")
+                    + (f"; matmul precision {self.matmul_precision}" if self.matmul_precision else "") + ".")
+        return None
 
     def traced(self, fn: Callable) -> Callable:
         """``fn`` traced under `matmul_precision` (``fn`` itself when that is None)."""
@@ -47,11 +85,15 @@ class StepSettings:
         return wrapped
 
 
-# Neutral until the first real GPU run: fill it from that run's "tune" step (benchmarks/RESULTS.md, "GPU").
-GPU_SETTINGS = StepSettings(compiler_options={}, matmul_precision=None)
+CPU_SETTINGS = StepSettings(kernels="cpu")
+# From the GPU run's "tune" step (benchmarks/RESULTS.md, "GPU").
+GPU_SETTINGS = StepSettings(compiler_options={}, matmul_precision=None, kernels="gpu")
 
 
 def step_settings(backend: str | None = None) -> StepSettings:
-    """The settings for ``backend`` (default: JAX's default backend): `GPU_SETTINGS` on a GPU, else none."""
+    """The settings for ``backend`` (default: JAX's default backend): `CPU_SETTINGS` on a CPU,
+    `GPU_SETTINGS` on a GPU, the plain defaults elsewhere."""
     backend = backend or jax.default_backend()
+    if backend == "cpu":
+        return CPU_SETTINGS
     return GPU_SETTINGS if backend in ("gpu", "cuda", "rocm") else StepSettings()

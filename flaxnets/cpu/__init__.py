@@ -1,10 +1,12 @@
 """Opt-in speed for XLA's CPU backend: one kernel set, one gradient fence and one library flag.
 
-The models in `flaxnets` are plain JAX; nothing here is used unless asked for. ``python -m train`` and
-the benchmarks ask for all three when JAX's backend is the CPU (`is_cpu_backend`). In your own loop:
+The models in `flaxnets` are plain JAX; nothing here is used unless asked for, and ``import flaxnets``
+does not import this module. ``python -m train`` and the benchmarks ask for all three when JAX's backend
+is the CPU (`cpu_backend_ahead` before JAX starts, `is_cpu_backend` after), and say so in one line
+(`describe`). In your own loop:
 
     flaxnets.cpu.prefer_eigen()                       # before JAX starts, if you can
-    model = flaxnets.create_model("resnet18", num_classes=10, cpu_kernels=True)
+    model = flaxnets.create_model("resnet18", num_classes=10, ops=flaxnets.cpu.ops())
     tx = optax.chain(flaxnets.cpu.tie_gradients(), optax.sgd(0.1, momentum=0.9))
 
 The pieces, measured with jaxlib 0.10.2 on a 2-core AVX-512 machine, float32, batch 8-32
@@ -34,15 +36,27 @@ from __future__ import annotations
 
 import jax
 
+import os
+
 from flaxnets.cpu.fences import tie_gradients
-from flaxnets.cpu.flags import EIGEN_SETTING, YNN_OPTION, prefer_eigen, ynnpack_convolutions
+from flaxnets.cpu.flags import (EIGEN_SETTING, YNN_OPTION, _option_value, cpu_backend_ahead, prefer_eigen,
+                                ynnpack_convolutions)
 from flaxnets.cpu.kernels import ops
 
-__all__ = ["EIGEN_SETTING", "YNN_OPTION", "is_cpu_backend", "ops", "prefer_eigen", "tie_gradients",
-           "ynnpack_convolutions"]
+__all__ = ["EIGEN_SETTING", "YNN_OPTION", "cpu_backend_ahead", "describe", "is_cpu_backend", "ops", "prefer_eigen",
+           "tie_gradients", "ynnpack_convolutions"]
 
 
 def is_cpu_backend() -> bool:
     """Whether JAX's default backend is the CPU: where ``python -m train`` and the benchmarks turn this
     module's kernels and fence on."""
     return jax.default_backend() == "cpu"
+
+
+def describe() -> str:
+    """One line saying what a run on XLA's CPU backend turns on: this module's kernel set and gradient fence,
+    and which library runs the convolutions, with the ``XLA_FLAGS`` option that chose it."""
+    value = _option_value(os.environ.get("XLA_FLAGS", ""))
+    library = "YNNPACK" if ynnpack_convolutions() else "Eigen"
+    why = f"{YNN_OPTION}={value} in XLA_FLAGS" if value is not None else f"jaxlib's default; {EIGEN_SETTING} picks Eigen"
+    return f"XLA's CPU backend: flaxnets.cpu's kernels and gradient fence on, convolutions with {library} ({why})."

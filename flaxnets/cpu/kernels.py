@@ -270,8 +270,8 @@ _dense.defvjp(_dense_forward, _dense_backward)
 
 def ops(convolutions: Convolutions | None = None, *, fences: bool = True) -> Ops:
     """The kernel set for XLA's CPU backend: `flax.linen.Conv`, `flax.linen.Dense` and
-    `flaxnets.layers.MaxPool` with this module's functions. Pass it as a model's ``ops`` field, or ask
-    `flaxnets.create_model` for ``cpu_kernels=True``.
+    `flaxnets.layers.MaxPool` with this module's functions. Pass it as a model's ``ops`` field:
+    ``flaxnets.create_model(name, ops=flaxnets.cpu.ops())``.
 
     ``convolutions`` names the library XLA runs convolutions with, which decides the kernel gradient;
     `None` reads it from ``XLA_FLAGS`` now (`ynnpack_convolutions`), once: build the set after

@@ -1,5 +1,9 @@
 """AlexNet (Krizhevsky, Sutskever, Hinton, "ImageNet Classification with Deep Convolutional Neural
 Networks", NeurIPS 2012) in three forms: torchvision's, the paper's, and a small one for 32x32 input.
+
+Feature points (`flaxnets.features`): the maps entering each max-pool, after ReLU (and LRN where there is
+one). With five convolutions and no blocks there is nothing to rematerialise stage by stage: no ``remat``
+option (``flax.linen.remat`` of the whole model works).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AdaptiveAvgPool, LocalResponseNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -61,13 +66,13 @@ class AlexNet(nn.Module):
         conv = partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype)
         pool = self.ops.max_pool
         x = nn.relu(conv(64, (11, 11), 4, padding=padding(2), name="conv1")(x))
-        x = pool(3, 2, name="pool1")(x)
+        x = pool(3, 2, name="pool1")(tap(self, x, "conv1", reduction=4))
         x = nn.relu(conv(192, (5, 5), padding=padding(2), name="conv2")(x))
-        x = pool(3, 2, name="pool2")(x)
+        x = pool(3, 2, name="pool2")(tap(self, x, "conv2", reduction=8))
         x = nn.relu(conv(384, (3, 3), padding=padding(1), name="conv3")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), name="conv4")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), name="conv5")(x))
-        x = pool(3, 2, name="pool5")(x)
+        x = pool(3, 2, name="pool5")(tap(self, x, "conv5", reduction=16))
         x = AdaptiveAvgPool(6, name="avgpool")(x)
         return _classifier(self, x, (4096, 4096), self.dropout, train)
 
@@ -111,13 +116,13 @@ class AlexNetPaper(nn.Module):
         pool = self.ops.max_pool
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(96, (11, 11), 4, padding="VALID", name="conv1")(x))
-        x = pool(3, 2, name="pool1")(lrn(name="lrn1")(x))
+        x = pool(3, 2, name="pool1")(tap(self, lrn(name="lrn1")(x), "lrn1", reduction=4))
         x = nn.relu(conv(256, (5, 5), padding=padding(2), bias_init=one, name="conv2")(x))
-        x = pool(3, 2, name="pool2")(lrn(name="lrn2")(x))
+        x = pool(3, 2, name="pool2")(tap(self, lrn(name="lrn2")(x), "lrn2", reduction=8))
         x = nn.relu(conv(384, (3, 3), padding=padding(1), name="conv3")(x))
         x = nn.relu(conv(384, (3, 3), padding=padding(1), bias_init=one, name="conv4")(x))
         x = nn.relu(conv(256, (3, 3), padding=padding(1), bias_init=one, name="conv5")(x))
-        x = pool(3, 2, name="pool5")(x)
+        x = pool(3, 2, name="pool5")(tap(self, x, "conv5", reduction=16))
         x = x.reshape((x.shape[0], -1))
         for index in (1, 2):
             x = dense(4096, bias_init=one, name=f"fc{index}")(x)
@@ -155,12 +160,12 @@ class AlexNetSmall(nn.Module):
         pool = self.ops.max_pool
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=2.0, convention="paper")
         x = nn.relu(conv(48, (7, 7), 2, padding=padding(3), name="conv1")(x))
-        x = pool(3, 2, padding=1, name="pool1")(lrn(name="lrn1")(x))
+        x = pool(3, 2, padding=1, name="pool1")(tap(self, lrn(name="lrn1")(x), "lrn1", reduction=2))
         x = nn.relu(conv(128, (5, 5), padding=padding(2), name="conv2")(x))
-        x = pool(3, 2, padding=1, name="pool2")(lrn(name="lrn2")(x))
+        x = pool(3, 2, padding=1, name="pool2")(tap(self, lrn(name="lrn2")(x), "lrn2", reduction=4))
         for index in (3, 4, 5):
             x = nn.relu(conv(192, (3, 3), padding=padding(1), name=f"conv{index}")(x))
-        x = pool(3, 2, padding=1, name="pool5")(x)
+        x = pool(3, 2, padding=1, name="pool5")(tap(self, x, "conv5", reduction=8))
         return _classifier(self, x, (512, 512), self.dropout, train)
 
 

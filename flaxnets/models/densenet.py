@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -103,6 +104,11 @@ class DenseNet(nn.Module):
     pool; four blocks as in ``densenet121`` (6, 12, 24, 16 layers, k=32) ... ``densenet201``.
     ``stem="cifar"`` is the CIFAR one: a single 3x3 convolution with 2k maps (section 3, "Implementation
     Details"), three blocks on 32x32, 16x16 and 8x8 maps. Convolutions have no bias, as in torchvision.
+
+    Feature points (`flaxnets.features`), timm's: the stem (``norm0``'s activation, or ``conv0`` for the
+    CIFAR stem), every block but the last (``denseblock1``...), and the final ``norm5`` activation.
+    ``remat=True`` recomputes each dense layer's activations in the backward pass instead of storing them
+    (all of them, where ``memory_efficient`` recomputes the concatenation and bottleneck only).
     """
 
     block_sizes: Sequence[int]
@@ -118,6 +124,7 @@ class DenseNet(nn.Module):
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    remat: bool = False
     ops: Ops = PLAIN
 
     def _widths(self) -> list[int]:
@@ -141,21 +148,28 @@ class DenseNet(nn.Module):
                        param_dtype=self.param_dtype)
         norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
                        dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name)
-        layer = partial(DenseLayer, self.growth_rate, self.bn_size, conv, norm, self.drop_rate, self.memory_efficient)
+        # `train` (argument 2, counting the layer itself) decides the program: static under remat.
+        layer = partial(nn.remat(DenseLayer, static_argnums=(2,)) if self.remat else DenseLayer, self.growth_rate,
+                        self.bn_size, conv, norm, self.drop_rate, self.memory_efficient)
         if self.stem == "imagenet":
             x = conv(self.num_init_features, (7, 7), 2, padding=padding(3), name="conv0")(x)
-            x = nn.relu(norm(name="norm0")(x))
+            x = tap(self, nn.relu(norm(name="norm0")(x)), "norm0", reduction=2)
             x = self.ops.max_pool(3, 2, padding=1, name="pool0")(x)
+            reduction = 4
         elif self.stem == "cifar":
-            x = conv(self.num_init_features, (3, 3), padding=padding(1), name="conv0")(x)
+            x = tap(self, conv(self.num_init_features, (3, 3), padding=padding(1), name="conv0")(x), "conv0",
+                    reduction=1)
+            reduction = 1
         else:
             raise ValueError(f"DenseNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
         widths = self._widths()
         for index, layers in enumerate(self.block_sizes):
             x = DenseBlock(layers, layer, name=f"denseblock{index + 1}")(x, train)
             if index < len(self.block_sizes) - 1:
+                x = tap(self, x, f"denseblock{index + 1}", reduction=reduction)
                 x = Transition(widths[index + 1], conv, norm, name=f"transition{index + 1}")(x)
-        x = nn.relu(norm(name="norm5")(x))
+                reduction *= 2
+        x = tap(self, nn.relu(norm(name="norm5")(x)), "norm5", reduction=reduction)
         x = GlobalAvgPool(name="avgpool")(x)
         if self.num_classes:
             x = self.ops.dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,

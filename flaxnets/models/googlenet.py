@@ -10,13 +10,14 @@ from typing import Any, Callable, Literal, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import (PLAIN, AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, Ops,
                              padding)
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "ConvUnit", "collect_aux_logits",
-           "imagenet_to_half_range"]
+           "imagenet_to_half_range", "sow_latest"]
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -130,7 +131,14 @@ class AuxClassifier(nn.Module):
         logits = self.dense(self.num_classes, name="fc2")(x)
         # Only a training apply records them: `init` then returns no "aux_logits" collection.
         if train and not self.is_initializing():
-            self.sow("aux_logits", "logits", logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+            sow_latest(self, logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+
+
+def sow_latest(module: nn.Module, logits: jnp.ndarray) -> None:
+    """Sow ``logits`` into ``"aux_logits"`` as a one-element tuple that replaces what an earlier apply left
+    there, so that the collection never grows: variables fed back from one training step to the next
+    (flax's own default would append, and NNX state would change shape, and recompile, every step)."""
+    module.sow("aux_logits", "logits", logits, reduce_fn=lambda _, latest: (latest,))
 
 
 class GoogLeNet(nn.Module):
@@ -151,6 +159,10 @@ class GoogLeNet(nn.Module):
     ``params`` and ``batch_stats``. With ``num_classes=0`` there are no auxiliary heads and the model
     returns the 1024 pooled features (after the dropout). ``transform_input`` re-maps ImageNet-normalised
     input to the (x - 0.5) / 0.5 normalisation torchvision's pretrained weights expect.
+
+    Feature points (`flaxnets.features`): the stem's maps entering ``maxpool1`` and ``maxpool2``
+    (``conv1``, ``conv3``), and ``inception3b``, ``inception4e`` and ``inception5b``. ``remat=True``
+    recomputes each Inception module's activations in the backward pass instead of storing them.
     """
 
     num_classes: int = 1000
@@ -165,6 +177,7 @@ class GoogLeNet(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -187,31 +200,32 @@ class GoogLeNet(nn.Module):
         pool = self.ops.max_pool
         unit = partial(ConvUnit, conv=conv, norm=norm)
         lrn = partial(LocalResponseNorm, size=5, alpha=1e-4, beta=0.75, k=1.0, convention="torch")
-        inception = partial(Inception, unit=unit, pool=pool, wide_kernel=self.wide_kernel)
+        inception = partial(nn.remat(Inception) if self.remat else Inception, unit=unit, pool=pool,
+                            wide_kernel=self.wide_kernel)
         aux = partial(AuxClassifier, self.num_classes, unit, dense, self.aux_pool, self.aux_dropout)
         # Heads are built at initialisation (so the parameters never depend on the mode) and run when training.
         with_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
 
         x = unit(64, 7, 2, 3, name="conv1")(x)
-        x = pool(3, 2, ceil_mode=True, name="maxpool1")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool1")(tap(self, x, "conv1", reduction=2))
         if self.lrn:
             x = lrn(name="lrn1")(x)
         x = unit(64, 1, name="conv2")(x)
         x = unit(192, 3, pad=1, name="conv3")(x)
         if self.lrn:
             x = lrn(name="lrn2")(x)
-        x = pool(3, 2, ceil_mode=True, name="maxpool2")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool2")(tap(self, x, "conv3", reduction=4))
         x = inception(INCEPTIONS["3a"], name="inception3a")(x)
         x = inception(INCEPTIONS["3b"], name="inception3b")(x)
-        x = pool(3, 2, ceil_mode=True, name="maxpool3")(x)
+        x = pool(3, 2, ceil_mode=True, name="maxpool3")(tap(self, x, "inception3b", reduction=8))
         for stage in ("4a", "4b", "4c", "4d", "4e"):
             x = inception(INCEPTIONS[stage], name=f"inception{stage}")(x)
             head = {"4a": "aux1", "4d": "aux2"}.get(stage)
             if head and with_aux:
                 aux(name=head)(x, train)
-        x = pool(2, 2, ceil_mode=True, name="maxpool4")(x)
+        x = pool(2, 2, ceil_mode=True, name="maxpool4")(tap(self, x, "inception4e", reduction=16))
         x = inception(INCEPTIONS["5a"], name="inception5a")(x)
-        x = inception(INCEPTIONS["5b"], name="inception5b")(x)
+        x = tap(self, inception(INCEPTIONS["5b"], name="inception5b")(x), "inception5b", reduction=32)
         # The paper's 7x7/1 average pool equals a global one at 224x224 and generalises to other sizes.
         x = GlobalAvgPool(name="avgpool")(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)

@@ -14,9 +14,10 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, GlobalAvgPool, Ops
-from flaxnets.models.googlenet import ConvUnit, imagenet_to_half_range
+from flaxnets.models.googlenet import ConvUnit, imagenet_to_half_range, sow_latest
 from flaxnets.registry import ModelSpec, register
 
 __all__ = ["InceptionV3", "InceptionBlock", "Conv", "Pair", "STEM", "MIXED", "AUX_MIN_MAP"]
@@ -121,6 +122,8 @@ MIXED: tuple[tuple[str, tuple[Branch, ...]], ...] = (
     ("Mixed_7c", MODULE_E),
 )
 AUX_AFTER = "Mixed_6e"
+# The feature points (timm's) and their reductions: the last unit or module before each halving of the grid.
+FEATURES = {"Conv2d_2b_3x3": 2, "Conv2d_4a_3x3": 4, "Mixed_5d": 8, "Mixed_6e": 16, "Mixed_7c": 32}
 # The auxiliary head pools 5x5 windows with stride 3 and then applies a 5x5 convolution without padding: it
 # needs maps of at least 3 * (5 - 1) + 5 = 17 pixels, which Mixed_6e gives from a 299x299 input up.
 AUX_MIN_MAP = 17
@@ -197,7 +200,7 @@ class AuxHead(nn.Module):
         logits = self.dense(self.num_classes, kernel_init=nn.initializers.normal(0.001), name="fc")(x)
         # Only a training apply records them: `init` then returns no "aux_logits" collection.
         if train and not self.is_initializing():
-            self.sow("aux_logits", "logits", logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+            sow_latest(self, logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
 
 
 class InceptionV3(nn.Module):
@@ -224,6 +227,10 @@ class InceptionV3(nn.Module):
     Initialisation is torchvision's: every convolution and dense layer from N(0, 0.1^2) (its truncation at
     +-2 lies 20 standard deviations out), the auxiliary head's 5x5 convolution and dense layer from
     N(0, 0.01^2) and N(0, 0.001^2); dense biases start at zero, where PyTorch's default draws them uniformly.
+
+    Feature points (`flaxnets.features`), timm's: ``Conv2d_2b_3x3``, ``Conv2d_4a_3x3``, ``Mixed_5d``,
+    ``Mixed_6e`` and ``Mixed_7c``. ``remat=True`` recomputes each Inception module's activations in the
+    backward pass instead of storing them.
     """
 
     num_classes: int = 1000
@@ -234,6 +241,7 @@ class InceptionV3(nn.Module):
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -255,10 +263,15 @@ class InceptionV3(nn.Module):
         # The head is built at initialisation (so the parameters never depend on the mode) and runs when training.
         with_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
 
+        block = nn.remat(InceptionBlock) if self.remat else InceptionBlock
         for name, step in STEM:
             x = _pool(step, self.ops.max_pool, name)(x) if isinstance(step, str) else unit(*step, name=name)(x)
+            if name in FEATURES:
+                x = tap(self, x, name, reduction=FEATURES[name])
         for name, branches in MIXED:
-            x = InceptionBlock(branches, unit, self.ops.max_pool, name=name)(x)
+            x = block(branches, unit, self.ops.max_pool, name=name)(x)
+            if name in FEATURES:
+                x = tap(self, x, name, reduction=FEATURES[name])
             if name == AUX_AFTER and with_aux:
                 AuxHead(self.num_classes, unit, conv, dense, name="AuxLogits")(x, train)
         x = GlobalAvgPool(name="avgpool")(x)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -32,6 +33,10 @@ class LeNet5(nn.Module):
     dense layers, as AlexNet has it (d2l's AlexNet exercise: "apply dropout and ReLU to LeNet-5";
     ``activation="relu", dropout=0.5``). ``num_classes=0`` drops the output layer: the model returns the
     84 features before it.
+
+    Feature points (`flaxnets.features`): the activations entering each pool (``conv1``, ``conv2``; the
+    second is 10x10 at 28x28 input, its unpadded 5x5 convolution trimming the border). No ``remat``: two
+    convolutions hold nothing worth recomputing.
     """
 
     num_classes: int = 10
@@ -72,9 +77,9 @@ class LeNet5(nn.Module):
             return y
 
         x = block(conv(6, (5, 5), padding=padding(2), name="conv1"), x, 1)
-        x = pool(2, 2, name="pool1")(x)
+        x = pool(2, 2, name="pool1")(tap(self, x, "conv1", reduction=1))
         x = block(conv(16, (5, 5), padding="VALID", name="conv2"), x, 2)
-        x = pool(2, 2, name="pool2")(x)
+        x = pool(2, 2, name="pool2")(tap(self, x, "conv2", reduction=2))
         x = x.reshape((x.shape[0], -1))
         x = hidden(120, x, 1)
         x = hidden(84, x, 2)

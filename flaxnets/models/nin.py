@@ -10,6 +10,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -52,6 +53,9 @@ class NiN(nn.Module):
 
     ``mlp_layers`` sets the 1x1 convolutions per block: two in the paper and d2l; d2l's NiN exercise 2 asks
     what one or three change (``mlp_layers=1`` or ``3``; 0 leaves plain convolutions).
+
+    Feature points (`flaxnets.features`): the outputs of the first three blocks, before their pools.
+    ``remat=True`` recomputes each block's activations in the backward pass instead of storing them.
     """
 
     num_classes: int = 1000
@@ -60,6 +64,7 @@ class NiN(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -70,14 +75,15 @@ class NiN(nn.Module):
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        block = partial(NiNBlock, conv=partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype),
+        block = partial(nn.remat(NiNBlock) if self.remat else NiNBlock,
+                        conv=partial(self.ops.conv, dtype=self.dtype, param_dtype=self.param_dtype),
                         mlp_layers=self.mlp_layers)
         pool = self.ops.max_pool
-        x = block(96, 11, strides=4, pad=0, name="block1")(x)
+        x = tap(self, block(96, 11, strides=4, pad=0, name="block1")(x), "block1", reduction=4)
         x = pool(3, 2, name="pool1")(x)
-        x = block(256, 5, pad=2, name="block2")(x)
+        x = tap(self, block(256, 5, pad=2, name="block2")(x), "block2", reduction=8)
         x = pool(3, 2, name="pool2")(x)
-        x = block(384, 3, pad=1, name="block3")(x)
+        x = tap(self, block(384, 3, pad=1, name="block3")(x), "block3", reduction=16)
         x = pool(3, 2, name="pool3")(x)
         x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
         if self.num_classes:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -147,6 +148,10 @@ class ResNet(nn.Module):
     ``drop_path_rate`` for the last (timm's rule for its ResNets; the paper's "linear decay" ends at 0.5).
     Kept branches are scaled by 1 / (1 - p) in training, as timm and torchvision do, so evaluation uses
     the network unchanged; the paper scales in evaluation instead. It draws from the ``dropout`` rng.
+
+    Feature points (`flaxnets.features`): the stem's activation (``act1``) and each stage's output
+    (``layer1``...). ``remat=True`` recomputes each block's activations in the backward pass instead of
+    storing them (`flax.linen.remat`); values and gradients are unchanged.
     """
 
     stage_sizes: Sequence[int]
@@ -163,6 +168,7 @@ class ResNet(nn.Module):
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
     bn_momentum: float = 0.9
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -186,23 +192,25 @@ class ResNet(nn.Module):
         )
         if self.stem == "imagenet":
             x = conv(self.width, (7, 7), 2, padding=padding(3), name="conv1")(x)
-            x = nn.relu(norm(name="bn1")(x))
+            x = tap(self, nn.relu(norm(name="bn1")(x)), "act1", reduction=2)
             x = self.ops.max_pool(3, 2, padding=1, name="maxpool")(x)
         elif self.stem == "cifar":
             x = conv(self.width, (3, 3), padding=padding(1), name="conv1")(x)
-            x = nn.relu(norm(name="bn1")(x))
+            x = tap(self, nn.relu(norm(name="bn1")(x)), "act1", reduction=1)
         else:
             raise ValueError(f"ResNet stem must be 'imagenet' or 'cifar', got {self.stem!r}.")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"ResNet drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.stage_sizes)))
+        block = nn.remat(self.block) if self.remat else self.block
+        reduction = 4 if self.stem == "imagenet" else 1
         for stage, blocks in enumerate(self.stage_sizes):
             for index in range(blocks):
                 rate = next(rates)
                 # One example's whole branch is kept or dropped: flax's Dropout with a mask broadcast over
                 # the pixels and channels is exactly that (the kept scaled by 1 / (1 - rate)).
                 drop = partial(nn.Dropout, rate, broadcast_dims=(1, 2, 3), deterministic=not train) if rate else None
-                x = self.block(
+                x = block(
                     filters=self.width * 2**stage,
                     conv=conv,
                     norm=norm,
@@ -214,6 +222,7 @@ class ResNet(nn.Module):
                     drop_path=drop,
                     name=f"layer{stage + 1}_{index}",
                 )(x)
+            x = tap(self, x, f"layer{stage + 1}", reduction=reduction * 2**stage)
         x = GlobalAvgPool(name="avgpool")(x)
         if self.num_classes:
             x = self.ops.dense(self.num_classes, kernel_init=dense_init, dtype=self.dtype,

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AdaptiveAvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
@@ -61,6 +62,10 @@ class VGG(nn.Module):
     of the hidden dense layers. ``batch_norm`` inserts BatchNorm after every convolution (not in the paper,
     which predates it; torchvision's ``vgg*_bn``). Dropout 0.5 follows each hidden dense layer, as in
     section 3.1.
+
+    Feature points (`flaxnets.features`): the activations entering each max-pool (``stage1``...), as timm
+    places them. ``remat=True`` recomputes each stage's activations (its convolutions between two pools)
+    in the backward pass instead of storing them; values, gradients and variable names are unchanged.
     """
 
     config: Sequence[int | str | Sequence[int]]
@@ -72,6 +77,7 @@ class VGG(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    remat: bool = False
     ops: Ops = PLAIN
 
     @property
@@ -83,25 +89,38 @@ class VGG(nn.Module):
         channels = [layer for layer in layer_table(self.config) if layer != "M"][-1]
         return channels * self.pool_size[0] * self.pool_size[1] if self.pool_size is not None else None
 
+    def stage(self, x: jnp.ndarray, widths: tuple[int, ...], first: int, train: bool) -> jnp.ndarray:
+        """The 3x3 convolutions (with BatchNorm and ReLU) between two pools, numbered from ``first``."""
+        conv = partial(self.ops.conv, kernel_size=(3, 3), padding=padding(1), kernel_init=conv_init,
+                       dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
+                       axis_name=self.bn_axis_name)
+        for index, width in enumerate(widths, start=first):
+            x = conv(width, name=f"conv{index}")(x)
+            if self.batch_norm:
+                x = norm(name=f"bn{index}")(x)
+            x = nn.relu(x)
+        return x
+
     @nn.compact
     @checks_input_size
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        conv = partial(self.ops.conv, kernel_size=(3, 3), padding=padding(1), kernel_init=conv_init,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
         dense = partial(self.ops.dense, kernel_init=dense_init, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = partial(BatchNorm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype,
-                       axis_name=self.bn_axis_name)
-        conv_index, pool_index = 0, 0
-        for layer in layer_table(self.config):
+        # remat of the method, not of a submodule: the variables keep the same names either way.
+        stage = nn.remat(VGG.stage, static_argnums=(2, 3, 4)) if self.remat else VGG.stage
+        widths: list[int] = []
+        conv_count, pool_index = 0, 0
+        for layer in (*layer_table(self.config), None):  # None closes a last stage without a pool
+            if layer not in ("M", None):
+                widths.append(layer)
+                continue
+            if widths:
+                x = stage(self, x, tuple(widths), conv_count + 1, train)
+                conv_count, widths = conv_count + len(widths), []
             if layer == "M":
+                x = tap(self, x, f"stage{pool_index + 1}", reduction=2**pool_index)
                 pool_index += 1
                 x = self.ops.max_pool(2, 2, name=f"pool{pool_index}")(x)
-                continue
-            conv_index += 1
-            x = conv(layer, name=f"conv{conv_index}")(x)
-            if self.batch_norm:
-                x = norm(name=f"bn{conv_index}")(x)
-            x = nn.relu(x)
         if self.pool_size is not None:
             x = AdaptiveAvgPool(self.pool_size, name="avgpool")(x)
         x = x.reshape((x.shape[0], -1))

@@ -13,7 +13,8 @@ Names:
 - ``cifar10``, ``cifar100``: the original tarballs or batches in ``--data-dir`` when it holds them, else the
   tensorflow-datasets copy.
 - ``folder``: ``--data-dir`` holds one sub-folder per class (like torchvision's ImageFolder), or ``train/``
-  and ``val/`` (or ``validation/``, ``test/``) folders that each do.
+  and ``val/`` (or ``validation/``, ``test/``) folders that each do; or it holds a resized copy of such a
+  folder that ``python -m train.data prepare folder`` wrote (`train.data.resized`), read the same way.
 - any other name (``imagenet2012``, ``imagenette``, ...): a tensorflow-datasets dataset prepared in
   ``--data-dir`` (default: tensorflow-datasets' own, ``~/tensorflow_datasets``) in the ArrayRecord format;
   ``python -m train.data prepare NAME`` prepares one.
@@ -36,6 +37,7 @@ import numpy as np
 from train.data.cifar import CIFAR, load_cifar
 from train.data.memory import (FASHION_CLASSES, IDX_FILES, DataError, Dataset, load_digits, load_idx, read_idx,
                                recorded_checksums, verify_file, with_statistics)
+from train.data import resized
 from train.data.optional import require
 from train.data.sources import FolderSource, Subset, TfdsSource, scan_folder, source_labels
 from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
@@ -288,13 +290,11 @@ def load_split(name: str, data_dir: str | None, split: str | None = None) -> Str
             raise DataError(f"--dataset folder needs --data-dir FOLDER with one sub-folder of images per class; got "
                             f"{data_dir}.")
         names = (split,) if split else EVAL_SPLITS
-        root = next((os.path.join(data_dir, s) for s in names if os.path.isdir(os.path.join(data_dir, s))), None)
-        if root is None and split:
+        found = next((s for s in names if _has_split(data_dir, s)), None)
+        if found is None and split:
             raise DataError(f"{data_dir} has no {split}/ sub-folder.")
-        root = root or data_dir
-        paths, labels, classes, _ = scan_folder(root)
-        return Streamed("folder", [], FolderSource(paths, labels), classes, (None, None, 3),
-                        test_split=os.path.relpath(root, data_dir))
+        source, classes = _open_split(data_dir, found)
+        return Streamed("folder", [], source, classes, (None, None, 3), test_split=found or ".")
     builder, image_key, label_key = _tfds_builder(name, data_dir)
     where = data_dir or "tensorflow-datasets' default folder (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     for candidate in (split,) if split else EVAL_SPLITS:
@@ -320,34 +320,32 @@ def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0, val_n
         raise DataError("--dataset folder needs --data-dir FOLDER with one sub-folder of images per class.")
     if not os.path.isdir(data_dir):
         raise DataError(f"--data-dir {data_dir} is not a folder.")
-    test_dir = next((os.path.join(data_dir, s) for s in TEST_SPLITS
-                     if s != val_name and os.path.isdir(os.path.join(data_dir, s))), None)
+    test_split = next((s for s in TEST_SPLITS if s != val_name and _has_split(data_dir, s)), None)
     val = None
     if val_name:
-        val_dir = os.path.join(data_dir, val_name)
-        if val_name == "train" or not os.path.isdir(val_dir) or not os.path.isdir(os.path.join(data_dir, "train")):
+        if val_name == "train" or not _has_split(data_dir, val_name) or not _has_split(data_dir, "train"):
             raise DataError(f"--val-split {val_name} names a split, but {data_dir} has no train/ and {val_name}/ "
                             "sub-folders: give a fraction instead, e.g. --val-split 0.1.")
-        if test_dir is None:
+        if test_split is None:
             raise DataError(f"{data_dir} has train/ and {val_name}/ but no other split to test on (test/, "
                             "validation/ or val/): give a fraction instead, e.g. --val-split 0.1.")
-    if os.path.isdir(os.path.join(data_dir, "train")) and test_dir:
-        paths, labels, classes, _ = scan_folder(os.path.join(data_dir, "train"))
+    split_layout = _has_split(data_dir, "train") and test_split is not None
+    if split_layout:
+        train, classes = _open_split(data_dir, "train")
         _require_two_classes(classes, os.path.join(data_dir, "train"))
         splits = {}
-        for split, folder in (("test", test_dir), ("val", os.path.join(data_dir, val_name) if val_name else None)):
-            if folder is None:
+        for role, split in (("test", test_split), ("val", val_name)):
+            if split is None:
                 continue
-            split_paths, split_labels, split_classes, _ = scan_folder(folder)
+            splits[role], split_classes = _open_split(data_dir, split)
             if split_classes != classes:
-                raise DataError(f"{folder} has classes {', '.join(split_classes)}, but {data_dir}/train has "
-                                f"{', '.join(classes)}.")
-            splits[split] = FolderSource(split_paths, split_labels)
-        train, test, val = FolderSource(paths, labels), splits["test"], splits.get("val")
+                raise DataError(f"{os.path.join(data_dir, split)} has classes {', '.join(split_classes)}, but "
+                                f"{data_dir}/train has {', '.join(classes)}.")
+        test, val = splits["test"], splits.get("val")
     else:
-        paths, labels, classes, _ = scan_folder(data_dir)
+        whole, classes = _open_split(data_dir, None)
         _require_two_classes(classes, data_dir)
-        labels_array = np.asarray(labels)
+        labels_array = source_labels(whole)
         rng = np.random.default_rng(seed)
         held = []
         for label in range(len(classes)):
@@ -356,14 +354,26 @@ def load_folder(data_dir: str | None, holdout: float = 0.1, seed: int = 0, val_n
                 raise DataError(f"class {classes[label]!r} of {data_dir} has {len(members)} readable image(s); "
                                 "each class needs at least two (one to train on, one to test).")
             held.extend(rng.permutation(members)[:max(1, round(holdout * len(members)))])
-        held = set(int(i) for i in held)
-        train = FolderSource([p for i, p in enumerate(paths) if i not in held],
-                             [l for i, l in enumerate(labels) if i not in held])
-        test = FolderSource([p for i, p in enumerate(paths) if i in held], [l for i, l in enumerate(labels) if i in held])
-    split_layout = os.path.isdir(os.path.join(data_dir, "train")) and test_dir is not None
+        held = np.sort(np.asarray(held, np.int64))
+        train, test = Subset(whole, np.setdiff1d(np.arange(len(whole)), held)), Subset(whole, held)
     return Streamed("folder", train, test, classes, (None, None, 3), flip=True,
-                    test_split=os.path.basename(test_dir) if split_layout else "held-out",
+                    test_split=test_split if split_layout else "held-out",
                     val=val, val_from=f"the folder's {val_name}/ split" if val is not None else "")
+
+
+def _has_split(data_dir: str, split: str) -> bool:
+    """Whether the folder dataset in ``data_dir`` (images or a resized copy) has the split ``split``."""
+    if resized.is_copy(data_dir):
+        return split in resized.copy_splits(data_dir)
+    return os.path.isdir(os.path.join(data_dir, split))
+
+
+def _open_split(data_dir: str, split: str | None) -> tuple[FolderSource | resized.RecordSource, tuple[str, ...]]:
+    """The examples and class names of ``split`` of the folder dataset in ``data_dir`` (None: all of it)."""
+    if resized.is_copy(data_dir):
+        return resized.open_split(data_dir, split)
+    paths, labels, classes, _ = scan_folder(data_dir if split is None else os.path.join(data_dir, split))
+    return FolderSource(paths, labels), classes
 
 
 def _require_two_classes(classes: tuple[str, ...], folder: str) -> None:

@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import IO, Sequence
 
 import numpy as np
 
@@ -97,9 +97,10 @@ class TfdsSource:
         return [self._pair(record) for record in records]
 
 
-def decode_image(path: str, channels: int = 3) -> np.ndarray:
-    """A file's pixels as uint8 ``(H, W, channels)``: grey, palette, 16-bit, CMYK and alpha images are all
-    brought to RGB (alpha composited over white, as a viewer shows it) or to one grey channel."""
+def decode_image(path: str | IO[bytes], channels: int = 3) -> np.ndarray:
+    """A file's (or an open binary file's) pixels as uint8 ``(H, W, channels)``: grey, palette, 16-bit, CMYK
+    and alpha images are all brought to RGB (alpha composited over white, as a viewer shows it) or to one
+    grey channel."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -183,6 +184,12 @@ class FolderSource:
                 warnings.warn(f"skipping {self.paths[where]}: cannot decode it ({error}).", stacklevel=2)
         raise DataError(f"a hundred files in a row from {self.paths[index]} on cannot be decoded.")
 
+    def encoded(self, index: int) -> tuple[bytes, int]:
+        """The file's bytes and its label, for decoding straight to a crop (`train.data.stream.read_crop`)."""
+        index = int(index)
+        with open(self.paths[index], "rb") as handle:
+            return handle.read(), int(self.labels[index])
+
 
 @dataclasses.dataclass
 class Subset:
@@ -196,6 +203,15 @@ class Subset:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.source[int(self.indices[int(index)])]
+
+    @property
+    def encoded(self):
+        """The encoded form of example ``index`` (``encoded(index) -> (bytes, label)``) when the source has
+        one, else None."""
+        inner = getattr(self.source, "encoded", None)
+        if inner is None:
+            return None
+        return lambda index: inner(int(self.indices[int(index)]))
 
     def read_many(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         keys = [int(self.indices[int(i)]) for i in indices]

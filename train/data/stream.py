@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from train.data import jpeg
 from train.data.memory import Dataset, DatasetFacts
 from train.data.optional import require
 
 __all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
-           "materialize", "prefetch", "require_grain", "CROPS"]
+           "RunTransform", "materialize", "prefetch", "require_grain", "default_workers", "read_ahead_batches",
+           "crop_box", "read_crop", "CROPS"]
 
 CROPS = ("inception", "alexnet")
 
@@ -98,13 +101,17 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out[..., None] if grey else out
 
 
-def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
-    """Scale so the shorter side is ``side``, keeping the aspect ratio. The longer side is truncated, not
+def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """The size with the shorter side ``side`` and the aspect ratio kept. The longer side is truncated, not
     rounded, as torchvision's ``Resize(side)`` does, so published weights see the pixels they were scored on."""
-    h, w = image.shape[:2]
-    if h <= w:
-        return _resize(image, side, int(side * w / h))
-    return _resize(image, int(side * h / w), side)
+    if height <= width:
+        return side, int(side * width / height)
+    return int(side * height / width), side
+
+
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
+    """Scale so the shorter side is ``side`` (`shorter_size`)."""
+    return _resize(image, *shorter_size(*image.shape[:2], side))
 
 
 def center_crop(image: np.ndarray, side: int) -> np.ndarray:
@@ -116,11 +123,11 @@ def center_crop(image: np.ndarray, side: int) -> np.ndarray:
     return out if out.shape[:2] == (side, side) else _resize(out, side, side)
 
 
-def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """A crop of random area fraction in ``scale`` and aspect ratio in ``ratio`` (log-uniform), resized to
-    ``side``; after ten misses, the centre crop of the whole image at the nearest allowed ratio."""
-    h, w = image.shape[:2]
+def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a crop of an ``h`` x ``w`` image with random area fraction in ``scale``
+    and aspect ratio in ``ratio`` (log-uniform); after ten misses, the centre crop of the whole image at the
+    nearest allowed ratio. It needs the image's size only, so a JPEG's header is enough to choose it."""
     area = h * w
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -128,8 +135,7 @@ def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
         aspect = math.exp(rng.uniform(*log_ratio))
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
-            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            return _resize(image[top:top + ch, left:left + cw], side, side)
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
     aspect = w / h
     if aspect < ratio[0]:
         cw, ch = w, round(w / ratio[0])
@@ -137,8 +143,39 @@ def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
         ch, cw = h, round(h * ratio[1])
     else:
         cw, ch = w, h
-    top, left = (h - ch) // 2, (w - cw) // 2
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """The `crop_box` of ``image`` resized to ``side`` x ``side``."""
+    top, left, ch, cw = crop_box(*image.shape[:2], rng, scale, ratio)
     return _resize(image[top:top + ch, left:left + cw], side, side)
+
+
+def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.Crop],
+              decoder: str | None = None) -> tuple[np.ndarray, int]:
+    """Example ``index`` of ``source``, cropped and resized as ``geometry`` (the image's height and width ->
+    a `jpeg.Crop`) says, and its label.
+
+    With a ``decoder`` ("pillow" or "opencv", `train.data.jpeg`) and a source that gives its examples'
+    encoded bytes (``source.encoded(index) -> (bytes, label)``), a JPEG is decoded straight to the crop, at
+    reduced size where the crop allows. Anything else is decoded whole and cropped with Pillow's
+    resampling, through ``source[index]`` (which reports and skips a damaged file).
+    """
+    encoded = getattr(source, "encoded", None) if decoder else None
+    if encoded is not None:
+        try:
+            data, label = encoded(index)
+            shape = jpeg.jpeg_shape(data)
+            if shape is not None:
+                return jpeg.decode_crop(data, geometry(*shape), decoder), label
+        except OSError:  # unreadable, or damaged past its header: the whole-image path says so and skips it
+            pass
+    image, label = source[index]
+    crop = geometry(*image.shape[:2])
+    region = image[crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
+    return _resize(region, crop.out_height, crop.out_width), label
 
 
 def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
@@ -155,7 +192,12 @@ def _eval_side(side: int) -> int:
 
 @dataclasses.dataclass
 class TrainTransform:
-    """Dataset index -> augmented training example; its randomness depends on (seed, epoch, index) only."""
+    """Dataset index -> augmented training example; its randomness depends on (seed, epoch, index) only.
+
+    ``decoder`` (see `read_crop`): None decodes every image whole; "pillow" or "opencv" decode a JPEG straight
+    to its crop, at reduced size where it allows. The crop box and the flip are the same either way: they are
+    drawn from the image's size before anything is decoded.
+    """
 
     source: Sequence
     side: int
@@ -163,18 +205,21 @@ class TrainTransform:
     epoch: int
     crop: str = "inception"
     flip: bool = True
+    decoder: str | None = None
 
     def __call__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        image, label = self.source[index]
         rng = np.random.default_rng([self.seed, self.epoch, index, 7])
         if self.crop == "alexnet":
             big = _eval_side(self.side)
-            image = center_crop(resize_shorter(image, big), big)
+            image, label = read_crop(self.source, index, lambda h, w: jpeg.Crop(0, 0, h, w, *shorter_size(h, w, big)),
+                                     self.decoder)
+            image = center_crop(image, big)
             top, left = rng.integers(0, big - self.side + 1, size=2)
             image = image[top:top + self.side, left:left + self.side]
         else:
-            image = random_resized_crop(image, self.side, rng)
+            image, label = read_crop(self.source, index,
+                                     lambda h, w: jpeg.Crop(*crop_box(h, w, rng), self.side, self.side), self.decoder)
         if self.flip and rng.random() < 0.5:
             image = image[:, ::-1]
         return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(index)}
@@ -183,7 +228,11 @@ class TrainTransform:
 @dataclasses.dataclass
 class EvalTransform:
     """Dataset index (-1: padding) -> the centre crop (or the ten crops) of a resized test example; the
-    shorter side is resized to ``resize`` first (default: 256/224 of ``side``)."""
+    shorter side is resized to ``resize`` first (default: 256/224 of ``side``).
+
+    Every image is decoded whole, as torchvision decodes it: decoding at reduced size would move these
+    pixels by about a level of 255 on average (benchmarks/RESULTS.md), and published weights are scored on
+    torchvision's pixels."""
 
     source: Sequence
     side: int
@@ -205,7 +254,35 @@ def require_grain() -> Any:
                             "too large for memory)")
 
 
-def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -> Iterator[dict]:
+def default_workers() -> int:
+    """Worker processes when none are asked for: one per core this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # platforms without CPU affinity (macOS)
+        return os.cpu_count() or 1
+
+
+# What the streamed pipeline holds ahead of its consumer (benchmarks.input_pipeline lets it drain before it
+# times): each worker makes its batches with THREADS threads, each thread a whole batch, keeps up to
+# READ_AHEAD_BATCHES of them made ahead and WORKER_BUFFER more handed over to the main process. Without
+# workers, the main process makes batches with THREADS_INLINE threads. One thread per worker and one worker
+# per core keep every core busy without oversubscribing it (the decoders release the GIL).
+READ_AHEAD_BATCHES = 2
+WORKER_BUFFER = 1
+THREADS = 1
+THREADS_INLINE = 2
+
+
+def read_ahead_batches(workers: int) -> int:
+    """The most batches the pipeline can have made ahead of what its consumer took: per worker, those its
+    threads are making, READ_AHEAD_BATCHES made, WORKER_BUFFER queued, and in Grain's hand-over to the main
+    process one held by the worker's put, one by the main process's reading thread and its buffer there."""
+    if workers == 0:
+        return THREADS_INLINE + READ_AHEAD_BATCHES
+    return workers * (THREADS + READ_AHEAD_BATCHES + 2 * WORKER_BUFFER + 2)
+
+
+def _pipeline(rows: Sequence[int], transform: Callable, batch: int, workers: int) -> Iterator[dict]:
     grain = require_grain()
     from absl import flags
 
@@ -214,23 +291,67 @@ def _pipeline(rows: np.ndarray, transform: Callable, batch: int, workers: int) -
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
-    dataset = grain.MapDataset.source(rows.tolist()).map(transform).batch(batch, drop_remainder=True)
-    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, workers) * 2, prefetch_buffer_size=2 * batch))
+    # Batched before the read options apply: their threads and buffer count batches, not examples.
+    dataset = grain.MapDataset.source(rows).map(transform).batch(batch, drop_remainder=True)
+    iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=THREADS if workers else THREADS_INLINE,
+                                                         prefetch_buffer_size=READ_AHEAD_BATCHES))
     if workers > 0:
-        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                                     per_worker_buffer_size=WORKER_BUFFER))
     return iter(iterable)
 
 
+@dataclasses.dataclass
+class RunTransform:
+    """Position in one process's stream of training examples -> the example there, augmented by
+    ``transform`` at its epoch. The stream starts at step ``start`` of ``first_epoch`` and runs on through
+    the following epochs: each of them the ``steps`` first global batches of `epoch_order`, of which this
+    process takes ``share`` examples from ``offset`` on. One pipeline can so serve several epochs, its
+    workers started once."""
+
+    transform: TrainTransform
+    steps: int
+    batch: int
+    offset: int
+    share: int
+    first_epoch: int
+    start: int
+
+    def __post_init__(self):
+        self._order = (None, None)  # (epoch, its order): one permutation per epoch and process
+
+    def __getstate__(self):
+        return {**self.__dict__, "_order": (None, None)}
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """``(epoch, dataset index)`` of the example at ``position``."""
+        row, slot = divmod(position, self.share)
+        epoch, step = divmod(row + self.start, self.steps)
+        epoch += self.first_epoch
+        cached_epoch, order = self._order
+        if cached_epoch != epoch:
+            order = epoch_order(self.transform.seed, epoch, len(self.transform.source))
+            self._order = (epoch, order)
+        return epoch, int(order[step * self.batch + self.offset + slot])
+
+    def __call__(self, position: int) -> dict[str, Any]:
+        epoch, index = self.locate(int(position))
+        return dataclasses.replace(self.transform, epoch=epoch)(index)
+
+
 def train_batches(data: Streamed, *, side: int, seed: int, epoch: int, start: int, steps: int, batch: int,
-                  crop: str = "inception", workers: int = 2, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
-    """This process's share of the global batches ``start..steps-1`` of ``epoch``: dicts of ``image`` uint8
-    ``(batch / process_count, side, side, C)``, ``label`` and ``index`` (the example's dataset index)."""
-    order = epoch_order(seed, epoch, data.train_size)[:steps * batch].reshape(steps, batch)[start:]
+                  crop: str = "inception", workers: int = 2, process_index: int = 0, process_count: int = 1,
+                  decoder: str | None = None, epochs: int | None = None) -> Iterator[dict]:
+    """This process's share of the global batches ``start..steps-1`` of ``epoch``, then (with ``epochs``) of
+    every batch of the epochs after it up to ``epochs - 1``, from one pipeline: dicts of ``image`` uint8
+    ``(batch / process_count, side, side, C)``, ``label`` and ``index`` (the example's dataset index);
+    ``decoder`` as in `TrainTransform`. Each epoch's batches are the same whether it is read alone or
+    after another."""
     share = batch // process_count
-    rows = order[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    transform = TrainTransform(data.train, side, seed, epoch, crop, data.flip)
-    return _pipeline(rows, transform, share, workers)
+    rows = ((max(epochs or 0, epoch + 1) - epoch) * steps - start) * share
+    transform = RunTransform(TrainTransform(data.train, side, seed, epoch, crop, data.flip, decoder), steps, batch,
+                             process_index * share, share, epoch, start)
+    return _pipeline(range(rows), transform, share, workers)
 
 
 def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = False, workers: int = 2,
@@ -243,7 +364,7 @@ def eval_batches(data: Streamed, *, side: int, batch: int, ten_crop: bool = Fals
     padded[:len(source)] = np.arange(len(source))
     share = batch // process_count
     rows = padded.reshape(-1, batch)[:, process_index * share:(process_index + 1) * share].reshape(-1)
-    return _pipeline(rows, EvalTransform(source, side, ten_crop, resize), share, workers)
+    return _pipeline(rows.tolist(), EvalTransform(source, side, ten_crop, resize), share, workers)
 
 
 def prefetch(batches: Iterator[Any], put: Callable[[Any], Any], size: int = 2) -> Iterator[Any]:

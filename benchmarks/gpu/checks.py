@@ -1,4 +1,4 @@
-"""The numerical checks of the GPU run (`benchmarks.gpu_run`): the trainer's step against a float64
+"""The numerical checks of the GPU run (`benchmarks.gpu`): the trainer's step against a float64
 reference, converted torchvision weights against torchvision, and the data-parallel drivers against jit.
 
 Each check returns rows of plain numbers, every error next to the tolerance it is held to, so that the
@@ -25,7 +25,7 @@ __all__ = ["CHECKS", "PARITY_TOLERANCE", "PARALLEL_TOLERANCE", "step_against_flo
 #
 # float32 at full precision (no TF32) checks the device's arithmetic: the bounds are about four times
 # the errors a float32 step on the CPU showed against float64 (loss 1.2e-6, gradients 5.3e-3 for
-# GoogLeNet, statistics 3.8e-6: the architectures and sides of `benchmarks.gpu_run.REAL`, batch 8, on a
+# GoogLeNet, statistics 3.8e-6: the architectures and sides of `benchmarks.gpu.correctness.REAL`, batch 8, on a
 # 2-core CPU, 2026-11). Gradients can reach 5e-3 rather than 1e-6
 # because a max-pool window whose two largest inputs differ by less than float32's rounding sends its
 # gradient elsewhere, and BatchNorm networks at initialisation amplify such changes downwards.
@@ -100,15 +100,15 @@ def _run_step(arch: str, dtype: Any, device: Any, variables: Any, images: np.nda
 
     import flaxnets
     from train import step as steps
-    from train.tuning import StepSettings
+    from train.tuning import StepSettings, step_settings
 
     spec = flaxnets.get_spec(arch)
     float64 = dtype == jnp.float64
-    # The device side runs as the trainer would there (flaxnets.cpu's kernels on a CPU backend); the
-    # float64 reference is the plain model.
+    # The device side runs as the trainer would there (the backend's kernel set, train.tuning); the float64
+    # reference is the plain model.
+    kernels = StepSettings() if float64 else step_settings(device.platform)
     model = flaxnets.create_model(arch, num_classes=spec.num_classes, dtype=dtype,
-                                  param_dtype=jnp.float64 if float64 else jnp.float32,
-                                  cpu_kernels=device.platform == "cpu" and not float64)
+                                  param_dtype=jnp.float64 if float64 else jnp.float32, ops=kernels.ops())
     tx = _keep_gradients()
     preprocess = steps.Preprocess(mean=(0.45,) * 3, std=(0.225,) * 3, size=images.shape[1], augment=False,
                                   dtype=dtype)
@@ -226,7 +226,7 @@ def convert_parity(archs: Sequence[str], side: int, batch: int, torch_device: st
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="flaxnets-parity-") as folder:
-        command = [sys.executable, "-m", "benchmarks.gpu_run", "torch-reference", "--folder", folder, "--side",
+        command = [sys.executable, "-m", "benchmarks.gpu", "torch-reference", "--folder", folder, "--side",
                    str(side), "--batch", str(batch), "--device", torch_device, "--archs", ",".join(archs)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

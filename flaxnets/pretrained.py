@@ -1,0 +1,245 @@
+"""A model and its weights in one call, both ways: `from_pretrained`, `save_pretrained`, `reset_classifier`.
+
+`from_pretrained` returns the module and its variables together, so that the fields a weight set needs
+(`flaxnets.pretrained_overrides`: GoogLeNet's and Inception v3's ``transform_input``) cannot be left out:
+
+* ``from_pretrained("resnet50")`` takes torchvision's published weights (``weights="IMAGENET1K_V1"``, or a
+  file, a URL or a state_dict: anything `flaxnets.load_pretrained` takes);
+* ``from_pretrained("path/to/folder")`` reads what `save_pretrained` wrote.
+
+`save_pretrained` writes the layout the Hugging Face Hub and timm use for a model: a folder holding
+``model.safetensors`` (the variables, one tensor per leaf, named by its flax path: ``params/fc/kernel``,
+``batch_stats/bn1/mean``) and ``config.json`` (the architecture, its options and class count). Such a
+folder can be shared as it is (a Hub repository, a release asset) and read back with `from_pretrained`.
+
+`reset_classifier` gives any variables a new class layer (`flaxnets.convert.head_paths`), freshly
+initialised for another class count (0 removes it), keeping every other tensor: timm's method of the same
+name, for the variables of any architecture, trained here or converted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from flaxnets.analysis import abstract_variables
+from flaxnets.convert import (_AUX_HEADS, StateDictMismatchError, _initialise, head_paths, load_pretrained, load_state_dict,
+                              pretrained_overrides, save_state_dict)
+from flaxnets.pth import WeightsFileError
+from flaxnets.registry import create_model, get_spec
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "from_pretrained", "read_config", "reset_classifier", "save_pretrained"]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_FORMAT = "flaxnets"
+_COLLECTIONS = ("params", "batch_stats")
+
+
+def _flat(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    """The params and batch_stats leaves of ``variables`` by their flax path (other collections dropped)."""
+    kept = {c: dict(variables[c]) for c in _COLLECTIONS if c in variables}
+    return flatten_dict(kept)
+
+
+def _json_option(key: str, value: Any) -> Any:
+    """``value`` as JSON: dtypes by name, tuples as lists; anything else JSON cannot hold is refused."""
+    if key in ("dtype", "param_dtype"):
+        return jnp.dtype(value).name
+    try:
+        json.dumps(value)
+    except TypeError:
+        raise ValueError(f"option {key}={value!r} cannot be written to {CONFIG_FILE}: only JSON values (numbers, "
+                         "strings, lists, true/false/null) and dtypes can.") from None
+    return value
+
+
+def _frozen(value: Any) -> Any:
+    """A JSON value as a module field: lists become tuples (module fields must be hashable)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
+def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
+                    input_shape: tuple[int, int, int] | None = None, overwrite: bool = False, **options: Any) -> Path:
+    """Write ``variables`` of ``create_model(arch, **options)`` as ``model.safetensors`` and ``config.json``.
+
+    ``options`` are the `create_model` keywords the variables were made under (``num_classes`` included:
+    it is read from the variables when left out). Their values must be JSON or dtypes; ``ops`` (a kernel
+    set, not a property of the weights) is left out. ``input_shape`` is the ``(H, W, C)`` of the images
+    the model takes, by default the architecture's own: the variables are checked against the model at
+    that shape now (a grey-image model has one input channel), and the config records it. Arrays are
+    written in their own dtype. Files already there are kept unless ``overwrite``; both files are written
+    under temporary names and renamed into place, so an interrupted save leaves the folder as it was.
+    Returns the folder.
+    """
+    spec = get_spec(arch)
+    shape = tuple(input_shape) if input_shape is not None else (spec.input_size, spec.input_size, spec.in_channels)
+    directory = Path(directory)
+    targets = [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
+    existing = [path.name for path in targets if path.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds {' and '.join(existing)}; pass overwrite=True to replace "
+                              "them, or choose another folder.")
+    options = {key: value for key, value in options.items() if key not in ("ops", "name")}
+    if "num_classes" not in options:
+        options["num_classes"] = _class_count(arch, variables)
+    _check_fits(arch, create_model(arch, **options), variables, shape)
+    config = {"format": _FORMAT, "architecture": arch, "family": spec.family,
+              "options": {key: _json_option(key, value) for key, value in sorted(options.items())},
+              "input_shape": list(shape)}
+    flat = {"/".join(key): np.asarray(value) for key, value in _flat(variables).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for target, write in ((targets[1], lambda p: save_state_dict(flat, p)),
+                              (targets[0], lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
+            handle, name = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=target.suffix)
+            os.close(handle)
+            written.append(Path(name))
+            write(Path(name))
+        for temporary, target in zip(written, targets[::-1]):
+            os.replace(temporary, target)
+    finally:
+        for temporary in written:
+            temporary.unlink(missing_ok=True)
+    return directory
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` `save_pretrained` wrote in ``directory``, checked."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsFileError(f"{directory} has no {CONFIG_FILE}: it is not a folder save_pretrained wrote.") from None
+    except ValueError:
+        raise WeightsFileError(f"{path} is not JSON.") from None
+    if not isinstance(config, dict) or config.get("format") != _FORMAT or "architecture" not in config:
+        raise WeightsFileError(f"{path} is not a flaxnets config (it names no flaxnets architecture).")
+    get_spec(config["architecture"])  # an architecture this version does not know: UnknownModelError
+    return config
+
+
+def _load_folder(directory: Path, num_classes: int | None, rng: int | jax.Array, overrides: dict
+                 ) -> tuple[nn.Module, dict]:
+    config = read_config(directory)
+    arch = config["architecture"]
+    saved = {key: _frozen(value) for key, value in config.get("options", {}).items()}
+    flat = load_state_dict(directory / WEIGHTS_FILE)
+    variables = unflatten_dict({tuple(key.split("/")): jnp.asarray(value) for key, value in flat.items()})
+    options = {**saved, **overrides}
+    if num_classes is not None and num_classes != saved.get("num_classes"):
+        fields = {key: value for key, value in options.items() if key != "num_classes"}
+        variables = reset_classifier(arch, variables, num_classes, rng=rng, **fields)
+        options["num_classes"] = num_classes
+    if options.get("features_only"):
+        options.pop("num_classes", None)
+    model = create_model(arch, **options)
+    _check_fits(arch, model, variables, tuple(config["input_shape"]))
+    return model, variables
+
+
+def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_classes: int | None = None,
+                    rng: int | jax.Array = 0, **options: Any) -> tuple[nn.Module, dict]:
+    """``(model, variables)``, ready for ``model.apply(variables, images, train=False)``.
+
+    Args:
+      source: a folder `save_pretrained` wrote, or a registered architecture's name.
+      weights: with a name, its weights: a published set (``"IMAGENET1K_V1"``; by default ``"DEFAULT"``,
+        torchvision's best), a URL, a ``.pth``/``.safetensors``/``.npz`` file or a state_dict (see
+        `flaxnets.load_pretrained`). The model is built with `pretrained_overrides`, the fields those
+        weights were trained under. Not used with a folder.
+      num_classes: the class count of the model to return; when it differs from the weights', the class
+        layer is new (`reset_classifier`), for fine-tuning.
+      rng: seed or key of whatever is initialised afresh.
+      **options: `create_model` keywords (e.g. ``dtype=jnp.bfloat16``, ``remat=True``).
+
+    Raises:
+      WeightsFileError: the weights cannot be found, downloaded or read (one sentence).
+      StateDictMismatchError: they do not fit the architecture.
+    """
+    text = os.fspath(source)
+    if options.get("features_only"):  # the feature maps of the model without its class layer
+        if num_classes not in (None, 0):
+            raise ValueError("features_only=True builds the model without its class layer: leave num_classes out.")
+        num_classes = 0
+    if os.path.isdir(text):
+        if weights is not None:
+            raise ValueError(f"{text} is a folder of weights: weights= applies to an architecture's name.")
+        return _load_folder(Path(text), num_classes, rng, options)
+    spec = get_spec(text)
+    if not spec.torchvision:
+        raise WeightsFileError(f"{text} has no published weights and {text!r} is no folder: pass the folder "
+                               "save_pretrained wrote, or one of the architectures with published weights.")
+    options = {**pretrained_overrides(text), **options}
+    weight_fields = {k: v for k, v in options.items() if k not in ("dtype", "param_dtype", "bn_axis_name", "ops",
+                                                                   "remat", "name", "features_only", "out_indices")}
+    variables = load_pretrained(text, "DEFAULT" if weights is None else weights, num_classes, rng=rng,
+                                **weight_fields)
+    if options.get("features_only"):
+        return create_model(text, **options), variables
+    return create_model(text, num_classes=_class_count(text, variables), **options), variables
+
+
+def _class_count(arch: str, variables: Mapping[str, Any]) -> int:
+    """The class count ``variables`` were made for: the width of their class layer (0 without one)."""
+    flat = _flat(variables)
+    first = head_paths(arch)[0]
+    widths = [value.shape[-1] for key, value in flat.items()
+              if key[0] == "params" and key[1:1 + len(first)] == first and key[-1] in ("kernel", "bias")]
+    return int(widths[0]) if widths else 0
+
+
+def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
+    """`StateDictMismatchError` naming the first leaf of ``variables`` that ``model`` on ``shape`` (H, W, C)
+    images lacks or shapes otherwise."""
+    expected = _flat(abstract_variables(model, (1, *shape)))
+    given = _flat(variables)
+    where = f"{arch} on {'x'.join(map(str, shape))} images"
+    for key, leaf in expected.items():
+        if key not in given:
+            raise StateDictMismatchError(f"the variables do not fit {where}: they have nothing for {'/'.join(key)}.")
+        if tuple(given[key].shape) != tuple(leaf.shape):
+            raise StateDictMismatchError(f"the variables do not fit {where}: {'/'.join(key)} has shape "
+                                         f"{tuple(given[key].shape)}, the model's is {tuple(leaf.shape)} (pass "
+                                         "input_shape=(H, W, C) of the images it takes).")
+    extra = [key for key in given if key not in expected]
+    if extra:
+        raise StateDictMismatchError(f"the variables do not fit {where}: the model has no {'/'.join(extra[0])}.")
+
+
+def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int | None = None, *,
+                     rng: int | jax.Array = 0, **options: Any) -> dict:
+    """``variables`` with a new class layer for ``num_classes`` classes (0: none, the pooled features).
+
+    The class layers are `flaxnets.convert.head_paths` (GoogLeNet's and Inception v3's auxiliary heads'
+    included); they are initialised as ``create_model(arch, num_classes=num_classes, **options)``
+    initialises them, from ``rng``, and every other tensor is kept as it is. ``options`` are the model's
+    other fields (those that shape the network, e.g. ``aux_logits=False``). Returns params and batch_stats.
+    """
+    model = create_model(arch, num_classes=num_classes, **options)
+    spec = get_spec(arch)
+    target = _flat(abstract_variables(model, (1, spec.input_size, spec.input_size, spec.in_channels)))
+    classes = head_paths(arch)  # always new
+    # Auxiliary heads exist only with a class layer: they go with it (num_classes=0) and come back with it.
+    auxiliary = tuple((name,) for name in _AUX_HEADS.get(spec.family, ()))
+    under = lambda key, prefixes: any(key[1:1 + len(prefix)] == prefix for prefix in prefixes)
+    kept = {key: value for key, value in _flat(variables).items()
+            if key in target and not (key[0] == "params" and under(key, classes))}
+    fresh = [key for key in target if key not in kept and (under(key, classes) or under(key, auxiliary))]
+    missing = [key for key in target if key not in kept and key not in fresh]
+    if missing:
+        raise StateDictMismatchError(f"the variables do not fit {arch}: they have nothing for {'/'.join(missing[0])}.")
+    # A class layer's shape never depends on the input size: the new one is made at the architecture's own.
+    # The rest is not checked against the model, since the variables may be for any input size or channels.
+    initial = _initialise(model, arch, rng, fresh) if fresh else {}
+    return unflatten_dict({**kept, **initial})
