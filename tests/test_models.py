@@ -926,10 +926,15 @@ def test_create_model_names_the_valid_options_for_an_unknown_override():
     assert model.zero_init_residual and model.num_classes == NUM_CLASSES
 
 
-@pytest.mark.parametrize("num_classes", [-3, True, 2.5, None])
+@pytest.mark.parametrize("num_classes", [-3, True, 2.5, "10"])
 def test_create_model_rejects_a_bad_class_count(num_classes):
     with pytest.raises(ValueError, match="num_classes"):
         flaxnets.create_model("lenet5", num_classes=num_classes)
+
+
+def test_create_model_defaults_to_the_architectures_own_class_count():
+    assert flaxnets.create_model("resnet50").num_classes == 1000
+    assert flaxnets.create_model("lenet5", num_classes=None).num_classes == flaxnets.get_spec("lenet5").num_classes
 
 
 @pytest.mark.parametrize("name", MODELS)
