@@ -21,7 +21,8 @@ and the results (up to float rounding) are those of the default layers. Two laye
   turns the selection into one fused loop of strided pads, where XLA's GPU select-and-scatter scatters
   with atomics.
 
-benchmarks/RESULTS.md ("GPU") has what each is worth on an H200 (``python -m benchmarks.batchnorm``).
+benchmarks/RESULTS.md ("GPU") has what each is worth on an H200 (the GPU run's ``tune`` step, and
+``python -m benchmarks.step_variants --variant library:gpu --variant library:plain``).
 """
 
 from __future__ import annotations
