@@ -32,8 +32,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxnets.analysis import abstract_variables
-from flaxnets.convert import (_AUX_HEADS, StateDictMismatchError, _initialise, head_paths, load_pretrained, load_state_dict,
-                              pretrained_overrides, save_state_dict)
+from flaxnets.convert import (StateDictMismatchError, head_paths, load_pretrained, load_state_dict, pretrained_overrides,
+                              save_state_dict)
+from flaxnets.convert.finetune import initialise
 from flaxnets.pth import WeightsFileError
 from flaxnets.registry import create_model, get_spec
 
@@ -229,9 +230,9 @@ def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int |
     model = create_model(arch, num_classes=num_classes, **options)
     spec = get_spec(arch)
     target = _flat(abstract_variables(model, (1, spec.input_size, spec.input_size, spec.in_channels)))
-    classes = head_paths(arch)  # always new
+    classes = spec.torch_layout.heads  # always new
     # Auxiliary heads exist only with a class layer: they go with it (num_classes=0) and come back with it.
-    auxiliary = tuple((name,) for name in _AUX_HEADS.get(spec.family, ()))
+    auxiliary = tuple((name,) for name in spec.torch_layout.aux_heads)
     under = lambda key, prefixes: any(key[1:1 + len(prefix)] == prefix for prefix in prefixes)
     kept = {key: value for key, value in _flat(variables).items()
             if key in target and not (key[0] == "params" and under(key, classes))}
@@ -241,5 +242,5 @@ def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int |
         raise StateDictMismatchError(f"the variables do not fit {arch}: they have nothing for {'/'.join(missing[0])}.")
     # A class layer's shape never depends on the input size: the new one is made at the architecture's own.
     # The rest is not checked against the model, since the variables may be for any input size or channels.
-    initial = _initialise(model, arch, rng, fresh) if fresh else {}
+    initial = initialise(model, spec, rng, fresh) if fresh else {}
     return unflatten_dict({**kept, **initial})

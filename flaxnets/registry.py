@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxnets import features
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["ModelSpec", "UnknownModelError", "UnknownOptionError", "register", "get_spec", "list_models", "model_info",
            "create_model", "feature_info", "model_options", "parse_model_arg"]
@@ -48,6 +49,8 @@ class ModelSpec:
         tests/test_models.py against `jax.eval_shape`), so tables print without tracing any model.
       aux_loss_weight: the weight of each auxiliary head's loss in training, for architectures that sow
         auxiliary logits (0 for the others).
+      torch_layout: where its variables sit in torchvision's ``state_dict`` and which are its class layers,
+        declared beside the family (`flaxnets.torch_layout`); every registered spec has one.
     """
 
     name: str
@@ -67,6 +70,7 @@ class ModelSpec:
     min_train_input_size: int | None = None
     default_params: int | None = None
     aux_loss_weight: float = 0.0
+    torch_layout: TorchLayout | None = None
 
     @property
     def num_features(self) -> int | None:
@@ -76,7 +80,7 @@ class ModelSpec:
     def info(self) -> dict[str, Any]:
         """The spec as a plain dict (without the constructor), for printing and JSON."""
         out = dataclasses.asdict(self)
-        del out["build"]
+        del out["build"], out["torch_layout"]
         out["num_features"] = self.num_features
         return out
 

@@ -23,10 +23,14 @@ Without torch/torchvision these tests skip with the reason; the format and error
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -38,6 +42,7 @@ from flaxnets import convert
 from flaxnets.analysis import abstract_variables
 from flaxnets.models.googlenet import collect_aux_logits
 from flaxnets.models.vgg import D2L_CONV_ARCH
+from flaxnets.torch_layout import TorchLayout
 from reference import torch_or_skip, torchvision_or_skip
 
 TOLERANCE = 1e-4
@@ -448,6 +453,59 @@ def test_head_paths_are_the_layers_that_follow_num_classes():
         assert follows == {key for key in seven if any(key[: len(h)] == h for h in heads)}, arch
         mask = flatten_dict(convert.head_mask(arch, params))
         assert {key for key, is_head in mask.items() if is_head} == follows
+
+
+def test_each_family_declares_its_layout_beside_it():
+    """Every registered architecture carries the `TorchLayout` its family module declares (only the fields
+    of its own pretrained weights may differ), and those torchvision has name their modules."""
+    for name in flaxnets.list_models():
+        spec = flaxnets.get_spec(name)
+        assert isinstance(spec.torch_layout, TorchLayout) and spec.torch_layout.heads, name
+        declared = getattr(sys.modules[f"flaxnets.models.{spec.family}"], "TORCH_LAYOUT", None)
+        assert isinstance(declared, TorchLayout), f"flaxnets/models/{spec.family}.py declares no TORCH_LAYOUT"
+        assert (dataclasses.replace(spec.torch_layout, pretrained_overrides={})
+                == dataclasses.replace(declared, pretrained_overrides={})), name
+        assert spec.torch_layout.module_name is not None or not spec.torchvision, name
+
+
+def _code_words(path) -> tuple[set[str], set[str], set[str]]:
+    """The identifiers, the string literals (docstrings aside) and the imported modules of a Python file."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node)}
+    names, strings, imports = set(), set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            strings.add(node.value)
+        elif isinstance(node, ast.ImportFrom):
+            imports.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            imports.update(alias.name for alias in node.names)
+        for field in ("id", "attr", "name", "arg"):
+            if isinstance(getattr(node, field, None), str):
+                names.add(getattr(node, field))
+    return names, strings, imports
+
+
+def test_the_conversion_names_no_family():
+    """The mechanism (flaxnets/convert/, flaxnets/torch_layout.py) knows architectures only through their
+    specs: no family or architecture name in its code, no module name of any family's layout in its
+    strings, no import of a model module. Docstrings and comments may name them."""
+    specs = [flaxnets.get_spec(name) for name in flaxnets.list_models()]
+    families = {spec.family for spec in specs}
+    layouts = [spec.torch_layout for spec in specs]
+    module_names = {segment for layout in layouts
+                    for path in (*layout.heads, *layout.untrained, *layout.flattened, *((h,) for h in layout.aux_heads))
+                    for segment in path}
+    root = Path(convert.__file__).parent
+    files = sorted(root.glob("*.py")) + [root.parent / "torch_layout.py"]
+    assert len(files) > 2
+    for path in files:
+        names, strings, imports = _code_words(path)
+        words = {w for text in names | strings for w in re.findall(r"[a-z]+", text.lower())}
+        assert not words & families, f"{path.name} names {sorted(words & families)}"
+        assert not strings & (module_names | {spec.name for spec in specs}), f"{path.name} names a family's module"
+        assert not [m for m in imports if m.startswith("flaxnets.models")], f"{path.name} imports a model module"
 
 
 def test_works_without_torch(tmp_path):

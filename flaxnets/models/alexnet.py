@@ -18,6 +18,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AdaptiveAvgPool, LocalResponseNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["AlexNet", "AlexNetPaper", "AlexNetSmall"]
 
@@ -169,11 +170,30 @@ class AlexNetSmall(nn.Module):
         return _classifier(self, x, (512, 512), self.dropout, train)
 
 
+# torchvision's AlexNet: features = Conv(0) ReLU MaxPool Conv(3) ReLU MaxPool Conv(6) ReLU Conv(8) ReLU
+# Conv(10) ReLU MaxPool; avgpool to 6x6; classifier = Dropout Linear(1) ReLU Dropout Linear(4) ReLU Linear(6).
+_TORCH_NAMES = {
+    "conv1": "features.0",
+    "conv2": "features.3",
+    "conv3": "features.6",
+    "conv4": "features.8",
+    "conv5": "features.10",
+    "fc1": "classifier.1",
+    "fc2": "classifier.4",
+    "fc3": "classifier.6",
+}
+TORCH_LAYOUT = TorchLayout(
+    heads=(("fc3",),),
+    module_name=lambda model, path: _TORCH_NAMES[path[0]],
+    flattened={("fc1",): lambda model: (6, 6)},
+)
+
 register(
     ModelSpec(
         name="alexnet",
         build=AlexNet,
         family="alexnet",
+        torch_layout=TORCH_LAYOUT,
         paper="Krizhevsky, One weird trick for parallelizing CNNs, 2014 (arXiv:1404.5997)",
         input_size=224,
         torchvision="alexnet",
@@ -190,6 +210,7 @@ register(
         name="alexnet_paper",
         build=AlexNetPaper,
         family="alexnet",
+        torch_layout=TORCH_LAYOUT,
         paper=_PAPER,
         input_size=227,
         description="the 2012 paper's AlexNet on one tower, with LRN (227x227)",
@@ -202,6 +223,7 @@ register(
         name="alexnet_small",
         build=AlexNetSmall,
         family="alexnet",
+        torch_layout=TORCH_LAYOUT,
         paper=_PAPER,
         input_size=32,
         num_classes=10,

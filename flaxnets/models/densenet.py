@@ -15,6 +15,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["DenseNet", "DenseBlock", "DenseLayer", "Transition"]
 
@@ -177,6 +178,16 @@ class DenseNet(nn.Module):
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
+# torchvision's DenseNet keeps all but its class layer in one `features` Sequential. Its published files were
+# saved when a dense layer's `norm1` was called `norm.1` (PyTorch has since forbidden dots in module names);
+# torchvision renames these keys on loading, and so does flaxnets.convert.
+TORCH_LAYOUT = TorchLayout(
+    heads=(("classifier",),),
+    module_name=lambda model, path: ".".join(path if path[0] == "classifier" else ("features", *path)),
+    renamed_keys=((r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$",
+                   r"\1\2"),),
+)
+
 _PAPER = "Huang et al., Densely Connected Convolutional Networks, CVPR 2017 (arXiv:1608.06993)"
 # torchvision's: (growth rate, block sizes, stem channels, params, GFLOPS, top-1 of the V1 weights).
 _DEPTHS = {
@@ -192,6 +203,7 @@ for _depth, (_k, _blocks, _stem, _params, _gflops, _top1) in _DEPTHS.items():
             name=f"densenet{_depth}",
             build=partial(DenseNet, block_sizes=_blocks, growth_rate=_k, num_init_features=_stem),
             family="densenet",
+            torch_layout=TORCH_LAYOUT,
             paper=_PAPER,
             input_size=224,
             torchvision=f"densenet{_depth}",
@@ -212,6 +224,7 @@ register(
         name="densenet_bc100_k12",
         build=partial(DenseNet, block_sizes=(16, 16, 16), growth_rate=12, num_init_features=24, stem="cifar"),
         family="densenet",
+        torch_layout=TORCH_LAYOUT,
         paper=_PAPER,
         input_size=32,
         num_classes=10,

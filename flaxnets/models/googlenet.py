@@ -4,6 +4,7 @@ torchvision's (with BatchNorm) and the paper's (with Local Response Normalizatio
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -15,6 +16,7 @@ from flaxnets.input_size import checks_input_size
 from flaxnets.layers import (PLAIN, AdaptiveAvgPool, AvgPool, BatchNorm, GlobalAvgPool, LocalResponseNorm, Ops,
                              padding)
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout, dotted
 
 __all__ = ["GoogLeNet", "Inception", "InceptionConfig", "INCEPTIONS", "ConvUnit", "collect_aux_logits",
            "imagenet_to_half_range", "sow_latest"]
@@ -243,12 +245,26 @@ def collect_aux_logits(mutated: dict) -> list[jnp.ndarray]:
     heads = mutated.get("aux_logits", {})
     return [heads[name]["logits"][-1] for name in sorted(heads)]
 
+
+# torchvision flattens each auxiliary head's (C, 4, 4) maps into its fc1. Its published checkpoint lacks the
+# auxiliary heads ("the auxiliary heads in the pretrained googlenet model are NOT pretrained", its builder
+# warns), so they may be initialised afresh.
+TORCH_LAYOUT = TorchLayout(
+    heads=(("fc",), ("aux1", "fc2"), ("aux2", "fc2")),
+    module_name=dotted,
+    flattened={("aux1", "fc1"): lambda model: (4, 4), ("aux2", "fc1"): lambda model: (4, 4)},
+    aux_heads=("aux1", "aux2"),
+    untrained=(("aux1",), ("aux2",)),
+)
+
 _PAPER = "Szegedy et al., Going Deeper with Convolutions, CVPR 2015 (arXiv:1409.4842)"
 register(
     ModelSpec(
         name="googlenet",
         build=GoogLeNet,
         family="googlenet",
+        # torchvision's googlenet() turns transform_input on whenever weights are given.
+        torch_layout=dataclasses.replace(TORCH_LAYOUT, pretrained_overrides={"transform_input": True}),
         paper=_PAPER,
         input_size=224,
         torchvision="googlenet",
@@ -267,6 +283,7 @@ register(
         name="googlenet_paper",
         build=partial(GoogLeNet, batch_norm=False, lrn=True, wide_kernel=5, aux_pool="paper", dropout=0.4),
         family="googlenet",
+        torch_layout=TORCH_LAYOUT,
         paper=_PAPER,
         input_size=224,
         description="the paper's GoogLeNet: LRN, true 5x5 branches, auxiliary heads",

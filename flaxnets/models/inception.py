@@ -19,6 +19,7 @@ from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, GlobalAvgPool, Ops
 from flaxnets.models.googlenet import ConvUnit, imagenet_to_half_range, sow_latest
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout, joined
 
 __all__ = ["InceptionV3", "InceptionBlock", "Conv", "Pair", "STEM", "MIXED", "AUX_MIN_MAP"]
 
@@ -281,11 +282,17 @@ class InceptionV3(nn.Module):
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
 
+# The modules carry torchvision's names. Its pretrained weights were trained with transform_input on
+# (torchvision's inception_v3() sets it whenever weights are given).
+TORCH_LAYOUT = TorchLayout(heads=(("fc",), ("AuxLogits", "fc")), module_name=joined, aux_heads=("AuxLogits",),
+                           pretrained_overrides={"transform_input": True})
+
 register(
     ModelSpec(
         name="inception_v3",
         build=InceptionV3,
         family="inception",
+        torch_layout=TORCH_LAYOUT,
         paper="Szegedy et al., Rethinking the Inception Architecture for Computer Vision, CVPR 2016 "
               "(arXiv:1512.00567)",
         input_size=299,

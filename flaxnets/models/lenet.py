@@ -14,6 +14,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["LeNet5"]
 
@@ -87,6 +88,8 @@ class LeNet5(nn.Module):
             x = dense(self.num_classes, name="fc3")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
+TORCH_LAYOUT = TorchLayout(heads=(("fc3",),))  # torchvision has no LeNet: only the class layer is declared
+
 _PAPER = "LeCun et al., Gradient-Based Learning Applied to Document Recognition, Proc. IEEE 1998"
 # name, fields, description, parameters at 10 classes
 for _name, _fields, _what, _count in (
@@ -100,6 +103,7 @@ for _name, _fields, _what, _count in (
             name=_name,
             build=partial(LeNet5, **_fields),
             family="lenet",
+            torch_layout=TORCH_LAYOUT,
             paper=_PAPER,
             input_size=28,
             num_classes=10,

@@ -14,6 +14,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["NiN", "NiNBlock"]
 
@@ -90,11 +91,15 @@ class NiN(nn.Module):
             x = block(self.num_classes, 3, pad=1, name="block4")(x)
         return GlobalAvgPool(name="avgpool")(x).astype(jnp.promote_types(self.dtype, jnp.float32))
 
+# torchvision has no NiN; every layer of its last mlpconv block has num_classes channels.
+TORCH_LAYOUT = TorchLayout(heads=(("block4",),))
+
 register(
     ModelSpec(
         name="nin",
         build=NiN,
         family="nin",
+        torch_layout=TORCH_LAYOUT,
         paper="Lin, Chen, Yan, Network In Network, ICLR 2014 (arXiv:1312.4400)",
         input_size=224,
         description="Network in Network as in d2l: four mlpconv blocks, no dense layer",

@@ -20,6 +20,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, BatchNorm, GlobalAvgPool, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout, dotted
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck", "drop_path_rates"]
 
@@ -236,6 +237,12 @@ def drop_path_rates(rate: float, blocks: int) -> list[float]:
     return [rate * index / max(blocks - 1, 1) for index in range(blocks)]
 
 
+# torchvision's projection shortcut is `downsample = Sequential(conv1x1, BatchNorm2d)`.
+TORCH_LAYOUT = TorchLayout(
+    heads=(("fc",),),
+    module_name=partial(dotted, renamed={"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}),
+)
+
 _PAPER = "He et al., Deep Residual Learning for Image Recognition, CVPR 2016 (arXiv:1512.03385)"
 _DEPTHS = {
     18: ((2, 2, 2, 2), BasicBlock, 11_689_512, 1.814, 69.758),
@@ -251,6 +258,7 @@ for _depth, (_stages, _block, _params, _gflops, _top1) in _DEPTHS.items():
             name=f"resnet{_depth}",
             build=partial(ResNet, stage_sizes=_stages, block=_block),
             family="resnet",
+            torch_layout=TORCH_LAYOUT,
             paper=_PAPER,
             input_size=224,
             torchvision=f"resnet{_depth}",
@@ -271,6 +279,7 @@ for _depth, _count in ((18, 11_173_962), (34, 21_282_122), (50, 23_520_842)):
             name=f"resnet{_depth}_cifar",
             build=partial(ResNet, stage_sizes=_stages, block=_block, stem="cifar"),
             family="resnet",
+            torch_layout=TORCH_LAYOUT,
             paper=_PAPER,
             input_size=32,
             num_classes=10,
@@ -297,6 +306,7 @@ for _name, (_stages, _groups, _per_group, _params, _gflops, _top1) in _VARIANTS.
             name=_name,
             build=partial(ResNet, stage_sizes=_stages, block=Bottleneck, groups=_groups, width_per_group=_per_group),
             family="resnet",
+            torch_layout=TORCH_LAYOUT,
             paper=_RESNEXT if _groups > 1 else _WIDE,
             input_size=224,
             torchvision=_name,
@@ -317,6 +327,7 @@ register(
         name="resnext29_8x64d",
         build=partial(ResNet, stage_sizes=(3, 3, 3), block=Bottleneck, stem="cifar", groups=8, width_per_group=64),
         family="resnet",
+        torch_layout=TORCH_LAYOUT,
         paper=_RESNEXT,
         input_size=32,
         num_classes=10,
@@ -337,6 +348,7 @@ for _depth, _count in _CIFAR_DEPTHS.items():
             name=f"resnet{_depth}",
             build=partial(ResNet, stage_sizes=(_n, _n, _n), block=BasicBlock, stem="cifar", width=16, shortcut="pad"),
             family="resnet",
+            torch_layout=TORCH_LAYOUT,
             paper=_PAPER,
             input_size=32,
             num_classes=10,

@@ -15,6 +15,7 @@ from flaxnets.features import tap
 from flaxnets.input_size import checks_input_size
 from flaxnets.layers import PLAIN, AdaptiveAvgPool, BatchNorm, Ops, padding
 from flaxnets.registry import ModelSpec, register
+from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["VGG", "CONFIGS", "D2L_CONV_ARCH", "layer_table"]
 
@@ -131,6 +132,29 @@ class VGG(nn.Module):
             x = dense(self.num_classes, name=f"fc{len(self.hidden) + 1}")(x)
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))
 
+
+def _torch_name(model: VGG, path: tuple[str, ...]) -> str:
+    """torchvision's ``make_layers``: ``features`` holds Conv, [BatchNorm], ReLU per width and MaxPool per "M";
+    ``classifier`` is (Linear, ReLU, Dropout) per hidden layer, then the class layer."""
+    table, index, conv = {}, 0, 0
+    for layer in layer_table(model.config):
+        if layer == "M":
+            index += 1
+            continue
+        conv += 1
+        table[f"conv{conv}"] = f"features.{index}"
+        if model.batch_norm:
+            table[f"bn{conv}"] = f"features.{index + 1}"
+        index += 3 if model.batch_norm else 2
+    for layer in range(len(model.hidden) + 1):
+        table[f"fc{layer + 1}"] = f"classifier.{3 * layer}"
+    return table[path[0]]
+
+
+# torchvision flattens the (C, 7, 7) maps of its avgpool (`pool_size`) into fc1.
+TORCH_LAYOUT = TorchLayout(heads=(("fc3",),), module_name=_torch_name,
+                           flattened={("fc1",): lambda model: tuple(model.pool_size)})
+
 _PAPER = "Simonyan and Zisserman, Very Deep Convolutional Networks, ICLR 2015 (arXiv:1409.1556)"
 # torchvision's published numbers: (params, params with BN, GFLOPS, top-1, top-1 with BN).
 _REFERENCE = {
@@ -147,6 +171,7 @@ for _name, (_params, _params_bn, _gflops, _top1, _top1_bn) in _REFERENCE.items()
                 name=f"{_name}_bn" if _bn else _name,
                 build=partial(VGG, config=CONFIGS[_name], batch_norm=_bn),
                 family="vgg",
+                torch_layout=TORCH_LAYOUT,
                 paper=_PAPER,
                 input_size=224,
                 torchvision=f"{_name}_bn" if _bn else _name,
@@ -164,6 +189,7 @@ register(
         name="vgg16_cifar",
         build=partial(VGG, config=CONFIGS["vgg16"], batch_norm=True, pool_size=None),
         family="vgg",
+        torch_layout=TORCH_LAYOUT,
         paper=_PAPER,
         input_size=32,
         num_classes=10,
