@@ -41,3 +41,27 @@ def reference_step():
                           num_classes=run.data.num_classes, axis_name=None)
         return jax.jit(lambda state, batch: step(state, batch))
     return make
+
+
+# The files whose module- and session-scoped fixtures train runs: under `pytest -n`, each runs on one worker,
+# so that those runs are made once rather than once on each worker (with xdist's default "load" they were
+# made twice: 40-90 s of the suite). xdist's own `--dist loadgroup` does not group under pytest 9.2 (it
+# renames `item._nodeid`, which pytest no longer reads), hence this scheduler.
+ONE_WORKER_FILES = ("test_train_cli.py", "test_plots.py", "test_reliability.py")
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: a hook of pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's "load" with the tests of each `ONE_WORKER_FILES` file as one unit of work. Units are handed
+    out largest first (``--loadscope-reorder``, xdist's default), so these long files start first and the
+    single tests fill in around them."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixturesOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path.rsplit("/", 1)[-1] in ONE_WORKER_FILES else nodeid
+
+    return SharedFixturesOnOneWorker(config, log)

@@ -86,7 +86,8 @@ def test_auxiliary_logits_never_enter_the_state():
         _, heads = step(model)
     assert heads == 2 and len(traces) == 1 and jax.tree.structure(nnx.state(model)) == before
     model.eval()
-    assert model.forward_aux(x)[1] == []
+    # Jitted: an eager GoogLeNet took 10 s of the test, the compiled one 1 s; the list of heads is as static.
+    assert nnx.jit(lambda model: model.forward_aux(x)[1])(model) == []
 
 
 def test_save_and_load_a_folder_and_reset_the_head(tmp_path, lenet):
