@@ -1,7 +1,7 @@
 """`flaxnets.export` and ``python -m flaxnets export``: StableHLO reloaded in a fresh process, ONNX run by
 onnxruntime, and no file written when the exported program disagrees with the JAX model.
 
-The README's table of families and formats is the list below; the families named in STABLEHLO_FAMILIES
+The table of families and formats in docs/research.md is the list below; the families named in STABLEHLO_FAMILIES
 and ONNX_FAMILIES are exported here with a small member at a small input at every run, the others in
 the sweep recorded in benchmarks/RESULTS.md (``python -m benchmarks.exports``).
 """
@@ -29,7 +29,7 @@ needs_onnx = pytest.mark.skipif(
     any(__import__("importlib").util.find_spec(p) is None for p in ("jax2onnx", "onnxruntime")),
     reason="ONNX export needs jax2onnx and onnxruntime: pip install 'flaxnets[export]'")
 
-# family: (a small member, its options, input side); the README's export table has one row per family.
+# family: (a small member, its options, input side); docs/research.md's export table has one row per family.
 FAMILIES = {
     "lenet": ("lenet5_bn", {}, 28),
     "alexnet": ("alexnet_small", {}, 16),
