@@ -2,7 +2,7 @@
 architecture (random weights, ``NAME:SIDE``, the side defaulting to the architecture's own) with
 `flaxnets.export` and print how long it took and how closely the file agreed with the JAX model.
 
-The table of families and formats in the README rests on this sweep (figures in benchmarks/RESULTS.md);
+The table of families and formats in docs/research.md rests on this sweep (figures in benchmarks/RESULTS.md);
 tests/test_export.py repeats one small member per family at every run. Files go to a temporary folder
 and are deleted.
 """
