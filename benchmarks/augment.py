@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from benchmarks.common import BenchmarkError, environment, markdown_table, measure, run_cli, write_results
-from train.config import CommandParser
+from train.arguments import CommandParser
 
 POLICIES = ("ta_wide", "ra")
 

@@ -26,6 +26,7 @@ import sys
 from typing import Any, Sequence
 
 from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli, write_results
+from train.arguments import CommandParser
 
 __all__ = ["VARIANTS", "compare_variants", "main"]
 
@@ -78,7 +79,7 @@ COLUMNS = (("arch", "arch"), ("batch", "batch"), ("size", "input"), ("variant", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_kernels", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.cpu_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet18,alexnet,googlenet", help="architectures, comma-separated")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=None, help="input side (default: each architecture's own)")

@@ -32,6 +32,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks.common import BenchmarkError, as_request, environment, markdown_table, run_cli, write_results
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -104,7 +105,7 @@ def flops_row(arch: str | ModelRequest) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="*", help="registry pattern, e.g. 'resnet*' (default: every architecture)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     add_model_arguments(parser)

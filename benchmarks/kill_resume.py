@@ -33,7 +33,8 @@ import time
 import numpy as np
 
 from train.cli import run_command
-from train.config import CommandParser, ConfigError
+from train.arguments import CommandParser
+from train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ("--arch", "lenet5", "--dataset", "digits", "--batch-size", "64", "--schedule", "constant", "--warmup-epochs",

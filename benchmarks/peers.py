@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
+from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
 
@@ -231,7 +232,7 @@ COLUMNS = (("arch", "arch"), ("peer", "peer"), ("images_per_s", "images/s"), ("i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     parser.add_argument("--batch", type=int, default=256)

@@ -31,6 +31,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks.common import BenchmarkError, as_request, environment, run_cli, write_results
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -119,7 +120,7 @@ def _print_table(request: ModelRequest, rows: Sequence[dict[str, Any]], batch: i
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="alexnet")
     parser.add_argument("--batch", type=int, default=1, help="images per batch (activations scale with it)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype")

@@ -23,7 +23,6 @@ time of each kernel (summed by name, grouped by kind) to ``DIR/kernels_<variant>
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -46,6 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
 from flaxnets.layers import BatchNorm
+from train.arguments import CommandParser
 
 __all__ = ["FORMULATIONS", "FormulatedBatchNorm", "kernel_profile", "main"]
 
@@ -232,7 +232,7 @@ def _variant(text: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.step_variants``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_variants", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.step_variants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", help="a member of the ResNet family")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=None)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks.common import (BenchmarkError, add_kernels_option, as_request, environment, kernels_argument,
                                markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -106,7 +107,7 @@ COLUMNS = (("arch", "arch"), ("mode", "mode"), ("batch", "batch"), ("size", "inp
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
+    parser = CommandParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
     parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
     parser.add_argument("--all", action="store_true", help="every registered architecture at its native size")
     parser.add_argument("--batch", type=int, default=None,

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from benchmarks.common import (BenchmarkError, add_kernels_option, environment, kernels_argument, run_cli,
                                write_results)
+from train.arguments import CommandParser
 
 __all__ = ["load_torch", "compare", "main"]
 
@@ -163,7 +164,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_torch", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.vs_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet18",
                         help=f"architecture(s), comma-separated, or 'all' for {', '.join(DEFAULT_ARCHS)}")
     parser.add_argument("--batch", type=int, default=32)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from train.config import Config, ConfigError, parse_args
+from train.arguments import parse_args
+from train.config import Config, ConfigError
 
 
 @pytest.mark.parametrize("argv, message", [

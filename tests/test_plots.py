@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from train import figures, loop, lr_find, plots
-from train.config import Config, ConfigError, parse_args
+from train.arguments import parse_args
+from train.config import Config, ConfigError
 from train.data import load_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

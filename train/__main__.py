@@ -4,7 +4,7 @@ import os
 import sys
 
 # Only what is light at the top: every Grain worker process of a streamed run imports this module again.
-from train.config import parse_args
+from train.arguments import parse_args
 
 
 def done_line(config, results: dict) -> str:

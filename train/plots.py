@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Sequence
 
+from train.arguments import CommandParser
 from train.cli import run_command
 from train.figures import plot_samples, write_run_plots
 
@@ -61,8 +62,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train.plots samples|run ...``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m train.plots", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     samples = commands.add_parser("samples", help="one training image per class of a dataset")
     samples.add_argument("--dataset", required=True, help="digits, mnist, fashion_mnist, ...")
