@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli
 from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
-    parser.add_argument("--out", help="folder for the JSON results (default: print only)")
+    add_out_option(parser)
     return parser
 
 

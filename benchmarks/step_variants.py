@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli
 from flaxnets.layers import BatchNorm
 from train.arguments import CommandParser
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plain-flax", action="store_true", help="also time (and profile) benchmarks.plain_flax")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write kernel profiles of the first and the fastest variant here")
-    parser.add_argument("--out", default=None, help="folder for the JSON results (default: print only)")
+    add_out_option(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -1,5 +1,6 @@
 """Every command's ``--help`` as a terminal shows it: plain words (no reST backticks from the docstrings it
-quotes), and the trainer's flags each in one titled group. The parsers are built, never run."""
+quotes), and the trainer's flags each in one titled group; and no benchmark has a place it writes to
+unless told. The parsers are built, never run."""
 
 from __future__ import annotations
 
@@ -67,3 +68,11 @@ def test_every_flag_of_the_trainer_is_in_exactly_one_titled_group():
     assert untitled == ["help"]
     assert len(placed) == len(set(placed))
     assert set(placed) == {field.name for field in dataclasses.fields(Config)} | {"config"}
+
+
+@pytest.mark.parametrize("command", [command for command in COMMANDS if command.startswith("benchmarks.")])
+def test_a_benchmark_writes_only_into_a_folder_or_file_it_is_given(command, monkeypatch):
+    for parser in _parsers(command, monkeypatch):
+        for action in parser._actions:
+            if action.dest in ("out", "json", "folder"):
+                assert action.default is None, f"{parser.prog} {action.option_strings[0]} has a default"
