@@ -31,3 +31,13 @@ def test_config_file_and_flags(tmp_path):
     path.write_text('{"arch": "resnet18", "epoch": 3}')
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_args(["--config", str(path)])
+
+
+def test_a_count_of_one_is_singular_in_what_the_trainer_says():
+    from train.__main__ import done_line
+    from train.text import count
+
+    assert [count(1, "epoch"), count(3, "epoch"), count(12_000, "image"), count(2, "process", "processes")] == [
+        "1 epoch", "3 epochs", "12,000 images", "2 processes"]
+    results = {"test_top1": 0.5, "epoch": 1}
+    assert "after 1 epoch;" in done_line(Config(epochs=1), results)

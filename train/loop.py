@@ -27,6 +27,7 @@ from train.data import DataError, parse_val_split
 from train.parallel import host
 from train.report import Reporter
 from train.run import Run, build_run
+from train.text import count
 from train.workdir import Lock, WorkdirBusy
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "evaluate", "evaluate_checkpoint", "usable_workdir",
@@ -412,7 +413,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
                 checkpoints.save(step, state, meta(epoch + 1, 0))
                 _stopped(stop.signum, step, checkpoints, reporter)
     if not results:
-        reporter.info(f"{workdir} already holds a run of {config.epochs} epochs (step {start_step}); scoring it.")
+        reporter.info(f"{workdir} already holds a run of {count(config.epochs, 'epoch')} (step {start_step}); scoring it.")
         results = {"epoch": config.epochs, "step": start_step, **evaluate(run, feed, state)}
     best = checkpoints.best()
     if best is not None:
