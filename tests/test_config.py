@@ -41,3 +41,17 @@ def test_a_count_of_one_is_singular_in_what_the_trainer_says():
         "1 epoch", "3 epochs", "12,000 images", "2 processes"]
     results = {"test_top1": 0.5, "epoch": 1}
     assert "after 1 epoch;" in done_line(Config(epochs=1), results)
+
+
+def test_an_evaluation_loss_far_above_the_training_loss_is_explained_once(tmp_path):
+    import io
+
+    from train.report import Reporter
+
+    stream = io.StringIO()
+    reporter = Reporter(str(tmp_path), 10, stream=stream)
+    for test_loss in (0.5, 21.9, 62.5):
+        reporter.epoch(f"epoch line {test_loss}", {"train_loss": 2.0, "test_loss": test_loss})
+    lines = stream.getvalue().splitlines()
+    assert lines[:3] == ["epoch line 0.5", "epoch line 21.9", lines[2]] and "BatchNorm" in lines[2]
+    assert lines[3:] == ["epoch line 62.5"]

@@ -405,7 +405,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
                        **evaluate(run, feed, state),
                        "images_per_sec": epoch_examples / epoch_time, "epoch_time_s": epoch_time}
             reporter.record(results)
-            reporter.info(_epoch_line(results, config.epochs))
+            reporter.epoch(_epoch_line(results, config.epochs), results)
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
                 checkpoints.save(step, state, meta(epoch + 1, 0), metrics=selection_metrics(run, results))
                 last_good = step

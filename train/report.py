@@ -23,6 +23,10 @@ from train.workdir import Unreadable, WorkdirError, read_records
 
 __all__ = ["Reporter"]
 
+# An evaluation loss this many times the training loss gets the note of `Reporter.epoch`: the training
+# loss is the mean over an epoch of augmented batches, so a few times either way is ordinary.
+FAR = 5.0
+
 
 class Reporter:
     """Progress and metric records for one run."""
@@ -36,6 +40,7 @@ class Reporter:
         self._bar = None
         self._writer = None
         self._jsonl = None
+        self._explained = False
 
     def info(self, message: str) -> None:
         if not self.primary:
@@ -44,6 +49,19 @@ class Reporter:
             self._bar.write(message, file=self.stream)
         else:
             print(message, file=self.stream, flush=True)
+
+    def epoch(self, line: str, results: dict[str, Any]) -> None:
+        """An epoch's ``line``; the first time an evaluation loss is far above the training loss, a note of why
+        that is expected early on rather than a sign of a broken run."""
+        self.info(line)
+        far = [split for split in ("val", "test") if results.get(f"{split}_loss", 0) > FAR * results["train_loss"]
+               and results[f"{split}_loss"] > 1]
+        if far and not self._explained:
+            self._explained = True
+            self.info(f"note: the {far[0]} loss is far above the training loss. Early in a run that is usually "
+                      "BatchNorm: evaluation uses its running statistics, a slow average that still lags the "
+                      "quickly changing weights; it closes as the learning rate falls (see the README's training "
+                      "section).")
 
     def warn(self, message: str) -> None:
         """A warning: one line on stderr (with the progress bar kept intact)."""
