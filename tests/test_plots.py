@@ -100,6 +100,17 @@ def test_the_plots_command_redraws_them_from_a_checkpoint(tiny_run, tmp_path, ca
     assert "wrote" in capsys.readouterr().out
 
 
+def test_the_plots_command_keeps_plots_already_there_unless_told_to_replace_them(tmp_path):
+    folder = str(tmp_path / "plots")
+    assert plots._out_dir(folder, overwrite=False) == (folder, None)  # none yet
+    os.makedirs(folder)
+    (tmp_path / "plots" / "curves.png").write_bytes(b"an earlier plot")
+    assert plots._out_dir(folder, overwrite=False) == (f"{folder}-2", folder)
+    os.makedirs(f"{folder}-2")
+    assert plots._out_dir(folder, overwrite=False) == (f"{folder}-3", folder)
+    assert plots._out_dir(folder, overwrite=True) == (folder, None)
+
+
 def test_the_plots_command_names_a_missing_workdir(tmp_path, capsys):
     assert plots.main(["run", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
