@@ -55,3 +55,28 @@ def test_an_evaluation_loss_far_above_the_training_loss_is_explained_once(tmp_pa
     lines = stream.getvalue().splitlines()
     assert lines[:3] == ["epoch line 0.5", "epoch line 21.9", lines[2]] and "BatchNorm" in lines[2]
     assert lines[3:] == ["epoch line 62.5"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_is_updated_in_place_on_a_terminal_and_whole_lines_elsewhere(tmp_path, monkeypatch, terminal):
+    import io
+
+    from train.report import Reporter
+
+    class Stream(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    monkeypatch.setenv("COLUMNS", "50")
+    monkeypatch.setenv("TERM", "xterm")
+    stream = Stream()
+    reporter = Reporter(str(tmp_path), 20, stream=stream, tensorboard=False)
+    reporter.start(0)
+    for step in (10, 20):
+        reporter.progress(step, 1, 2.0414, 0.2962, 0.0455, 21.0)
+    reporter.close()
+    text = stream.getvalue()
+    if terminal:  # redrawn after a carriage return, never wider than the terminal (a wider one wraps)
+        assert text.count("\r") >= 2 and all(len(part.rstrip("\n")) <= 50 for part in text.split("\r"))
+    else:
+        assert "\r" not in text and text.splitlines()[-1].startswith("step 20/20 epoch 1 loss 2.0414")

@@ -1,5 +1,5 @@
-"""What a run shows and records: a progress bar on a terminal (plain lines otherwise), ``metrics.jsonl``
-and TensorBoard event files in the workdir. Only process 0 writes.
+"""What a run shows and records: a progress bar updated in place on a terminal (whole lines otherwise: a file,
+a pipe, a CI log), ``metrics.jsonl`` and TensorBoard event files in the workdir. Only process 0 writes.
 
 ``metrics.jsonl`` holds one line per completed epoch, whatever happened to the run: when it (re)starts from
 the checkpoint of step S, lines of later steps (epochs it will train again: the process died after writing
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -86,9 +87,14 @@ class Reporter:
                 self._writer = ScalarWriter(os.path.join(self.workdir, "tensorboard"), restart_step=step + 1)
             except OSError as error:  # TensorBoard is a convenience, never a failure
                 self.warn(f"warning: TensorBoard logging is off ({error}).")
-        if self.stream.isatty():
+        if self.stream.isatty() and os.environ.get("TERM") != "dumb":  # a dumb terminal ignores the carriage return
             from tqdm import tqdm
-            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream, dynamic_ncols=True)
+
+            # A bar wider than the terminal wraps, and the carriage return then redraws only its last row: the
+            # bar is printed again instead of updated. tqdm trims to a width it knows, and some terminals
+            # (IDE consoles, emulators behind a pseudo-tty) tell it none, so it gets one (COLUMNS, else 80).
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream,
+                             ncols=shutil.get_terminal_size().columns)
 
     def progress(self, step: int, epoch: int, loss: float, accuracy: float, lr: float, images_per_sec: float) -> None:
         if not self.primary:
