@@ -8,6 +8,7 @@
 * ``step_variants``: the train step under each BatchNorm formulation and kernel set, with a kernel profile;
 * ``gpu``: the steps of ``bash benchmarks/gpu_run.sh``, everything claimed for GPUs in one short run.
 
-Every result states its conditions (device, versions, batch, dtype, input size, repeats, median and spread)
-and is written as JSON and CSV under ``benchmarks/results/``; `benchmarks/RESULTS.md` holds the tables.
+Every result states its conditions (device, versions, batch, dtype, input size, repeats, median and spread);
+it is printed, and written as JSON and CSV only into a folder named by ``--out DIR`` (the committed ones
+are in ``benchmarks/results/``). `benchmarks/RESULTS.md` holds the tables.
 """

@@ -10,7 +10,7 @@ The device figure is a whole batch through ``jit(vmap(policy))`` (compiled once,
 with ``block_until_ready``; the host figure is torchvision's transform over the same images one by one in
 this process (one core; a pool of workers multiplies it by at most the number of cores). torchvision is
 the ``parity`` extra; without it the host rows are skipped and say why. Results go to
-``benchmarks/results/augment_<device>.json`` and ``.csv`` unless ``--no-write``.
+``DIR/augment_<device>.json`` and ``.csv`` with ``--out DIR``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, measure, run_cli, write_results
-from train.config import CommandParser
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, measure, run_cli, write_results
+from train.arguments import CommandParser
 
 POLICIES = ("ta_wide", "ra")
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256, help="images per measurement (default: 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported (default: 5)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -95,10 +95,10 @@ def main(argv=None) -> int:
         print(markdown_table(rows, [("policy", "policy"), ("side", "side"), ("where", "where"),
                                     ("images_per_s", "images/s (median)"), ("min_max", "min-max"),
                                     ("compile_s", "compile s")]))
-        if not args.no_write:
+        if args.out:
             import jax
 
-            paths = write_results(f"augment_{jax.devices()[0].platform}", rows, conditions)
+            paths = write_results(f"augment_{jax.devices()[0].platform}", rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -1,5 +1,7 @@
 """What every benchmark shares: the conditions of a measurement, timing, device peaks and MFU, the
-compiled steps that are measured, and where results are written.
+compiled steps that are measured, and where results are written: only into a folder the user names
+(``--out DIR``), so that a benchmark run to try something never replaces the committed figures of
+``benchmarks/results/`` (``--out benchmarks/results`` does, when asked).
 
 A benchmarked step is the trainer's own `train.step.train_step` (forward, backward, SGD with momentum,
 the old state donated) or a jitted inference ``apply``, on synthetic data that already lives on the
@@ -10,6 +12,7 @@ compile a second program per model, which costs more than the benchmark itself o
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -41,7 +44,7 @@ __all__ = [
     "synthetic_variables",
     "Step",
     "build_step",
-    "RESULTS_DIR",
+    "add_out_option",
     "write_results",
     "run_cli",
     "parse_dtype",
@@ -52,9 +55,6 @@ __all__ = [
     "add_kernels_option",
     "kernels_argument",
 ]
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
 
 class BenchmarkError(ValueError):
     """A benchmark cannot run as asked (bad argument, too few devices); the message says why in one sentence."""
@@ -440,11 +440,19 @@ def build_step(
 # results
 
 
+def add_out_option(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``, where a benchmark writes its results; without it the benchmark only prints them."""
+    parser.add_argument("--out", type=Path, metavar="DIR", help="folder to write the results into (default: print "
+                        "only; --out benchmarks/results replaces the committed ones)")
+    # Printing only is the default now; the flag stays so that commands written before still run.
+    parser.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)
+
+
 def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[str, Any],
-                  folder: Path | str | None = None) -> tuple[Path, Path]:
+                  folder: Path | str) -> tuple[Path, Path]:
     """Write ``rows`` as ``<name>.json`` (with the conditions) and ``<name>.csv`` (one row per line,
-    conditions repeated in each row) under ``folder`` (default `RESULTS_DIR`); return both paths."""
-    folder = Path(folder) if folder is not None else RESULTS_DIR
+    conditions repeated in each row) under ``folder`` (`add_out_option`'s); return both paths."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]
     json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"

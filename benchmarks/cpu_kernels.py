@@ -15,7 +15,7 @@ Reported per variant: median and range of the step time and the speed of ``cpu``
 (``cpu_speedup`` above 1 means the full kernel set is that much faster). The fences are speed work
 only: tests/test_cpu.py checks that every variant computes the same numbers. Run it on a quiet machine
 after changing anything in `flaxnets.cpu` or upgrading jaxlib; results go to
-benchmarks/results/cpu_kernels_<tag>.{json,csv} and the table in benchmarks/RESULTS.md.
+DIR/cpu_kernels_<tag>.{json,csv} with ``--out DIR``, and the table to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli, write_results
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli, write_results
+from train.arguments import CommandParser
 
 __all__ = ["VARIANTS", "compare_variants", "main"]
 
@@ -78,14 +79,14 @@ COLUMNS = (("arch", "arch"), ("batch", "batch"), ("size", "input"), ("variant", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_kernels", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.cpu_kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet18,alexnet,googlenet", help="architectures, comma-separated")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=None, help="input side (default: each architecture's own)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of each variant, in turn")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tag", default="", help="suffix of the results files")
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     return parser
 
 
@@ -106,11 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [row for arch in archs for row in compare_variants(arch, args.batch, args.size, args.repeats,
                                                                  args.warmup)]
         print(markdown_table(rows, COLUMNS))
-        if not args.no_write:
+        if args.out:
             conditions = {**environment(), "command": "python -m benchmarks.cpu_kernels "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
             name = f"cpu_kernels_b{args.batch}" + (f"_{args.tag}" if args.tag else "")
-            paths = write_results(name, rows, conditions)
+            paths = write_results(name, rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -9,7 +9,6 @@ and are deleted.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 
 import flaxnets
 from flaxnets.export import ExportError, export
+from train.arguments import CommandParser
 
 
 def export_one(name: str, side: int | None, fmt: str, folder: str) -> str:
@@ -36,7 +36,7 @@ def export_one(name: str, side: int | None, fmt: str, folder: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.exports", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.exports", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", required=True, help="comma-separated NAME or NAME:SIDE")
     parser.add_argument("--format", choices=("stablehlo", "onnx"), default="stablehlo")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ parameters are those of torchvision's reference count, which has Inception v3's 
   (``elementwise_gflops``). ``xla_gmacs + padding_gmacs`` is what XLA would report without the first.
 
 Nothing is compiled: the forward pass is traced with abstract shapes and lowered, which takes well under a
-second per architecture. Results: benchmarks/results/flops.{json,csv} for every architecture; a subset is
+second per architecture. Results with ``--out DIR``: DIR/flops.{json,csv} for every architecture; a subset is
 named after its pattern (``--arch 'resnet*'``: ``flops_resnet``) and a variant after what differs from the
 defaults (``flops_c1_k10``); and benchmarks/RESULTS.md.
 """
@@ -31,7 +31,8 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import BenchmarkError, as_request, environment, markdown_table, run_cli, write_results
+from benchmarks.common import BenchmarkError, add_out_option, as_request, environment, markdown_table, run_cli, write_results
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -104,9 +105,9 @@ def flops_row(arch: str | ModelRequest) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="*", help="registry pattern, e.g. 'resnet*' (default: every architecture)")
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     add_model_arguments(parser)
     return parser
 
@@ -140,12 +141,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({worst['arch']}); XLA vs torchvision: largest {worst_xla['xla_vs_torchvision_pct']:+.2f}% "
                   f"({worst_xla['arch']}), of which padding taps explain "
                   f"{-100 * worst_xla['padding_gmacs'] / worst_xla['torchvision_gflops']:+.2f} points")
-        if not args.no_write:
+        if args.out:
             conditions = {**environment(), "command": "python -m benchmarks.flops "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
             # A subset of the architectures goes to a file of its own: the table of every one stays whole.
             subset = "" if args.arch == "*" else "_" + (re.sub(r"[^A-Za-z0-9]+", "-", args.arch).strip("-") or "subset")
-            paths = write_results(f"flops{subset}{requests[0].tag()}", rows, conditions)
+            paths = write_results(f"flops{subset}{requests[0].tag()}", rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

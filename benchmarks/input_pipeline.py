@@ -48,7 +48,8 @@ from typing import Callable
 
 import numpy as np
 
-from train.config import CommandParser, ConfigError
+from train.arguments import CommandParser
+from train.config import ConfigError
 
 
 def _generate(task: tuple[str, int, int]) -> None:

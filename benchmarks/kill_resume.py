@@ -13,7 +13,7 @@ a step chosen at random one to two epochs beyond its last checkpoint (every step
 survived when the next run of the same command goes on from the checkpoints the killed one left, without
 an error. Reported: kills, kills mid-save, kills survived, checkpoints bitwise equal to the uninterrupted
 run's, epochs logged once in metrics.jsonl and in TensorBoard, unfinished saves left behind, and the wall
-time; as a table and as JSON in ``benchmarks/results/kill_resume.json``.
+time; as a table and as JSON in ``DIR/kill_resume.json`` with ``--out DIR``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import time
 
 import numpy as np
 
+from benchmarks.common import add_out_option
+from train.arguments import CommandParser
 from train.cli import run_command
-from train.config import CommandParser, ConfigError
+from train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = ("--arch", "lenet5", "--dataset", "digits", "--batch-size", "64", "--schedule", "constant", "--warmup-epochs",
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=12, help="epochs of LeNet-5 on the digits (22 steps each)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of kill moments")
     parser.add_argument("--folder", help="where the workdirs go (default: a temporary folder, removed after)")
-    parser.add_argument("--no-write", action="store_true", help="do not write benchmarks/results/kill_resume.json")
+    add_out_option(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.kills <= 1000 or not 2 <= args.epochs <= 1000:
         parser.error("--kills must be from 1 to 1000 and --epochs from 2 to 1000")
@@ -190,8 +192,9 @@ def main(argv=None) -> int:
         width = max(map(len, result))
         for key, value in result.items():
             print(f"{key:<{width}}  {value}")
-        if not args.no_write:
-            path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kill_resume.json")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = str(args.out / "kill_resume.json")
             with open(path + ".tmp", "w") as handle:
                 json.dump(result, handle, indent=2)
             os.replace(path + ".tmp", path)

@@ -12,7 +12,6 @@ decision it informs, and the figures, are in benchmarks/RESULTS.md ("Flax NNX: b
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,6 +23,8 @@ from flax import nnx
 
 import flaxnets
 import flaxnets.nnx
+
+from train.arguments import CommandParser
 
 
 class NativeBlock(nnx.Module):
@@ -130,7 +131,7 @@ def measure(batch: int, repeats: int, reverse: bool = False) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.nnx", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.nnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--reverse", action="store_true", help="compile the variants in the opposite order")

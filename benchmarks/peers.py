@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli
+from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
 
@@ -231,7 +232,7 @@ COLUMNS = (("arch", "arch"), ("peer", "peer"), ("images_per_s", "images/s"), ("i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, from {', '.join(PEERS)}")
     parser.add_argument("--batch", type=int, default=256)
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
-    parser.add_argument("--out", help="folder for the JSON results (default: print only)")
+    add_out_option(parser)
     return parser
 
 

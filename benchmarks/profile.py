@@ -19,7 +19,7 @@ Memory for prediction and for training, estimated from the table (float32 weight
   ReLU applied between modules, are not listed and make the real figure somewhat larger).
 
 ``--compiled`` adds XLA's own figures from the memory analysis of the compiled train step and inference
-(this compiles both, seconds to minutes on a CPU). Results: benchmarks/results/profile_<arch>.{json,csv}, the
+(this compiles both, seconds to minutes on a CPU). Results with ``--out DIR``: DIR/profile_<arch>.{json,csv}, the
 name followed by what differs from the defaults (``profile_nin_c1_k10``).
 """
 
@@ -30,7 +30,8 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import BenchmarkError, as_request, environment, run_cli, write_results
+from benchmarks.common import BenchmarkError, add_out_option, as_request, environment, run_cli, write_results
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -119,13 +120,13 @@ def _print_table(request: ModelRequest, rows: Sequence[dict[str, Any]], batch: i
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="alexnet")
     parser.add_argument("--batch", type=int, default=1, help="images per batch (activations scale with it)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation dtype")
     parser.add_argument("--compiled", action="store_true",
                         help="also compile the train step and inference and report XLA's memory analysis")
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     add_model_arguments(parser, size_flags=("--input-size", "--size"))
     return parser
 
@@ -167,12 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 memory[f"xla_{mode}_bytes"] = step.memory_bytes()
                 print(f"XLA's memory analysis, {mode}: {_mib(memory[f'xla_{mode}_bytes'])} "
                       f"(compiled in {step.compile_s:.1f} s)")
-        if not args.no_write:
+        if args.out:
             conditions = {**environment(), "arch": args.arch, "batch": args.batch, "size": size,
                           "channels": request.in_channels, "num_classes": request.classes,
                           "model_args": dict(request.options), "dtype": args.dtype, **memory,
                           "command": "python -m benchmarks.profile " + " ".join(sys.argv[1:] if argv is None else argv)}
-            paths = write_results(f"profile_{args.arch}{request.tag()}", rows, conditions)
+            paths = write_results(f"profile_{args.arch}{request.tag()}", rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

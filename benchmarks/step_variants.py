@@ -23,7 +23,6 @@ time of each kernel (summed by name, grouped by kind) to ``DIR/kernels_<variant>
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import glob
@@ -44,8 +43,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from benchmarks.common import BenchmarkError, environment, markdown_table, run_cli
+from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli
 from flaxnets.layers import BatchNorm
+from train.arguments import CommandParser
 
 __all__ = ["FORMULATIONS", "FormulatedBatchNorm", "kernel_profile", "main"]
 
@@ -232,7 +232,7 @@ def _variant(text: str) -> tuple[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.step_variants``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_variants", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.step_variants", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet50", help="a member of the ResNet family")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--size", type=int, default=None)
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plain-flax", action="store_true", help="also time (and profile) benchmarks.plain_flax")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write kernel profiles of the first and the fastest variant here")
-    parser.add_argument("--out", default=None, help="folder for the JSON results (default: print only)")
+    add_out_option(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -29,7 +29,8 @@ import time
 import numpy as np
 
 from train.cli import run_command
-from train.config import CommandParser, Config, ConfigError
+from train.arguments import CommandParser
+from train.config import Config, ConfigError
 
 
 def measure(config: Config, steps: int, segments: int = 12) -> dict:

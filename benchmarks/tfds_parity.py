@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from train.cli import run_command
-from train.config import CommandParser
+from train.arguments import CommandParser
 
 
 def _pairs(images: np.ndarray, labels: np.ndarray) -> list[str]:

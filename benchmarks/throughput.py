@@ -16,7 +16,7 @@ overrides it; a CPU has no entry, so its MFU is left empty unless given).
 ``--all`` runs every registered architecture at the input size and class count it is meant for.
 ``--model-arg KEY=VALUE`` (repeatable) passes an option to every architecture measured, e.g.
 ``--arch lenet5 --model-arg batch_norm=true``.
-Results: benchmarks/results/throughput_<tag>.{json,csv}; the tables in benchmarks/RESULTS.md.
+Results with ``--out DIR``: DIR/throughput_<tag>.{json,csv}; the tables in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import statistics
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, as_request, environment, kernels_argument,
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, as_request, environment, kernels_argument,
                                markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
+from train.arguments import CommandParser
 
 if TYPE_CHECKING:
     from flaxnets.cli import ModelRequest
@@ -106,7 +107,7 @@ COLUMNS = (("arch", "arch"), ("mode", "mode"), ("batch", "batch"), ("size", "inp
 def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
+    parser = CommandParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
     parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
     parser.add_argument("--all", action="store_true", help="every registered architecture at its native size")
     parser.add_argument("--batch", type=int, default=None,
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernels_option(parser)
     add_model_arguments(parser, shape=False)
     parser.add_argument("--tag", default=None, help="results file suffix (default: from the arguments)")
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     return parser
 
 
@@ -155,12 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                kernels=kernels_argument(args.kernels))
                 for request in requests for mode in modes]
         print(markdown_table(rows, COLUMNS))
-        if not args.no_write:
+        if args.out:
             variant = request_from_args(archs[0], args).tag() if archs else ""  # the options, if any
             tag = args.tag or f"{'all' if args.all else '_'.join(archs)}{variant}_{args.mode}_b{batch}_{args.dtype}"
             conditions = {**environment(jax.devices()[:args.devices]), "command": "python -m benchmarks.throughput "
                           + " ".join(sys.argv[1:] if argv is None else argv)}
-            paths = write_results(f"throughput_{tag}", rows, conditions)
+            paths = write_results(f"throughput_{tag}", rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -27,8 +27,9 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, environment, kernels_argument, run_cli,
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, environment, kernels_argument, run_cli,
                                write_results)
+from train.arguments import CommandParser
 
 __all__ = ["load_torch", "compare", "main"]
 
@@ -163,7 +164,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.vs_torch", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.vs_torch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="resnet18",
                         help=f"architecture(s), comma-separated, or 'all' for {', '.join(DEFAULT_ARCHS)}")
     parser.add_argument("--batch", type=int, default=32)
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an XLA debug option for the flaxnets executable only (repeatable)")
     add_kernels_option(parser)
     parser.add_argument("--tag", default="", help="suffix of the results files")
-    parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    add_out_option(parser)
     return parser
 
 
@@ -207,9 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows:
             print(f"{r['arch']:<10} {r['mode']:<6} {r['torch_ms']:>10.0f} {r['flax_ms']:>10.0f} {r['speed']:>6.2f}x "
                   f"{r['speed_pairs_min']:>6.2f}-{r['speed_pairs_max']:.2f}x")
-        if not args.no_write:
+        if args.out:
             name = f"vs_torch_b{args.batch}_s{args.size}" + (f"_{args.tag}" if args.tag else "")
-            paths = write_results(name, rows, conditions)
+            paths = write_results(name, rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 
 from flaxnets.analysis import step_memory, summary
-from flaxnets.cli import ModelRequestError, add_model_arguments, request_from_args
+from flaxnets.cli import ModelRequestError, PlainParser, add_model_arguments, request_from_args
 from flaxnets.registry import UnknownModelError, get_spec, list_models
 
 
@@ -57,8 +57,8 @@ def export_main(argv: list[str]) -> int:
     from flaxnets.pretrained import from_pretrained, read_config
     from flaxnets.pth import WeightsFileError
 
-    parser = argparse.ArgumentParser(prog="python -m flaxnets export",
-                                     description="Write an architecture as StableHLO or ONNX, checked against JAX.")
+    parser = PlainParser(prog="python -m flaxnets export",
+                         description="Write an architecture as StableHLO or ONNX, checked against JAX.")
     parser.add_argument("name", help="a registered architecture (python -m flaxnets lists them)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", nargs="?", const="DEFAULT", default=None, metavar="SET",
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m flaxnets", description=__doc__.split("\n\n")[0])
+    parser = PlainParser(prog="python -m flaxnets", description=__doc__.split("\n\n")[0])
     parser.add_argument("words", nargs="*", help="a glob over names (default '*'), 'summary NAME', or 'export NAME' "
                                                  "(python -m flaxnets export --help)")
     parser.add_argument("--batch", type=int, default=None,

@@ -5,7 +5,8 @@
 the input matters, the same ``--input-size``, ``--channels`` and ``--num-classes``. `request_from_args`
 reads them into a `ModelRequest`, and `ModelRequest.checked` turns every refusal (an unknown option, a
 value the module rejects, an input below the architecture's minimum) into one `ModelRequestError`
-sentence before anything is compiled.
+sentence before anything is compiled. `PlainParser` is the command line's parser of every command: its
+``--help`` shows the docstrings it quotes without their reST markup.
 """
 
 from __future__ import annotations
@@ -20,7 +21,24 @@ import flax.linen as nn
 from flaxnets.analysis import abstract_variables, min_input_size
 from flaxnets.registry import ModelSpec, UnknownOptionError, create_model, get_spec, parse_model_arg
 
-__all__ = ["ModelRequest", "ModelRequestError", "add_model_arguments", "request_from_args"]
+__all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "plain", "request_from_args"]
+
+
+# ``code`` and `name` (reST's literal and interpreted text) around anything but a backtick.
+_MARKUP = re.compile(r"``([^`]+)``|`([^`]+)`")
+
+
+def plain(text: str) -> str:
+    """``text`` without its reST inline markup: the words a terminal should show."""
+    return _MARKUP.sub(lambda match: match.group(1) or match.group(2), text)
+
+
+class PlainParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose help is plain words: descriptions are the modules' docstrings,
+    written in reST for the API pages, and a terminal shows their backticks as they are."""
+
+    def format_help(self) -> str:  # noqa: D102
+        return plain(super().format_help())
 
 
 class ModelRequestError(ValueError):

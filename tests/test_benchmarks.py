@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -211,10 +212,19 @@ def test_step_settings_reach_the_benchmark_step_and_the_trainer_drivers():
         driver.train({"w": jnp.zeros(())}, data, driver.put_indices(np.arange(8)))
 
 
-def test_flops_of_a_subset_writes_its_own_file_and_keeps_the_whole_table(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+def test_without_out_a_benchmark_prints_and_leaves_the_committed_results_alone(tmp_path, monkeypatch, capsys):
+    committed = Path(common.__file__).parent / "results"
+    before = {path: path.stat().st_mtime_ns for path in committed.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    assert flops.main(["--arch", "lenet5"]) == 0
+    assert "| lenet5 |" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in committed.iterdir()} == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flops_of_a_subset_writes_its_own_file_and_keeps_the_whole_table(tmp_path, capsys):
     (tmp_path / "flops.json").write_text("the table of every architecture\n")
-    assert flops.main(["--arch", "lenet5*"]) == 0
+    assert flops.main(["--arch", "lenet5*", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "flops.json").read_text() == "the table of every architecture\n"
     written = json.loads((tmp_path / "flops_lenet5.json").read_text())
     assert {row["arch"] for row in written["rows"]} == {"lenet5", "lenet5_bn", "lenet5_relu"}

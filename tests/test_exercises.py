@@ -127,7 +127,7 @@ def test_step_memory_has_a_floor_from_the_shapes_where_xla_counts_too_little():
 # -- the benchmarks -------------------------------------------------------------------------------------------
 
 def test_flops_and_profile_count_d2l_nin_for_fashion_mnist(capsys):
-    assert flops.main(["--arch", "nin", *D2L_NIN_ARGS, "--no-write"]) == 0
+    assert flops.main(["--arch", "nin", *D2L_NIN_ARGS]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| nin "))
     assert "| 224x224x1 |" in row and f"| {D2L_NIN:,} |" in row and "| 0.7623 |" in row
     # the request reaches the per-layer table: the class block is 10 maps wide, the first conv 1 channel deep
@@ -149,7 +149,7 @@ def test_the_benchmark_step_is_built_from_the_request():
     (profile, ["--arch", "nin", "--input-size", "66"], "minimum input of 67x67"),
     (flops, ["--arch", "lenet5*", "--model-arg", "mlp_layers=1"], "lenet5 has no option 'mlp_layers'"),
     (flops, ["--arch", "lenet5", "--channels", "0"], "--channels"),
-    (throughput, ["--arch", "lenet5", "--model-arg", "activation=tanh", "--no-write"], "KeyError: 'tanh'"),
+    (throughput, ["--arch", "lenet5", "--model-arg", "activation=tanh"], "KeyError: 'tanh'"),
     (throughput, ["--arch", "lenet5", "--model-arg", "pool"], "KEY=VALUE"),
 ])
 def test_bad_model_requests_get_one_sentence_and_exit_2(module, argv, needle, capsys):

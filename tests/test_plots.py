@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from train import figures, loop, lr_find, plots
-from train.config import Config, ConfigError, parse_args
+from train.arguments import parse_args
+from train.config import Config, ConfigError
 from train.data import load_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -97,6 +98,17 @@ def test_the_plots_command_redraws_them_from_a_checkpoint(tiny_run, tmp_path, ca
     for name in os.listdir(tmp_path):
         assert_sensible_png(tmp_path / name)
     assert "wrote" in capsys.readouterr().out
+
+
+def test_the_plots_command_keeps_plots_already_there_unless_told_to_replace_them(tmp_path):
+    folder = str(tmp_path / "plots")
+    assert plots._out_dir(folder, overwrite=False) == (folder, None)  # none yet
+    os.makedirs(folder)
+    (tmp_path / "plots" / "curves.png").write_bytes(b"an earlier plot")
+    assert plots._out_dir(folder, overwrite=False) == (f"{folder}-2", folder)
+    os.makedirs(f"{folder}-2")
+    assert plots._out_dir(folder, overwrite=False) == (f"{folder}-3", folder)
+    assert plots._out_dir(folder, overwrite=True) == (folder, None)
 
 
 def test_the_plots_command_names_a_missing_workdir(tmp_path, capsys):

@@ -24,7 +24,8 @@ import flaxnets
 from flaxnets import augment, autoaugment
 from flaxnets.models.resnet import BasicBlock, drop_path_rates
 from flaxnets.training import decay_mask, ema_decay_per_step, ema_update
-from train.config import Config, ConfigError, parse_args
+from train.arguments import parse_args
+from train.config import Config, ConfigError
 from train.recipes import list_recipes, load_recipe, report_line
 
 

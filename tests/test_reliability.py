@@ -162,7 +162,7 @@ def test_resume_with_settings_that_change_the_result_is_refused_naming_them(copy
 def resumes(workdir: pathlib.Path, *args) -> dict:
     """The settings a run of ``args`` would change (`train.loop.check_resume`) resuming ``workdir``'s latest
     checkpoint; raises as that run would."""
-    from train.config import parse_args
+    from train.arguments import parse_args
     from train.inference import load_variables, locate
     from train.loop import check_resume
     from train.run import build_run
@@ -200,7 +200,7 @@ def resumer(trained):
     """``workdir -> outcome`` of what a training run does first in ``workdir`` (`train.loop.resume`, then the
     records' `Reporter.start`): the state it resumes from, or the `CheckpointError` that stops it."""
     from train.checkpoint import CheckpointError, Checkpoints
-    from train.config import parse_args
+    from train.arguments import parse_args
     from train.loop import resume
     from train.report import Reporter
     from train.run import build_run
@@ -422,7 +422,8 @@ def test_init_from_weights_of_an_architecture_torchvision_lacks_is_one_sentence(
     """ResNet weights into LeNet-5: refused by the trainer's settings and by the library's converter."""
     import flaxnets
     from flaxnets.convert import save_state_dict
-    from train.config import ConfigError, parse_args
+    from train.arguments import parse_args
+    from train.config import ConfigError
 
     weights = tmp_path / "resnet18.npz"
     save_state_dict({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, weights)

@@ -117,7 +117,7 @@ def test_model_args_reach_the_model_and_bad_ones_are_one_sentence(digits):
 
 
 def test_model_args_from_the_command_line_and_a_config_file(tmp_path):
-    from train.config import parse_args
+    from train.arguments import parse_args
 
     path = tmp_path / "run.json"
     path.write_text('{"arch": "vgg16_cifar", "model_args": {"dropout": 0.2, "hidden": [256]}}')
@@ -128,7 +128,7 @@ def test_model_args_from_the_command_line_and_a_config_file(tmp_path):
 
 
 def test_a_user_factory_is_an_architecture(tmp_path, digits):
-    from train.config import parse_args
+    from train.arguments import parse_args
 
     (tmp_path / "mynet.py").write_text(USER_MODEL)
     config = parse_args(["--arch", f"{tmp_path / 'mynet.py'}:make", "--batch-size", "64", "--model-arg", "width=6"])

@@ -4,15 +4,17 @@ import os
 import sys
 
 # Only what is light at the top: every Grain worker process of a streamed run imports this module again.
-from train.config import parse_args
+from train.arguments import parse_args
 
 
 def done_line(config, results: dict) -> str:
     """The run's last line: final test accuracy, and which checkpoint is "best" and on what it was chosen."""
+    from train.text import count
+
     top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
     ema = f" (averaged weights: {results['ema_test_top1']:.2%})" if "ema_test_top1" in results else ""
     line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{top5}{ema} after "
-            f"{results['epoch']} epochs; workdir {config.workdir}")
+            f"{count(results['epoch'], 'epoch')}; workdir {config.workdir}")
     if "best_step" in results:
         on = results["best_selected_on"]
         line += (f". Best checkpoint: step {results['best_step']} (epoch {results['best_epoch']}), {on} top-1 "

@@ -1,21 +1,20 @@
 """Everything a run depends on, in one dataclass with units in the names, checked before anything starts.
 
-The command line, a ``--config FILE`` (JSON) and the saved ``WORKDIR/config.json`` all go through
-`Config`; epochs, steps and examples are converted in one place (`Config.steps_per_epoch` and the
-schedule built from it in `train.optim`).
+The command line (parsed by `train.arguments`), a ``--config FILE`` (JSON) and the saved
+``WORKDIR/config.json`` all go through `Config`; epochs, steps and examples are converted in one place
+(`Config.steps_per_epoch` and the schedule built from it in `train.optim`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import typing
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["Config", "ConfigError", "parse_args"]
+__all__ = ["Config", "ConfigError"]
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
@@ -405,15 +404,6 @@ def _check_types(config: "Config") -> None:
             raise ConfigError(f"{field.name} must be {_type_name(hints[field.name])}, got {value!r}.")
 
 
-def _model_arg(text: str) -> tuple[str, Any]:
-    from flaxnets.registry import parse_model_arg
-
-    try:
-        return parse_model_arg(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _check_init_from(arch: str, source: str) -> None:
     """Raise `ConfigError` unless ``source`` is a file, a URL, or a weight set ``arch`` has (flaxnets.hub)."""
     from flaxnets import hub
@@ -433,157 +423,3 @@ def _check_init_from(arch: str, source: str) -> None:
         return
     names = ", ".join(hub.list_weights(arch) + ["DEFAULT"]) if hub.list_weights(arch) else "IMAGENET1K_V1, ..."
     raise ConfigError(f"--init-from {source} is neither a file, a URL nor the name of published weights ({names}).")
-
-
-def _floats_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406; got {text!r}") from None
-
-
-def _epochs_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 30,60; got {text!r}") from None
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument in one sentence and exits 2, as it does, but without usage noise."""
-
-    def error(self, message: str):  # noqa: D102
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
-    parser = CommandParser(prog=prog, description="Train a flaxnets architecture, data-parallel over all devices.")
-    defaults = Config()
-
-    def add(flag: str, help: str, **kwargs) -> None:
-        """One flag with one line of help ending in its real default (the Config's, not argparse's None)."""
-        value = getattr(defaults, flag[2:].replace("-", "_"))
-        shown = {None: "none", True: "on", False: "off"}.get(value, value) if not isinstance(value, (int, float)) \
-            or isinstance(value, bool) else value
-        if isinstance(value, tuple):
-            shown = ",".join(map(str, value)) or "none"
-        parser.add_argument(flag, help=f"{help} (default: {shown})", **kwargs)
-
-    parser.add_argument("--config", help="settings as a JSON file, or a JSON object in quotes; flags given on the "
-                        "command line win")
-    add("--arch", "architecture name (python -m flaxnets lists them), or a model of your own as FILE.py:FACTORY "
-        "or MODULE:FACTORY")
-    parser.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, metavar="KEY=VALUE",
-                        help="an option of the architecture (repeatable; VALUE as JSON, else a string), e.g. "
-                        "dropout=0.3 or activation=relu; kept in config.json for resume, evaluate and predict "
-                        "(default: none)")
-    add("--dataset", "digits (ships with the install), mnist, fashion_mnist, cifar10, cifar100, folder, or any "
-        "tensorflow-datasets image-classification name (imagenet2012, imagenette, ...)")
-    add("--data-dir", "the dataset's original files (IDX .gz, CIFAR tarballs), a folder of class folders (--dataset "
-        "folder), or where tensorflow-datasets keeps prepared datasets")
-    add("--val-split", "data to choose the best checkpoint on: a FRACTION of the training split (e.g. 0.1, held out "
-        "per class with a fixed seed) or the NAME of the dataset's own split (e.g. validation); without it the test "
-        "split chooses")
-    add("--workdir", "checkpoints, metrics, plots and config go here; rerun the same command to resume")
-    add("--epochs", "passes over the training split", type=int)
-    add("--batch-size", "global batch, split over all devices and processes", type=int)
-    add("--eval-batch-size", "global batch of evaluation (every example is scored, the last batch padded)", type=int)
-    add("--optimizer", "sgd (with momentum), nesterov, adam or adamw", choices=OPTIMIZERS)
-    add("--lr", "peak learning rate, for the global batch", type=float)
-    add("--momentum", "momentum of sgd and nesterov", type=float)
-    add("--schedule", "learning rate after the warm-up: constant, step, cosine or onecycle", choices=SCHEDULES)
-    add("--warmup-epochs", "linear warm-up from 0 to --lr; at most half the run for a decaying schedule", type=float)
-    add("--lr-decay-epochs", "step schedule: epochs at which the rate is multiplied by --lr-decay-factor, e.g. 30,60",
-        type=_epochs_list)
-    add("--lr-decay-factor", "step schedule: the factor applied at each of --lr-decay-epochs", type=float)
-    add("--weight-decay", "L2 penalty on kernels (not biases nor BatchNorm), applied by the optimizer", type=float)
-    add("--label-smoothing", "weight of the uniform distribution mixed into the one-hot targets", type=float)
-    add("--clip-grad-norm", "clip the gradients' global norm to this", type=float)
-    add("--dtype", "computation dtype; parameters and optimizer state stay float32", choices=DTYPES)
-    add("--parallel", "data-parallel driver: shard_map or pmap (the same numbers)", choices=PARALLEL)
-    add("--image-size", "resize images to this side (none: the data's own, raised to the model's minimum)", type=int)
-    add("--augment", "random crops with padding, and flips where the dataset allows them",
-        action=argparse.BooleanOptionalAction)
-    add("--pipeline", "memory: on the devices; stream: Grain workers; auto: by size", choices=PIPELINES)
-    add("--workers", "Grain worker processes for a streamed dataset (none: one per core)", type=int)
-    add("--decoder", "streamed JPEGs: decoded straight to the crop, at reduced size where it allows, by opencv "
-        "(pip install opencv-python-headless) or pillow; auto: opencv when installed", choices=DECODERS)
-    add("--crop", "streamed training crop: random-resized (inception) or 224-of-256 (alexnet)", choices=CROPS)
-    add("--lighting", "standard deviation of AlexNet's PCA colour noise (0.1 in the paper; 0: off)", type=float)
-    add("--ten-crop", "streamed evaluation over ten crops per image", action=argparse.BooleanOptionalAction)
-    add("--seed", "seed of the initialisation, the data order and the augmentation", type=int)
-    add("--checkpoint-every-epochs", "save a checkpoint every this many epochs (and at the last)", type=int)
-    add("--keep-checkpoints", "how many of the latest checkpoints to keep, besides the best", type=int)
-    add("--log-every-steps", "progress line every this many steps", type=int)
-    add("--zero-init-residual", "ResNets: start each residual branch's last BatchNorm scale at zero",
-        action=argparse.BooleanOptionalAction)
-    add("--recipe", "a named recipe (python -m train.recipes lists them) or a recipe file: its settings first, "
-        "then --config's, then the flags given")
-    add("--auto-augment", "TrivialAugment Wide (ta_wide) or RandAugment (ra) on every training image, "
-        "torchvision's operations", choices=AUTO_AUGMENT)
-    add("--ra-num-ops", "RandAugment: operations per image", type=int)
-    add("--ra-magnitude", "RandAugment: magnitude bin, 0-30", type=int)
-    add("--random-erase", "probability of erasing a random rectangle of a training image (torchvision's "
-        "RandomErasing)", type=float)
-    add("--mixup-alpha", "mixup's Beta(alpha, alpha); 0: off", type=float)
-    add("--cutmix-alpha", "cutmix's Beta(alpha, alpha); 0: off", type=float)
-    add("--mix-prob", "probability that a batch (or example) is mixed", type=float)
-    add("--mix-switch-prob", "with mixup and cutmix both on: probability of cutmix", type=float)
-    add("--mix-mode", "one mixing draw per batch, or per example (elem)", choices=MIX_MODES)
-    add("--ema-decay", "per-step decay of a moving average of the weights, evaluated and checkpointed beside "
-        "them (e.g. 0.999); 0: none", type=float)
-    add("--drop-path-rate", "ResNets: stochastic depth, the last block's drop probability (linear from 0)",
-        type=float)
-    add("--decay-norm-and-bias", "weight decay on biases and normalisation parameters too",
-        action=argparse.BooleanOptionalAction)
-    add("--init-from", "start from torchvision weights: a published set of --arch (IMAGENET1K_V1, IMAGENET1K_V2, "
-        "DEFAULT; downloaded once into ~/.cache/flaxnets), a URL, or a .pth/.safetensors/.npz file; a new head if "
-        "the classes differ")
-    add("--freeze-backbone", "with --init-from: train the class layer(s) only", action=argparse.BooleanOptionalAction)
-    add("--mean", "per-channel mean of pixels in [0, 1] to normalise with, e.g. 0.485,0.456,0.406 (none: the "
-        "published --init-from weights' own, else the data's)", type=_floats_list)
-    add("--std", "per-channel standard deviation to normalise with (none: as --mean)", type=_floats_list)
-    add("--distributed", "call jax.distributed.initialize() (cluster environment detected, or the three flags below)",
-        action=argparse.BooleanOptionalAction)
-    add("--coordinator", "host:port of process 0, for multi-process runs")
-    add("--num-processes", "number of processes of a multi-process run", type=int)
-    add("--process-id", "this process's index in a multi-process run", type=int)
-    add("--plots", "write WORKDIR/plots/*.png at the end of the run", action=argparse.BooleanOptionalAction)
-    add("--lr-find", "instead of training, a learning-rate range test: a plot of loss against rate and a suggested "
-        "--lr", action=argparse.BooleanOptionalAction)
-    add("--lr-find-steps", "steps of the range test", type=int)
-    add("--lr-find-start", "first rate of the range test", type=float)
-    add("--lr-find-end", "last rate of the range test (it stops earlier if the loss diverges)", type=float)
-    add("--allow-changes", "resume with settings that change the result (seed, rates, schedule, augmentation, ...) "
-        "although the workdir's run was trained with others; the change is recorded in its history",
-        action=argparse.BooleanOptionalAction)
-    add("--heartbeat-timeout-seconds", "multi-process runs: a process silent for this long is declared dead and "
-        "the others stop", type=int)
-    parser.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m train") -> Config:
-    """Command line -> validated `Config`: defaults, then ``--config FILE``, then the flags given."""
-    args = vars(build_parser(prog).parse_args(argv))
-    config_file = args.pop("config")
-    recipe = args.pop("recipe")
-    base = Config.from_recipe(recipe) if recipe else Config()
-    config = Config.from_file(config_file, base=base) if config_file else base
-    given = {k: v for k, v in args.items() if v is not None}
-    if given.get("coordinator") or given.get("num_processes") is not None:
-        given.setdefault("distributed", True)
-    if "model_args" in given:  # each --model-arg adds to (or overrides) the config file's
-        given["model_args"] = {**config.model_args, **dict(given["model_args"])}
-    config = dataclasses.replace(config, **given)
-    return dataclasses.replace(config, arch=absolute_arch(config.arch)).validate()
-
-
-def absolute_arch(arch: str) -> str:
-    """``arch`` with a factory file's path (``FILE.py:FACTORY``, `train.archs`) made absolute, so that the
-    saved config finds the file from any working directory."""
-    where, sep, name = arch.rpartition(":")
-    if sep and where.endswith(".py"):
-        return f"{os.path.abspath(where)}:{name}"
-    return arch
-

@@ -14,7 +14,8 @@ import json
 import sys
 
 from train.cli import run_command
-from train.config import WORKERS_LIMIT, CommandParser, Config, ConfigError
+from train.arguments import CommandParser
+from train.config import WORKERS_LIMIT, Config, ConfigError
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from train.text import count
+
 if TYPE_CHECKING:
     from train.data import Dataset
 
@@ -227,7 +229,7 @@ def plot_curves(records: Sequence[dict], path: str, schedule: Callable[[int], fl
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if lr_ax.lines:
         lr_ax.legend()
-    figure.suptitle(title or f"training curves ({len(records)} epochs, {last_step} steps)", fontsize=12)
+    figure.suptitle(title or f"training curves ({count(len(records), 'epoch')}, {count(last_step, 'step')})", fontsize=12)
     return save_figure(figure, path)
 
 

@@ -27,6 +27,7 @@ from train.data import DataError, parse_val_split
 from train.parallel import host
 from train.report import Reporter
 from train.run import Run, build_run
+from train.text import count
 from train.workdir import Lock, WorkdirBusy
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "evaluate", "evaluate_checkpoint", "usable_workdir",
@@ -404,7 +405,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
                        **evaluate(run, feed, state),
                        "images_per_sec": epoch_examples / epoch_time, "epoch_time_s": epoch_time}
             reporter.record(results)
-            reporter.info(_epoch_line(results, config.epochs))
+            reporter.epoch(_epoch_line(results, config.epochs), results)
             if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
                 checkpoints.save(step, state, meta(epoch + 1, 0), metrics=selection_metrics(run, results))
                 last_good = step
@@ -412,7 +413,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
                 checkpoints.save(step, state, meta(epoch + 1, 0))
                 _stopped(stop.signum, step, checkpoints, reporter)
     if not results:
-        reporter.info(f"{workdir} already holds a run of {config.epochs} epochs (step {start_step}); scoring it.")
+        reporter.info(f"{workdir} already holds a run of {count(config.epochs, 'epoch')} (step {start_step}); scoring it.")
         results = {"epoch": config.epochs, "step": start_step, **evaluate(run, feed, state)}
     best = checkpoints.best()
     if best is not None:

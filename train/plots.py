@@ -4,7 +4,8 @@
 ``python -m train.plots run WORKDIR [--checkpoint latest|best|STEP]``: every plot of a run (`train.figures`:
 curves, confusion matrix, predictions, first-layer filters), from its checkpoint and ``metrics.jsonl``, into
 ``WORKDIR/plots``; the run's data, as its config describes it, is read again for the confusion matrix and
-the predictions.
+the predictions. Plots already there are kept: the new ones go to the next free ``plots-2``, ``plots-3``, ...
+beside them, unless ``--overwrite`` replaces them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from train.arguments import CommandParser
 from train.cli import run_command
 from train.figures import plot_samples, write_run_plots
 
@@ -52,17 +54,31 @@ def _run(args: argparse.Namespace) -> int:
     except (DataError, ValueError) as error:
         print(f"warning: no confusion matrix nor predictions: {error}", file=sys.stderr)
         data, schedule = None, None
-    out_dir = args.out or os.path.join(workdir, "plots")
+    out_dir, kept = _out_dir(args.out or os.path.join(workdir, "plots"), args.overwrite)
     written = write_run_plots(workdir, variables, meta, data, schedule=schedule, out_dir=out_dir,
                               warn=lambda message: print(message, file=sys.stderr))
-    print(f"checkpoint {step} of {workdir}: wrote " + ", ".join(written))
+    if kept:
+        print(f"{kept} already holds plots, kept as they are (--overwrite replaces them); the new ones go to {out_dir}")
+    verb = "replaced" if args.overwrite and written else "wrote"
+    print(f"checkpoint {step} of {workdir}: {verb} " + ", ".join(written))
     return 0 if written else 1
+
+
+def _out_dir(folder: str, overwrite: bool) -> tuple[str, str | None]:
+    """Where the plots go: ``folder``, unless it holds PNG files and ``overwrite`` is off; then the first of
+    ``folder-2``, ``folder-3``, ... that does not exist. Returns it and the folder kept (None: none)."""
+    if overwrite or not os.path.isdir(folder) or not any(name.endswith(".png") for name in os.listdir(folder)):
+        return folder, None
+    base, number = folder.rstrip(os.sep), 2
+    while os.path.exists(f"{base}-{number}"):
+        number += 1
+    return f"{base}-{number}", folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train.plots samples|run ...``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m train.plots", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="python -m train.plots", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     samples = commands.add_parser("samples", help="one training image per class of a dataset")
     samples.add_argument("--dataset", required=True, help="digits, mnist, fashion_mnist, ...")
@@ -72,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("workdir", help="a run's workdir, or one checkpoint folder in it")
     run.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")
     run.add_argument("--data-dir", help="where the dataset's files are, if not where training found them")
-    run.add_argument("--out", help="folder for the PNG files (default: WORKDIR/plots)")
+    run.add_argument("--out", help="folder for the PNG files (default: WORKDIR/plots; if it holds plots, the next "
+                     "free WORKDIR/plots-N)")
+    run.add_argument("--overwrite", action="store_true", help="replace the plots already in the folder")
     args = parser.parse_args(argv)
     return run_command(lambda: _samples(args) if args.command == "samples" else _run(args))
 

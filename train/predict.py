@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from train.cli import run_command
-from train.config import CommandParser
+from train.arguments import CommandParser
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
-"""What a run shows and records: a progress bar on a terminal (plain lines otherwise), ``metrics.jsonl``
-and TensorBoard event files in the workdir. Only process 0 writes.
+"""What a run shows and records: a progress bar updated in place on a terminal (whole lines otherwise: a file,
+a pipe, a CI log), ``metrics.jsonl`` and TensorBoard event files in the workdir. Only process 0 writes.
 
 ``metrics.jsonl`` holds one line per completed epoch, whatever happened to the run: when it (re)starts from
 the checkpoint of step S, lines of later steps (epochs it will train again: the process died after writing
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -22,6 +23,10 @@ from train.tensorboard import ScalarWriter
 from train.workdir import Unreadable, WorkdirError, read_records
 
 __all__ = ["Reporter"]
+
+# An evaluation loss this many times the training loss gets the note of `Reporter.epoch`: the training
+# loss is the mean over an epoch of augmented batches, so a few times either way is ordinary.
+FAR = 5.0
 
 
 class Reporter:
@@ -36,6 +41,7 @@ class Reporter:
         self._bar = None
         self._writer = None
         self._jsonl = None
+        self._explained = False
 
     def info(self, message: str) -> None:
         if not self.primary:
@@ -44,6 +50,19 @@ class Reporter:
             self._bar.write(message, file=self.stream)
         else:
             print(message, file=self.stream, flush=True)
+
+    def epoch(self, line: str, results: dict[str, Any]) -> None:
+        """An epoch's ``line``; the first time an evaluation loss is far above the training loss, a note of why
+        that is expected early on rather than a sign of a broken run."""
+        self.info(line)
+        far = [split for split in ("val", "test") if results.get(f"{split}_loss", 0) > FAR * results["train_loss"]
+               and results[f"{split}_loss"] > 1]
+        if far and not self._explained:
+            self._explained = True
+            self.info(f"note: the {far[0]} loss is far above the training loss. Early in a run that is usually "
+                      "BatchNorm: evaluation uses its running statistics, a slow average that still lags the "
+                      "quickly changing weights; it closes as the learning rate falls (see the README's training "
+                      "section).")
 
     def warn(self, message: str) -> None:
         """A warning: one line on stderr (with the progress bar kept intact)."""
@@ -68,9 +87,14 @@ class Reporter:
                 self._writer = ScalarWriter(os.path.join(self.workdir, "tensorboard"), restart_step=step + 1)
             except OSError as error:  # TensorBoard is a convenience, never a failure
                 self.warn(f"warning: TensorBoard logging is off ({error}).")
-        if self.stream.isatty():
+        if self.stream.isatty() and os.environ.get("TERM") != "dumb":  # a dumb terminal ignores the carriage return
             from tqdm import tqdm
-            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream, dynamic_ncols=True)
+
+            # A bar wider than the terminal wraps, and the carriage return then redraws only its last row: the
+            # bar is printed again instead of updated. tqdm trims to a width it knows, and some terminals
+            # (IDE consoles, emulators behind a pseudo-tty) tell it none, so it gets one (COLUMNS, else 80).
+            self._bar = tqdm(total=self.total_steps, initial=step, unit="step", file=self.stream,
+                             ncols=shutil.get_terminal_size().columns)
 
     def progress(self, step: int, epoch: int, loss: float, accuracy: float, lr: float, images_per_sec: float) -> None:
         if not self.primary:

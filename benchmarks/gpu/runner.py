@@ -20,6 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
+from train.arguments import CommandParser
+
 __all__ = ["STEPS", "GRACE_S", "Record", "step_module", "sizes", "limit", "run_step", "summary", "say", "main"]
 
 # The order they run in: the checks first, then the speed claims, then the longer measurements, the table
@@ -145,7 +147,7 @@ def summary(out: Path, codes: dict[str, int], dry: bool, steps: Sequence[str] = 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for step in STEPS:
         p = commands.add_parser(step, help=(step_module(step).__doc__ or "").split("\n")[0])

@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from train.config import CommandParser
+from train.arguments import CommandParser
 from train.data import DataError, ensure_statistics, load_dataset
 from train.data.prepare import prepare
 from train.data.resized import write_copy

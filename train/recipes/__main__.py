@@ -5,7 +5,8 @@ import json
 import sys
 
 from train.cli import run_command
-from train.config import CommandParser, ConfigError
+from train.arguments import CommandParser
+from train.config import ConfigError
 from train.recipes import RecipeError, list_recipes, load_recipe
 
 
