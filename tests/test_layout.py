@@ -1,5 +1,24 @@
-"""The layout as a newcomer reads it: no import cycles among the project's modules, and the commands are
-leaves that nothing imports (imports inside functions count: they run too)."""
+"""The layout as a newcomer reads it: no import cycles among the project's modules, the commands are
+leaves that nothing imports, and the run never imports the command side (imports inside functions count:
+they run too).
+
+Three kinds of module in `train` (and the library's one command):
+
+- ``COMMANDS``, the modules a user runs (``python -m NAME``): leaves that nothing imports.
+- ``COMMAND_SIDE``, what the commands share and nothing else uses: `train.cli`, the runner every command
+  of the trainer and of the benchmarks hands its body to, which turns a user's error into one sentence and
+  an exit code (imported by many commands, so not a leaf, yet a command line's concern only); and
+  `train.lr_find`, the ``--lr-find`` mode of ``python -m train``, which prints and draws what the range
+  test found (the test itself, its sweep, smoothing and suggestion, is `train.lr_range`, on the run side).
+- Every other module of `train` is the run (loop, step, parallel, feed, data, checkpoint, config, run,
+  inference, figures, ...): it imports neither of the above nor the benchmarks, so what trains a model
+  never depends on what parses a command line. The error types a command reports live on the run side,
+  beside what raises them (`train.config.ConfigError`, `train.data.DataError`,
+  `train.checkpoint.CheckpointError`, `train.loop.TrainError`), where both sides can import them.
+
+The benchmarks' scripts are commands too, but several reuse another's measurement (``benchmarks.peers``
+times what ``benchmarks.vs_torch`` builds), so among themselves they are not held to the leaf rule.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flaxnets", "train", "benchmarks")
 COMMANDS = ("train.__main__", "train.evaluate", "train.predict", "train.plots", "train.data.__main__",
             "train.recipes.__main__", "flaxnets.__main__")
+COMMAND_SIDE = ("train.cli", "train.lr_find")
+# Run as a process of its own by the trainer (``python -m train.stderr_watch``), never by a user; the runner
+# imports the sentence it ends with.
+HELPER_PROCESSES = ("train.stderr_watch",)
 
 
 def _module_name(path: Path) -> str:
@@ -19,9 +42,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def module_files() -> dict[str, Path]:
+    """The project's modules by dotted name, and their files."""
+    return {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the project's modules it imports, anywhere in its body."""
-    modules = {_module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    modules = module_files()
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -76,6 +104,29 @@ def test_commands_are_leaves():
     for command in COMMANDS:
         importers = sorted(name for name, targets in graph.items() if command in targets)
         assert not importers, f"{command} is a command, yet {', '.join(importers)} import(s) it"
+
+
+def test_every_module_run_as_a_program_is_a_named_command():
+    """A new ``python -m`` entry point under train/ or flaxnets/ is named in COMMANDS, so the rules above hold it."""
+    programs = sorted(name for name, path in module_files().items() if name.startswith(("train", "flaxnets"))
+                      and 'if __name__ == "__main__"' in path.read_text())
+    unnamed = [name for name in programs if name not in COMMANDS + HELPER_PROCESSES]
+    assert not unnamed, f"{', '.join(unnamed)} run(s) as a program: add to COMMANDS (or HELPER_PROCESSES)"
+
+
+def test_the_run_imports_no_command():
+    """No module of the run imports a command, the command side or a benchmark."""
+    graph = import_graph()
+    command_side = set(COMMANDS + COMMAND_SIDE)
+    run = sorted(name for name in graph if name.split(".")[0] == "train" and name not in command_side)
+    assert {"train.loop", "train.step", "train.parallel", "train.data", "train.checkpoint", "train.config",
+            "train.run", "train.lr_range"} <= set(run)
+    for name in run:
+        reached = sorted(t for t in graph[name] if t in command_side or t.startswith("benchmarks"))
+        assert not reached, f"{name} is part of the run, yet imports {', '.join(reached)}"
+    for name in COMMAND_SIDE:
+        importers = sorted(n for n, targets in graph.items() if name in targets)
+        assert importers and all(n in COMMANDS or n.startswith("benchmarks") for n in importers), (name, importers)
 
 
 def test_the_library_imports_nothing_of_the_trainer_or_the_benchmarks():

@@ -249,11 +249,9 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
     Returns the final metrics. Raises `ConfigError`, `DataError`, `CheckpointError` or `TrainError`
     with one sentence for the user, and `Interrupted` after checkpointing on SIGINT/SIGTERM.
     """
+    if config.lr_find:
+        raise ValueError("--lr-find is a range test, not a training run: call train.lr_find.lr_find(config).")
     enable_compilation_cache()
-    if config.lr_find:  # a range test from a copy of the initial state; the run itself is not touched
-        from train.lr_find import lr_find
-
-        return lr_find(build_run(config), stream=stream)
     workdir = usable_workdir(config.workdir)
     created = not os.path.exists(workdir)
     if jax.process_index() == 0:
