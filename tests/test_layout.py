@@ -150,3 +150,17 @@ def test_import_flaxnets_imports_neither_optax_nor_the_optional_parts():
               "'flax.nnx', 'onnx', 'jax2onnx') if m in sys.modules]; print(loaded); assert not loaded")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_one_module_opens_orbax_checkpoints():
+    """Training, evaluation, prediction and plots read checkpoints through `train.checkpoint.Checkpoints`
+    (`train.inference.load_variables` included), so its screening of untrusted files and its policy for
+    unreadable ones hold for every reader: no other module imports Orbax."""
+    importers = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "orbax" or n.startswith("orbax.") for n in names):
+                importers.append(name)
+    assert sorted(set(importers)) == ["train.checkpoint"]
