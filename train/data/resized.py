@@ -40,7 +40,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
-from train.data.memory import DataError
+from train.data.errors import DataError
 from train.data.optional import require
 from train.data.sources import decode_image, scan_folder
 

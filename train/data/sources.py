@@ -17,7 +17,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from train.data.memory import DataError
+from train.data.errors import DataError
 from train.data.optional import require
 
 __all__ = ["TfdsSource", "FolderSource", "Subset", "source_labels", "scan_folder", "decode_image",
