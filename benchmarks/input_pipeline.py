@@ -48,56 +48,9 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.jpeg_folder import make_copy, make_folder
 from train.arguments import CommandParser
 from train.config import ConfigError
-
-
-def _generate(task: tuple[str, int, int]) -> None:
-    from PIL import Image
-
-    path, index, seed = task
-    rng = np.random.default_rng([seed, index])
-    short = int(rng.integers(300, 501))
-    aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-    h, w = (short, round(short * aspect)) if aspect >= 1 else (round(short / aspect), short)
-    coarse = rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)
-    field = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.int16)
-    pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(pixels).save(path + ".tmp", format="JPEG", quality=90)
-    os.replace(path + ".tmp", path)  # a file there is whole, so an interrupted run's folder is reusable
-
-
-def make_folder(folder: str, images: int, classes: int = 10, seed: int = 0, workers: int | None = None) -> str:
-    """``images`` JPEGs in ``classes`` sub-folders of ``folder`` (those already there kept), each a function
-    of (seed, its number) alone, written by ``workers`` processes (default: one per core)."""
-    from train.data.stream import default_workers
-
-    tasks = [(os.path.join(folder, f"class_{i % classes:02d}", f"{i:06d}.jpg"), i, seed) for i in range(images)]
-    tasks = [task for task in tasks if not os.path.exists(task[0])]
-    workers = workers or default_workers()
-    if len(tasks) < 50 or workers == 1:
-        for task in tasks:
-            _generate(task)
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            pool.map(_generate, tasks, chunksize=16)
-    return folder
-
-
-def make_copy(folder: str, copy: str, side: int, workers: int | None = None) -> str:
-    """The resized copy of ``folder`` at ``side`` in ``copy``, written unless a copy of the same images at
-    that side is there already."""
-    from train.data import resized
-
-    if resized.is_copy(copy):
-        index = resized.read_index(copy)
-        images = sum(entry["images"] for entry in index["splits"].values())
-        count = sum(len(files) for _, _, files in os.walk(folder))
-        if index["shorter_side"] == side and index["source"] == os.path.abspath(folder) and images == count:
-            return copy
-    resized.write_copy(folder, copy, shorter_side=side, workers=workers, overwrite=True)
-    return copy
 
 
 def _cpu_seconds() -> float | None:
@@ -223,7 +176,7 @@ def decoding_differences(source, side: int, count: int = 200) -> dict:
     from PIL import Image
 
     from train.data import jpeg
-    from train.data.stream import _eval_side, crop_box, resize_shorter, shorter_size
+    from train.data.geometry import crop_box, eval_side, resize_shorter, shorter_size
 
     backends = [name for name in ("pillow", "opencv") if name == "pillow" or jpeg.importlib.util.find_spec("cv2")]
     found: dict[str, dict[str, list]] = {name: {"train": [], "train_reduced": [], "eval": [], "eval_reduced": []}
@@ -235,8 +188,8 @@ def decoding_differences(source, side: int, count: int = 200) -> dict:
         top, left, ch, cw = crop_box(h, w, np.random.default_rng(int(index)))
         exact_crop = np.asarray(Image.fromarray(whole[top:top + ch, left:left + cw]).resize(
             (side, side), Image.BILINEAR, reducing_gap=None), np.int16)
-        eval_size = shorter_size(h, w, _eval_side(side))
-        exact_eval = resize_shorter(whole, _eval_side(side)).astype(np.int16)
+        eval_size = shorter_size(h, w, eval_side(side))
+        exact_eval = resize_shorter(whole, eval_side(side)).astype(np.int16)
         for name in backends:
             for kind, crop, exact in (("train", jpeg.Crop(top, left, ch, cw, side, side), exact_crop),
                                       ("eval", jpeg.Crop(0, 0, h, w, *eval_size), exact_eval)):

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 import pytest
 
-from train.checkpoint import CheckpointError, Checkpoints, drained_event_loops
+from train.checkpoint import CheckpointError, Checkpoints
+from train.checkpoint_checks import drained_event_loops
 from train.inference import load_variables
 
 ARRAYS = 48

@@ -26,7 +26,8 @@ from train.data import (DataError, Dataset, Streamed, ensure_statistics, epoch_o
 from train.data.memory import RECORDED_CHECKSUMS
 from train.data.stats import pixel_statistics
 from train.data.sources import TfdsSource
-from train.data.stream import (TrainTransform, eval_batches, random_resized_crop, ten_crops, train_batches)
+from train.data.geometry import random_resized_crop, ten_crops
+from train.data.stream import TrainTransform, eval_batches, train_batches
 from train.feed import make_feed
 from train.parallel import make_driver
 from train.run import build_run

@@ -18,7 +18,8 @@ from benchmarks import input_pipeline, stream_train
 from train.data import DataError, jpeg, load_folder, load_split, resized
 from train.data.__main__ import main as data_main
 from train.data.sources import FolderSource
-from train.data.stream import TrainTransform, crop_box, eval_batches, read_ahead_batches, train_batches
+from train.data.geometry import crop_box
+from train.data.stream import TrainTransform, eval_batches, read_ahead_batches, train_batches
 from train.feed import StreamFeed
 
 pytest.importorskip("array_record")

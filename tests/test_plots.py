@@ -2,8 +2,9 @@
 
 One tiny run serves every plot test: LeNet-5 (ReLU) on the embedded digits, global batch 64 over the
 8 host devices of conftest, 6 epochs at a constant rate of 0.05 (132 steps). The range test runs once
-too, through the trainer's own entry point. The compilation cache is off, so what is measured is what
-a cold checkout pays: about 40 s for the file on 2 CPU cores shared with other work (2026-11).
+too, through the function ``python -m train --lr-find`` calls (`train.lr_find.lr_find`). The compilation
+cache is off, so what is measured is what a cold checkout pays: about 40 s for the file on 2 CPU cores
+shared with other work (2026-11).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import types
 import numpy as np
 import pytest
 
-from train import figures, loop, lr_find, plots
+from train import figures, loop, lr_find, lr_range, plots
 from train.arguments import parse_args
 from train.config import Config, ConfigError
 from train.data import load_dataset
@@ -75,7 +76,7 @@ def range_test(tmp_path_factory, no_compile_cache):
     config = parse_args(["--arch", RUN["arch"], "--dataset", "digits", "--batch-size", "64", "--lr-find",
                          "--workdir", str(workdir)])
     stream = io.StringIO()
-    result = loop.train_and_evaluate(config, stream=stream)
+    result = lr_find.lr_find(config, stream=stream)
     return workdir, result, stream.getvalue()
 
 
@@ -243,7 +244,7 @@ def test_range_test_writes_its_plot_and_table_and_nothing_of_a_run(range_test):
     losses = np.array([float(r["loss"]) for r in rows])
     smoothed = np.array([float(r["smoothed_loss"]) for r in rows])
     assert lrs[0] == pytest.approx(1e-7) and np.allclose(np.diff(np.log(lrs)), np.log(1e8) / 199, rtol=1e-4)
-    np.testing.assert_allclose(lr_find.smooth(losses), smoothed, rtol=1e-4)
+    np.testing.assert_allclose(lr_range.smooth(losses), smoothed, rtol=1e-4)
     if len(rows) < 200:  # stopped early: the loss diverged
         assert "passed 4 x its best" in result["stop_reason"] or "loss became" in result["stop_reason"]
 
@@ -252,7 +253,7 @@ def test_suggestion_rules_on_a_made_up_curve():
     lrs = np.logspace(-6, 1, 100)
     # A loss that falls fastest at 1e-3 (a logistic step in log10(rate)) and explodes past 1.
     losses = 2.3 - 2.0 / (1 + np.exp(-4 * (np.log10(lrs) + 3))) + np.where(lrs > 1, (lrs - 1) * 10, 0)
-    rate, rule, min_loss_rate = lr_find.suggest(lrs, losses)
+    rate, rule, min_loss_rate = lr_range.suggest(lrs, losses)
     assert rate == pytest.approx(1e-3, rel=0.2) and "steepest" in rule
     assert 0.1 < min_loss_rate <= 1.5
 
@@ -272,11 +273,11 @@ NOISE = np.random.default_rng(0).normal(0.0, 0.02, LRS.size)  # a batch-64 loss'
      + np.where(LRS > 1, (LRS - 1) * 10, 0) + NOISE, 1e-3),
 ])
 def test_suggestion_on_synthetic_curves(name, losses, expected):
-    smoothed = lr_find.smooth(losses)
-    rate, rule, min_loss_rate = lr_find.suggest(LRS, smoothed)
+    smoothed = lr_range.smooth(losses)
+    rate, rule, min_loss_rate = lr_range.suggest(LRS, smoothed)
     assert LRS[0] <= min_loss_rate <= LRS[-1]
     if expected is None:
-        assert rate is None and f"never fell {lr_find.FLAT_TOLERANCE:.0%} below its start" in rule, name
+        assert rate is None and f"never fell {lr_range.FLAT_TOLERANCE:.0%} below its start" in rule, name
     else:
         # smoothing lags the curve by a few steps, so the steepest fall shows a little later
         assert expected / 2 <= rate <= expected * 4 and "steepest" in rule, (name, rate)
@@ -284,15 +285,15 @@ def test_suggestion_on_synthetic_curves(name, losses, expected):
 
 def test_a_flat_sweep_says_what_to_try_and_its_plot_marks_no_rate(tmp_path):
     losses = np.log(10) + NOISE
-    smoothed = lr_find.smooth(losses)
-    rate, rule, min_loss_rate = lr_find.suggest(LRS, smoothed)
-    finding = lr_find.LRFinding(LRS, losses, smoothed, rate, rule, min_loss_rate, "all 200 steps taken")
+    smoothed = lr_range.smooth(losses)
+    rate, rule, min_loss_rate = lr_range.suggest(LRS, smoothed)
+    finding = lr_range.LRFinding(LRS, losses, smoothed, rate, rule, min_loss_rate, "all 200 steps taken")
     summary = finding.as_dict()
     assert summary["suggested_lr"] is None and summary["min_loss_lr_over_10"] is None
-    sentence = lr_find.no_suggestion(finding)
+    sentence = lr_range.no_suggestion(finding)
     assert sentence.startswith("no suggested --lr: the smoothed loss never fell 10% below its start")
     assert "--optimizer adam" in sentence and "smaller model" in sentence and "images and labels" in sentence
     assert sentence.count(". ") == sentence.count("e.g. ") and sentence.endswith(".") and "\n" not in sentence
     csv_path, png_path = lr_find.write_finding(finding, str(tmp_path), "flat")
     assert_sensible_png(png_path)
-    assert not lr_find.suggest(LRS[:3], np.full(3, np.nan))[0]  # never finite: no rate either
+    assert not lr_range.suggest(LRS[:3], np.full(3, np.nan))[0]  # never finite: no rate either

@@ -27,7 +27,7 @@ from flaxnets.convert import save_state_dict, to_torch
 from train import evaluate, predict
 from train.__main__ import main as train_main
 from train.config import Config, ConfigError
-from train.data.stream import center_crop, resize_shorter
+from train.data.geometry import center_crop, resize_shorter
 from train.run import build_run, with_weights_defaults
 
 from reference import torchvision_or_skip

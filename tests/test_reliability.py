@@ -160,11 +160,11 @@ def test_resume_with_settings_that_change_the_result_is_refused_naming_them(copy
 
 
 def resumes(workdir: pathlib.Path, *args) -> dict:
-    """The settings a run of ``args`` would change (`train.loop.check_resume`) resuming ``workdir``'s latest
+    """The settings a run of ``args`` would change (`train.resume.check_resume`) resuming ``workdir``'s latest
     checkpoint; raises as that run would."""
     from train.arguments import parse_args
     from train.inference import load_variables, locate
-    from train.loop import check_resume
+    from train.resume import check_resume
     from train.run import build_run
 
     _, meta = load_variables(*locate(str(workdir)))
@@ -197,11 +197,11 @@ DAMAGES = {"emptied": lambda data: b"", "truncated": lambda data: data[: len(dat
 
 @pytest.fixture(scope="module")
 def resumer(trained):
-    """``workdir -> outcome`` of what a training run does first in ``workdir`` (`train.loop.resume`, then the
+    """``workdir -> outcome`` of what a training run does first in ``workdir`` (`train.resume.resume`, then the
     records' `Reporter.start`): the state it resumes from, or the `CheckpointError` that stops it."""
     from train.checkpoint import CheckpointError, Checkpoints
     from train.arguments import parse_args
-    from train.loop import resume
+    from train.resume import resume
     from train.report import Reporter
     from train.run import build_run
 

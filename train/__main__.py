@@ -52,11 +52,15 @@ def main(argv=None) -> int:
         from train.loop import initialize_distributed, train_and_evaluate  # JAX starts here, after parsing
 
         initialize_distributed(config)
+        if config.lr_find:  # a range test from a copy of the initial state, which prints its own report
+            from train.lr_find import lr_find
+
+            lr_find(config)
+            return 0
         results = train_and_evaluate(config)
         import jax
 
-        # The range test printed its own report; only process 0 reports (DESIGN: "only process 0 writes logs").
-        if config.lr_find or jax.process_index() != 0:
+        if jax.process_index() != 0:  # only process 0 reports (DESIGN: "only process 0 writes logs")
             return 0
         print(done_line(config, results))
         recipe = recipe_line(config, results)

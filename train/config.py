@@ -3,6 +3,9 @@
 The command line (parsed by `train.arguments`), a ``--config FILE`` (JSON) and the saved
 ``WORKDIR/config.json`` all go through `Config`; epochs, steps and examples are converted in one place
 (`Config.steps_per_epoch` and the schedule built from it in `train.optim`).
+
+Over 400 lines: `Config` is one table of every setting of a run, each with its unit and a comment, and
+`RESUME` classifies the same fields; the checks below it read those fields and nothing else.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def _checkpoint(args) -> int:
     variables, meta = load_variables(workdir, step)
     if "config" not in meta:
         raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
-    config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint.check_meta)
+    config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint_checks.check_meta)
     changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel)) if v}
     config = dataclasses.replace(config, workdir=workdir, **changes).validate()
     run = loop.build_run(config)

@@ -8,8 +8,6 @@ and resumed ends with the same parameters as one never interrupted.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -21,17 +19,17 @@ import jax
 import numpy as np
 
 import flaxnets
-from train.checkpoint import CheckpointError, Checkpoints
-from train.config import RESUME, Config, ConfigError
-from train.data import DataError, parse_val_split
+from train.checkpoint import Checkpoints
+from train.config import Config, ConfigError
 from train.parallel import host
 from train.report import Reporter
+from train.resume import check_resume, flags, resume
 from train.run import Run, build_run
 from train.text import count
 from train.workdir import Lock, WorkdirBusy
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "evaluate", "evaluate_checkpoint", "usable_workdir",
-           "initialize_distributed", "check_resume", "held", "resume", "Resumed"]
+           "initialize_distributed", "held"]
 
 
 class TrainError(RuntimeError):
@@ -79,67 +77,6 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return folder
-
-
-def _flags(values: dict[str, Any]) -> str:
-    """``--seed 0, --lr 0.05`` for ``{"seed": 0, "lr": 0.05}`` (JSON for what is not a plain value)."""
-    def shown(value):
-        if value is None:
-            return "(none)"
-        if isinstance(value, tuple):
-            return ",".join(map(str, value)) or "(none)"
-        return json.dumps(value) if isinstance(value, (dict, bool)) else str(value)
-    return ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in values.items())
-
-
-def check_resume(meta: dict, run: Run, directory: str) -> dict[str, tuple[Any, Any]]:
-    """Raise unless ``run`` may go on from a checkpoint with ``meta``; return the settings that change the
-    result (`train.config.RESUME`) and differ from the recorded ones, which ``--allow-changes`` allowed.
-
-    A checkpoint of another architecture, class count or image side, or recorded under other "fixed"
-    settings, is a `CheckpointError`; "result" settings that differ without ``--allow-changes`` are a
-    `ConfigError` listing them.
-    """
-    ours = (run.config.arch, run.data.num_classes)
-    theirs = (meta["arch"], meta["num_classes"])
-    if ours != theirs:
-        raise CheckpointError(f"{directory} holds a checkpoint of {theirs[0]} with {theirs[1]} classes, not "
-                              f"{ours[0]} with {ours[1]}; use another --workdir.")
-    if meta["image_side"] != run.image_side:
-        raise CheckpointError(f"{directory} was trained on {meta['image_side']}-pixel images, this run would "
-                              f"use {run.image_side}; use the same --image-size or another --workdir.")
-    if "config" not in meta:  # checkpoints of early versions record only these
-        if meta.get("batch_size") != run.config.batch_size:
-            raise CheckpointError(f"{directory} was trained with --batch-size {meta.get('batch_size')}; resume with "
-                                  "the same batch size (the data order depends on it) or use another --workdir.")
-        return {}
-    # Compared as the run uses them: the image side (compared above) where the data decides it, a validation
-    # fraction whether given as text or as a number.
-    def used(config: Config) -> Config:
-        try:
-            val_split = parse_val_split(config.val_split)
-        except DataError:
-            val_split = config.val_split
-        return dataclasses.replace(config, image_size=run.image_side, val_split=val_split)
-
-    if bool((meta.get("config") or {}).get("ema_decay")) != bool(run.config.ema_decay):
-        had = "with" if (meta.get("config") or {}).get("ema_decay") else "without"
-        raise CheckpointError(f"{directory} was trained {had} a moving average of the weights (--ema-decay); resume "
-                              "the same way (its checkpoints hold the average or do not) or use another --workdir.")
-    differences = used(run.config).changes(used(Config.recorded(meta["config"])))
-    fixed = {name: old for name, (old, new) in differences.items() if RESUME[name] == "fixed"}
-    if fixed:
-        now = _flags({name: differences[name][1] for name in fixed})
-        raise CheckpointError(f"{directory} holds a run trained with {_flags(fixed)} (this run: {now}), which its "
-                              "checkpoints and the order of its data depend on; resume with the same or use another "
-                              "--workdir.")
-    if differences and not run.config.allow_changes:
-        now = _flags({name: new for name, (_, new) in differences.items()})
-        which = "settings that change" if len(differences) > 1 else "a setting that changes"
-        raise ConfigError(f"{directory} holds a run trained with {_flags({k: v[0] for k, v in differences.items()})} "
-                          f"(this run: {now}), {which} the result; resume with the recorded settings, add "
-                          "--allow-changes to change them (recorded in the run's history), or use another --workdir.")
-    return differences
 
 
 def _save_config(run: Run, workdir: str, history: list[dict]) -> None:
@@ -250,11 +187,9 @@ def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:
     Returns the final metrics. Raises `ConfigError`, `DataError`, `CheckpointError` or `TrainError`
     with one sentence for the user, and `Interrupted` after checkpointing on SIGINT/SIGTERM.
     """
+    if config.lr_find:
+        raise ValueError("--lr-find is a range test, not a training run: call train.lr_find.lr_find(config).")
     enable_compilation_cache()
-    if config.lr_find:  # a range test from a copy of the initial state; the run itself is not touched
-        from train.lr_find import lr_find
-
-        return lr_find(build_run(config), stream=stream)
     workdir = usable_workdir(config.workdir)
     created = not os.path.exists(workdir)
     if jax.process_index() == 0:
@@ -302,36 +237,6 @@ def usable_workdir(path: str) -> str:
     return workdir
 
 
-@dataclasses.dataclass
-class Resumed:
-    """Where a run goes on from (`resume`): its state, and what the checkpoint it was read from records."""
-
-    state: Any
-    step: int | None = None  # the checkpoint's step; None for a run that starts afresh
-    epoch: int = 0
-    position: int = 0  # steps into the epoch in progress
-    epoch_sums: dict | None = None  # that epoch's metric sums so far
-    history: list = dataclasses.field(default_factory=list)  # changes allowed on resume, with their step
-    changes: dict = dataclasses.field(default_factory=dict)  # those allowed by this run
-
-
-def resume(run: Run, workdir: str, checkpoints: Checkpoints) -> Resumed:
-    """The state ``run`` starts from: the newest checkpoint that can be read (those that cannot are set
-    aside) if it is of this very run (`check_resume`), else a fresh state; raises `CheckpointError` or
-    `ConfigError` when the workdir holds another run's checkpoints or none that can be read."""
-    restored = checkpoints.restore(run.state_shapes(), check=lambda meta, _: check_resume(meta, run, workdir))
-    if restored is None:
-        return Resumed(run.init_state())
-    state, meta, step = restored
-    changes = check_resume(meta, run, workdir)
-    history = list(meta.get("history", []))
-    if changes:
-        history.append({"step": step, "changes": {name: list(pair) for name, pair in changes.items()}})
-    position = meta.get("position", 0)
-    return Resumed(state, step, meta["epoch"], position, meta.get("epoch_sums") if position else None, history,
-                   changes)
-
-
 def _train(run: Run, workdir: str, checkpoints: Checkpoints, stream) -> dict[str, Any]:
     # Decided before the Reporter opens its event and metrics files, so that a workdir of another run, or
     # one trained with other settings, is left exactly as it was.
@@ -345,7 +250,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, stream) -> dict[str
             reporter.info(f"resuming from {checkpoints.directory}/{start.step}: {start.epoch} of {run.config.epochs} "
                           f"epochs done{where}.")
         if start.changes:
-            reporter.info(f"note: resuming with {_flags({k: new for k, (_, new) in start.changes.items()})} "
+            reporter.info(f"note: resuming with {flags({k: new for k, (_, new) in start.changes.items()})} "
                           "(--allow-changes), recorded in the run's history.")
         return _train_epochs(run, workdir, checkpoints, reporter, start.state, start.step, start.epoch_sums,
                              start.history)

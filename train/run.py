@@ -2,7 +2,7 @@
 
 The architecture's spec, the data, the model, the optimizer and its schedule, the input preprocessing,
 the train and eval steps bound to them, and the data-parallel driver that runs those steps: each decided
-here, once. The epoch loop (`train.loop`), the learning-rate range test (`train.lr_find`) and the
+here, once. The epoch loop (`train.loop`), the learning-rate range test (`train.lr_range`) and the
 commands that evaluate a checkpoint take a `Run` and ask it, rather than deciding again.
 """
 

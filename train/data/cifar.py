@@ -22,7 +22,8 @@ import tarfile
 
 import numpy as np
 
-from train.data.memory import DataError, Dataset, recorded_checksums, verify_file
+from train.data.errors import DataError
+from train.data.memory import Dataset, recorded_checksums, verify_file
 
 __all__ = ["load_cifar", "CIFAR"]
 

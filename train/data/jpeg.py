@@ -34,7 +34,7 @@ from types import ModuleType
 
 import numpy as np
 
-from train.data.memory import DataError
+from train.data.errors import DataError
 
 __all__ = ["Crop", "BACKENDS", "SCALES", "jpeg_shape", "dct_scale", "decode_crop", "resolve_backend"]
 

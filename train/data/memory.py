@@ -15,13 +15,11 @@ import os
 import struct
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "with_statistics", "load_digits", "load_idx", "read_idx", "recorded_checksums",
+from train.data.errors import DataError
+
+__all__ = ["Dataset", "checked", "with_statistics", "load_digits", "load_idx", "read_idx", "recorded_checksums",
            "verify_file", "FASHION_CLASSES", "IDX_FILES",
            "RECORDED_CHECKSUMS"]
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message says which file and why."""
 
 
 class DatasetFacts:
@@ -113,6 +111,17 @@ def with_statistics(data: Dataset) -> Dataset:
 
     stats = pixel_statistics(data.train_images)
     return dataclasses.replace(data, **stats)
+
+
+def checked(data: Dataset) -> Dataset:
+    """``data`` if its images are uint8 NHWC and its labels lie in 0..classes-1, else a `DataError`."""
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{data.name}: {split} images must be uint8 NHWC, got {images.dtype} {images.shape}.")
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= data.num_classes:
+            raise DataError(f"{data.name}: {split} labels must lie in 0..{data.num_classes - 1}.")
+    return data
 
 
 def _package_file(package: str, *parts: str) -> str:

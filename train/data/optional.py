@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from train.data.memory import DataError
+from train.data.errors import DataError
 
 __all__ = ["require", "PACKAGES"]
 

@@ -17,7 +17,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from train.data.memory import DataError
+from train.data.errors import DataError
 from train.data.optional import require
 
 __all__ = ["TfdsSource", "FolderSource", "Subset", "source_labels", "scan_folder", "decode_image",
@@ -185,7 +185,7 @@ class FolderSource:
         raise DataError(f"a hundred files in a row from {self.paths[index]} on cannot be decoded.")
 
     def encoded(self, index: int) -> tuple[bytes, int]:
-        """The file's bytes and its label, for decoding straight to a crop (`train.data.stream.read_crop`)."""
+        """The file's bytes and its label, for decoding straight to a crop (`train.data.geometry.read_crop`)."""
         index = int(index)
         with open(self.paths[index], "rb") as handle:
             return handle.read(), int(self.labels[index])

@@ -29,12 +29,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from train.data import jpeg
+from train.data.geometry import (center_crop, crop_box, eval_side, read_crop,
+                                 resize_shorter, shorter_size, ten_crops)
 from train.data.memory import Dataset, DatasetFacts
 from train.data.optional import require
 
 __all__ = ["Streamed", "epoch_order", "train_batches", "eval_batches", "TrainTransform", "EvalTransform",
            "RunTransform", "materialize", "prefetch", "require_grain", "default_workers", "read_ahead_batches",
-           "crop_box", "read_crop", "CROPS"]
+           "CROPS"]
 
 CROPS = ("inception", "alexnet")
 
@@ -89,107 +91,6 @@ class Streamed(DatasetFacts):
         return None not in self.image_shape[:2]
 
 
-# -- per-image geometry (numpy + PIL, in the worker processes) ---------------------------------------------
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[:2] == (height, width):
-        return image
-    grey = image.shape[-1] == 1
-    pil = Image.fromarray(image[..., 0] if grey else image)
-    out = np.asarray(pil.resize((width, height), Image.BILINEAR, reducing_gap=None))
-    return out[..., None] if grey else out
-
-
-def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:
-    """The size with the shorter side ``side`` and the aspect ratio kept. The longer side is truncated, not
-    rounded, as torchvision's ``Resize(side)`` does, so published weights see the pixels they were scored on."""
-    if height <= width:
-        return side, int(side * width / height)
-    return int(side * height / width), side
-
-
-def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
-    """Scale so the shorter side is ``side`` (`shorter_size`)."""
-    return _resize(image, *shorter_size(*image.shape[:2], side))
-
-
-def center_crop(image: np.ndarray, side: int) -> np.ndarray:
-    """The central ``side`` x ``side`` square, its offsets rounded as torchvision's ``CenterCrop`` rounds them
-    (Python's round of half the margin); an image smaller than ``side`` is stretched to it."""
-    h, w = image.shape[:2]
-    top, left = max(0, int(round((h - side) / 2.0))), max(0, int(round((w - side) / 2.0)))
-    out = image[top:top + side, left:left + side]
-    return out if out.shape[:2] == (side, side) else _resize(out, side, side)
-
-
-def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
-             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of a crop of an ``h`` x ``w`` image with random area fraction in ``scale``
-    and aspect ratio in ``ratio`` (log-uniform); after ten misses, the centre crop of the whole image at the
-    nearest allowed ratio. It needs the image's size only, so a JPEG's header is enough to choose it."""
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    aspect = w / h
-    if aspect < ratio[0]:
-        cw, ch = w, round(w / ratio[0])
-    elif aspect > ratio[1]:
-        ch, cw = h, round(h * ratio[1])
-    else:
-        cw, ch = w, h
-    return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """The `crop_box` of ``image`` resized to ``side`` x ``side``."""
-    top, left, ch, cw = crop_box(*image.shape[:2], rng, scale, ratio)
-    return _resize(image[top:top + ch, left:left + cw], side, side)
-
-
-def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.Crop],
-              decoder: str | None = None) -> tuple[np.ndarray, int]:
-    """Example ``index`` of ``source``, cropped and resized as ``geometry`` (the image's height and width ->
-    a `jpeg.Crop`) says, and its label.
-
-    With a ``decoder`` ("pillow" or "opencv", `train.data.jpeg`) and a source that gives its examples'
-    encoded bytes (``source.encoded(index) -> (bytes, label)``), a JPEG is decoded straight to the crop, at
-    reduced size where the crop allows. Anything else is decoded whole and cropped with Pillow's
-    resampling, through ``source[index]`` (which reports and skips a damaged file).
-    """
-    encoded = getattr(source, "encoded", None) if decoder else None
-    if encoded is not None:
-        try:
-            data, label = encoded(index)
-            shape = jpeg.jpeg_shape(data)
-            if shape is not None:
-                return jpeg.decode_crop(data, geometry(*shape), decoder), label
-        except OSError:  # unreadable, or damaged past its header: the whole-image path says so and skips it
-            pass
-    image, label = source[index]
-    crop = geometry(*image.shape[:2])
-    region = image[crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
-    return _resize(region, crop.out_height, crop.out_width), label
-
-
-def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
-    """The four corner crops and the centre crop, then the same five mirrored: ``(10, side, side, C)``."""
-    h, w = image.shape[:2]
-    corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
-    five = [image[top:top + side, left:left + side] for top, left in corners]
-    return np.stack(five + [crop[:, ::-1] for crop in five])
-
-
-def _eval_side(side: int) -> int:
-    return round(side * 256 / 224)
-
-
 @dataclasses.dataclass
 class TrainTransform:
     """Dataset index -> augmented training example; its randomness depends on (seed, epoch, index) only.
@@ -211,7 +112,7 @@ class TrainTransform:
         index = int(index)
         rng = np.random.default_rng([self.seed, self.epoch, index, 7])
         if self.crop == "alexnet":
-            big = _eval_side(self.side)
+            big = eval_side(self.side)
             image, label = read_crop(self.source, index, lambda h, w: jpeg.Crop(0, 0, h, w, *shorter_size(h, w, big)),
                                      self.decoder)
             image = center_crop(image, big)
@@ -242,7 +143,7 @@ class EvalTransform:
     def __call__(self, index: int) -> dict[str, Any]:
         index = int(index)
         image, label = self.source[max(index, 0)]
-        image = resize_shorter(image, self.resize or _eval_side(self.side))
+        image = resize_shorter(image, self.resize or eval_side(self.side))
         image = ten_crops(image, self.side) if self.ten_crop else center_crop(image, self.side)
         return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(max(index, 0)),
                 "mask": np.bool_(index >= 0)}

@@ -1,0 +1,117 @@
+"""The geometry of one image, in numpy and Pillow, as the streamed pipeline's worker processes apply it:
+resizing (torchvision's rounding, so published weights see the pixels they were scored on), centre, random
+resized and ten crops, and reading an example straight to its crop (`read_crop`, through `train.data.jpeg`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from train.data import jpeg
+
+__all__ = ["shorter_size", "resize_shorter", "center_crop", "crop_box", "random_resized_crop", "read_crop",
+           "ten_crops", "eval_side"]
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == (height, width):
+        return image
+    grey = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if grey else image)
+    out = np.asarray(pil.resize((width, height), Image.BILINEAR, reducing_gap=None))
+    return out[..., None] if grey else out
+
+
+def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """The size with the shorter side ``side`` and the aspect ratio kept. The longer side is truncated, not
+    rounded, as torchvision's ``Resize(side)`` does, so published weights see the pixels they were scored on."""
+    if height <= width:
+        return side, int(side * width / height)
+    return int(side * height / width), side
+
+
+def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
+    """Scale so the shorter side is ``side`` (`shorter_size`)."""
+    return _resize(image, *shorter_size(*image.shape[:2], side))
+
+
+def center_crop(image: np.ndarray, side: int) -> np.ndarray:
+    """The central ``side`` x ``side`` square, its offsets rounded as torchvision's ``CenterCrop`` rounds them
+    (Python's round of half the margin); an image smaller than ``side`` is stretched to it."""
+    h, w = image.shape[:2]
+    top, left = max(0, int(round((h - side) / 2.0))), max(0, int(round((w - side) / 2.0)))
+    out = image[top:top + side, left:left + side]
+    return out if out.shape[:2] == (side, side) else _resize(out, side, side)
+
+
+def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a crop of an ``h`` x ``w`` image with random area fraction in ``scale``
+    and aspect ratio in ``ratio`` (log-uniform); after ten misses, the centre crop of the whole image at the
+    nearest allowed ratio. It needs the image's size only, so a JPEG's header is enough to choose it."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif aspect > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """The `crop_box` of ``image`` resized to ``side`` x ``side``."""
+    top, left, ch, cw = crop_box(*image.shape[:2], rng, scale, ratio)
+    return _resize(image[top:top + ch, left:left + cw], side, side)
+
+
+def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.Crop],
+              decoder: str | None = None) -> tuple[np.ndarray, int]:
+    """Example ``index`` of ``source``, cropped and resized as ``geometry`` (the image's height and width ->
+    a `jpeg.Crop`) says, and its label.
+
+    With a ``decoder`` ("pillow" or "opencv", `train.data.jpeg`) and a source that gives its examples'
+    encoded bytes (``source.encoded(index) -> (bytes, label)``), a JPEG is decoded straight to the crop, at
+    reduced size where the crop allows. Anything else is decoded whole and cropped with Pillow's
+    resampling, through ``source[index]`` (which reports and skips a damaged file).
+    """
+    encoded = getattr(source, "encoded", None) if decoder else None
+    if encoded is not None:
+        try:
+            data, label = encoded(index)
+            shape = jpeg.jpeg_shape(data)
+            if shape is not None:
+                return jpeg.decode_crop(data, geometry(*shape), decoder), label
+        except OSError:  # unreadable, or damaged past its header: the whole-image path says so and skips it
+            pass
+    image, label = source[index]
+    crop = geometry(*image.shape[:2])
+    region = image[crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
+    return _resize(region, crop.out_height, crop.out_width), label
+
+
+def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
+    """The four corner crops and the centre crop, then the same five mirrored: ``(10, side, side, C)``."""
+    h, w = image.shape[:2]
+    corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
+    five = [image[top:top + side, left:left + side] for top, left in corners]
+    return np.stack(five + [crop[:, ::-1] for crop in five])
+
+
+def eval_side(side: int) -> int:
+    """The shorter side evaluation resizes to before its centre crop of ``side``: 256 for 224."""
+    return round(side * 256 / 224)
