@@ -50,7 +50,8 @@ class ModelSpec:
       aux_loss_weight: the weight of each auxiliary head's loss in training, for architectures that sow
         auxiliary logits (0 for the others).
       torch_layout: where its variables sit in torchvision's ``state_dict`` and which are its class layers,
-        declared beside the family (`flaxnets.torch_layout`); every registered spec has one.
+        declared beside the family (`flaxnets.torch_layout`); every architecture flaxnets registers has one (a
+        user's own factory, registered by the trainer, has none).
     """
 
     name: str
