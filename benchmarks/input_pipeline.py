@@ -235,7 +235,7 @@ def _version(name: str) -> str | None:
 
 def main(argv=None) -> int:
     # Imported here, not above: the plain loop's processes import this module, and need no JAX.
-    from train.cli import run_command
+    from train.exits import run_command
     from train.data.stream import default_workers
 
     parser = CommandParser(prog="python -m benchmarks.input_pipeline", description=__doc__.split("\n\n")[0])

@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks.common import add_out_option
 from train.arguments import CommandParser
-from train.cli import run_command
+from train.exits import run_command
 from train.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from train.cli import run_command
+from train.exits import run_command
 from train.arguments import CommandParser
 
 

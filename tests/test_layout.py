@@ -5,7 +5,7 @@ they run too).
 Three kinds of module in `train` (and the library's one command):
 
 - ``COMMANDS``, the modules a user runs (``python -m NAME``): leaves that nothing imports.
-- ``COMMAND_SIDE``, what the commands share and nothing else uses: `train.cli`, the runner every command
+- ``COMMAND_SIDE``, what the commands share and nothing else uses: `train.exits`, the runner every command
   of the trainer and of the benchmarks hands its body to, which turns a user's error into one sentence and
   an exit code (imported by many commands, so not a leaf, yet a command line's concern only);
   `train.arguments`, the trainer's flags and the parsers every command builds on; and
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flaxnets", "train", "benchmarks")
 COMMANDS = ("train.__main__", "train.evaluate", "train.predict", "train.plots", "train.data.__main__",
             "train.recipes.__main__", "flaxnets.__main__")
-COMMAND_SIDE = ("train.cli", "train.arguments", "train.lr_find")
+COMMAND_SIDE = ("train.exits", "train.arguments", "train.lr_find")
 # Run as a process of its own by the trainer (``python -m train.stderr_watch``), never by a user; the runner
 # imports the sentence it ends with.
 HELPER_PROCESSES = ("train.stderr_watch",)

@@ -35,7 +35,7 @@ class Refuse(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Refuse())
-modules = ["flaxnets", "flaxnets.convert", "train", "train.data", "train.loop", "train.cli", "train.evaluate",
+modules = ["flaxnets", "flaxnets.convert", "train", "train.data", "train.loop", "train.exits", "train.evaluate",
            "train.predict", "train.plots", "train.lr_find", "train.lr_range", "train.data.__main__", "benchmarks", "benchmarks.common",
            "benchmarks.throughput", "benchmarks.flops", "benchmarks.profile", "benchmarks.vs_torch",
            "benchmarks.cpu_kernels", "benchmarks.input_pipeline", "benchmarks.stream_train", "benchmarks.tfds_parity",

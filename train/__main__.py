@@ -36,7 +36,7 @@ def recipe_line(config, results: dict) -> str | None:
 
 
 def main(argv=None) -> int:
-    from train.cli import run_command
+    from train.exits import run_command
 
     def body() -> int:
         config = parse_args(argv)

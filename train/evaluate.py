@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from train.cli import run_command
+from train.exits import run_command
 from train.arguments import CommandParser
 from train.config import WORKERS_LIMIT, Config, ConfigError
 

@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from train.arguments import CommandParser
-from train.cli import run_command
+from train.exits import run_command
 from train.figures import plot_samples, write_run_plots
 
 __all__ = ["main"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import run_command
+from train.exits import run_command
 from train.arguments import CommandParser
 
 

@@ -29,7 +29,7 @@ from train.data.stats import stats_path, write_stats
 
 def main(argv=None) -> int:
     # Imported here: the processes of prepare folder import this module again, and need no JAX.
-    from train.cli import run_command
+    from train.exits import run_command
 
     parser = CommandParser(prog="python -m train.data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -1,5 +1,5 @@
 """The one error type of the data package, raised wherever data cannot be used and reported by every
-command as one sentence (`train.cli`)."""
+command as one sentence (`train.exits`)."""
 
 __all__ = ["DataError"]
 

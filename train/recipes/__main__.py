@@ -4,7 +4,7 @@ settings and expected figures)."""
 import json
 import sys
 
-from train.cli import run_command
+from train.exits import run_command
 from train.arguments import CommandParser
 from train.config import ConfigError
 from train.recipes import RecipeError, list_recipes, load_recipe

@@ -1,4 +1,7 @@
-"""Turning the errors a user can cause into one sentence and an exit code, for every command of `train`.
+"""How every command of `train` ends: the errors a user can cause as one sentence and an exit code.
+
+Shared by the commands and imported by nothing they run (tests/test_layout.py); the commands' parser is
+`train.arguments`.
 
 A run of several processes (``--coordinator``, ``--distributed``) can also end because another of its
 processes died: a collective then fails with a `jax.errors.JaxRuntimeError`, which is one sentence here, or
