@@ -20,6 +20,18 @@ jax.devices()
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _registry_as_it_was():
+    """Each test ends with the registry it began with: a command run in-process with ``--arch FILE.py:FACTORY``
+    registers the user's factory, which must not show up in a later test's `flaxnets.list_models()`."""
+    from flaxnets import registry  # the package's import registers every built-in architecture first
+
+    before = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The bundled 8x8 digits, as the trainer loads them."""

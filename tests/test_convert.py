@@ -43,7 +43,6 @@ from flaxnets.analysis import abstract_variables
 from flaxnets.models.googlenet import collect_aux_logits
 from flaxnets.models.vgg import D2L_CONV_ARCH
 from flaxnets.torch_layout import TorchLayout
-from architectures import BUILT_IN
 from reference import torch_or_skip, torchvision_or_skip
 
 TOLERANCE = 1e-4
@@ -174,7 +173,7 @@ def test_vgg_from_d2l_blocks_converts_as_its_table_row():
 
 
 def test_supported_models_are_the_ones_torchvision_has():
-    assert set(SUPPORTED) == {n for n in BUILT_IN if flaxnets.get_spec(n).torchvision}
+    assert set(SUPPORTED) == {n for n in flaxnets.list_models() if flaxnets.get_spec(n).torchvision}
     assert {"alexnet", "googlenet", "resnet18", "resnet152", "vgg11", "vgg19_bn"} <= set(SUPPORTED)
     assert len(SUPPORTED) == 24
 
@@ -445,7 +444,7 @@ def test_load_pretrained_googlenet_fills_in_auxiliary_heads():
 
 def test_head_paths_are_the_layers_that_follow_num_classes():
     """For one architecture of each family: the params whose shape changes with num_classes."""
-    for arch in {flaxnets.get_spec(name).family: name for name in BUILT_IN}.values():
+    for arch in {flaxnets.get_spec(name).family: name for name in flaxnets.list_models()}.values():
         params = abstract_variables(arch, num_classes=7)["params"]
         seven = flatten_dict(params)
         eleven = flatten_dict(abstract_variables(arch, num_classes=11)["params"])
@@ -459,7 +458,7 @@ def test_head_paths_are_the_layers_that_follow_num_classes():
 def test_each_family_declares_its_layout_beside_it():
     """Every registered architecture carries the `TorchLayout` its family module declares (only the fields
     of its own pretrained weights may differ), and those torchvision has name their modules."""
-    for name in BUILT_IN:
+    for name in flaxnets.list_models():
         spec = flaxnets.get_spec(name)
         assert isinstance(spec.torch_layout, TorchLayout) and spec.torch_layout.heads, name
         declared = getattr(sys.modules[f"flaxnets.models.{spec.family}"], "TORCH_LAYOUT", None)
@@ -492,7 +491,7 @@ def test_the_conversion_names_no_family():
     """The mechanism (flaxnets/convert/, flaxnets/torch_layout.py) knows architectures only through their
     specs: no family or architecture name in its code, no module name of any family's layout in its
     strings, no import of a model module. Docstrings and comments may name them."""
-    specs = [flaxnets.get_spec(name) for name in BUILT_IN]
+    specs = [flaxnets.get_spec(name) for name in flaxnets.list_models()]
     families = {spec.family for spec in specs}
     layouts = [spec.torch_layout for spec in specs]
     module_names = {segment for layout in layouts

@@ -15,7 +15,6 @@ import pytest
 
 import flaxnets
 from flaxnets import models
-from architectures import BUILT_IN
 
 # (name, options, input side): a small member of each family, each class of `flaxnets.models` at least once.
 MEMBERS = [
@@ -39,7 +38,7 @@ EXACT = {"vgg11", "googlenet", "resnet18_cifar", "densenet_bc100_k12", "resnet50
 
 
 def test_every_architecture_is_a_class_whose_features_are_tested():
-    for name in BUILT_IN:
+    for name in flaxnets.list_models():
         assert type(flaxnets.create_model(name)) in CLASSES, name
 
 
