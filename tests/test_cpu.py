@@ -176,18 +176,22 @@ def test_cpu_max_pool_gives_the_plain_values_and_gradients(window, stride, pad, 
     np.testing.assert_allclose(grad(fast), grad(plain), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, side, fences", [("resnet18_cifar", 16, True), ("alexnet_small", 32, True),
-                                                ("lenet5_bn", 28, True), ("lenet5_bn", 28, False)])
-def test_cpu_kernels_model_gives_the_plain_model_values_and_gradients(name, side, fences):
+# ResNet-18 for CIFAR with one block a stage at a quarter of its width: the same kinds of layer (both kinds
+# of shortcut included), half the program to compile.
+@pytest.mark.parametrize("name, side, fences, fields", [
+    ("resnet18_cifar", 16, True, {"width": 16, "stage_sizes": (1, 1, 1, 1)}), ("alexnet_small", 32, True, {}),
+    ("lenet5_bn", 28, True, {}), ("lenet5_bn", 28, False, {})], ids=["resnet18_cifar", "alexnet_small", "lenet5_bn",
+                                                                      "lenet5_bn-no-fences"])
+def test_cpu_kernels_model_gives_the_plain_model_values_and_gradients(name, side, fences, fields):
     """The whole network, training mode: logits, BatchNorm statistics and gradients of the loss (and the
     same without the stored-once fences, which `benchmarks.cpu_kernels` times)."""
     spec = flaxnets.get_spec(name)
-    plain = flaxnets.create_model(name, num_classes=10)
+    plain = flaxnets.create_model(name, num_classes=10, **fields)
     if fences:
-        fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops())
+        fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops(), **fields)
         assert fast.ops == flaxnets.cpu.ops() and plain.ops == PLAIN
     else:
-        fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops(fences=False))
+        fast = flaxnets.create_model(name, num_classes=10, ops=flaxnets.cpu.ops(fences=False), **fields)
     x = jax.random.normal(jax.random.key(0), (4, side, side, spec.in_channels))
     variables = plain.init(jax.random.key(1), x, False)
     assert_trees_close(fast.init(jax.random.key(1), x, False), variables, rtol=0)

@@ -60,9 +60,13 @@ SIDES = {"resnext29_8x64d": 4}
 # (tests/test_models.py runs it there); at the small inputs of this file the model trains without it, as
 # its docstring says to. The CIFAR networks of the newer families keep every kind of layer with fewer or
 # narrower ones: DenseNet-BC with two dense layers per block (its 48 layers, each of another width, take
-# 30-60 s to compile in float64), ResNeXt-29 with 4 channels per group instead of 64 (23 s -> 5 s).
+# 30-60 s to compile in float64), ResNeXt-29 with 4 channels per group instead of 64 (23 s -> 5 s). VGG's
+# classifier runs its two hidden layers at 64 units instead of 4,096: the same layers, a thousandth of the
+# parameters that vgg11_bn's tangents cover (10 s less each).
 FIELDS = {
     "inception_v3": {"aux_logits": False},
+    "vgg11": {"hidden": (64, 64)},
+    "vgg11_bn": {"hidden": (64, 64)},
     "densenet_bc100_k12": {"block_sizes": (2, 2, 2)},
     "resnext29_8x64d": {"width_per_group": 4},
 }
@@ -112,10 +116,10 @@ SAME_MODULE_AS = {
 }
 SAME_LAYERS_AS = {**_STAND_INS, **{deeper: _STAND_INS.get(smaller, smaller) for deeper, smaller in DEEPER.items()},
                   **{name: stand_in for name, (stand_in, _) in SAME_MODULE_AS.items()}}
-# Inception v3, whose 11 modules all differ, compares forward and reverse mode in training alone (the mode with
-# batch statistics; evaluation differs only in BatchNorm, checked in both modes elsewhere) and without
-# `linearize`: 13 s instead of 23.
-TRAINING_ONLY = ("inception_v3",)
+# The largest programs (Inception v3, whose 11 modules all differ, both GoogLeNets and ResNet-50) compare
+# forward and reverse mode in training alone (the mode with batch statistics; evaluation differs only in
+# BatchNorm, checked in both modes by the smaller members) and without `linearize`: about half the time.
+TRAINING_ONLY = ("inception_v3", "googlenet", "googlenet_paper", "resnet50")
 
 
 def test_every_architecture_is_checked_in_float64_or_made_of_checked_layers():
@@ -191,19 +195,20 @@ def test_lenet5_derivatives_equal_central_differences_in_float64():
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("name", ["lenet5_bn", "alexnet_small"])
 def test_float64_end_to_end(name):
-    """Parameters, BatchNorm statistics, logits and gradients all float64 when asked for."""
+    """Parameters, BatchNorm statistics, logits and gradients all float64 when asked for. Traced only: the
+    dtypes are the question (the float64 checks above compute)."""
     spec = flaxnets.get_spec(name)
     model = flaxnets.create_model(name, num_classes=10, dtype=jnp.float64, param_dtype=jnp.float64)
     side = flaxnets.min_input_size(name)
-    images = jax.random.normal(jax.random.key(0), (2, side, side, spec.in_channels), jnp.float64)
-    variables = jax.jit(model.init, static_argnums=2)(jax.random.key(1), images, False)
+    images = jax.ShapeDtypeStruct((2, side, side, spec.in_channels), jnp.float64)
+    variables = jax.eval_shape(lambda k, x: model.init(k, x, False), jax.random.key(1), images)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float64)}
-    logits, updates = model.apply(variables, images, True, mutable=["batch_stats", "aux_logits"],
-                                  rngs={"dropout": jax.random.key(2)})
+    logits, updates = jax.eval_shape(lambda v, x: model.apply(v, x, True, mutable=["batch_stats", "aux_logits"],
+                                                              rngs={"dropout": jax.random.key(2)}), variables, images)
     assert logits.dtype == jnp.float64
     assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(updates))
-    grads = jax.grad(lambda p: jnp.sum(model.apply({**variables, "params": p}, images, False) ** 2))(
-        variables["params"])
+    grads = jax.eval_shape(jax.grad(lambda p, v, x: jnp.sum(model.apply({**v, "params": p}, x, False) ** 2)),
+                           variables["params"], variables, images)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float64)}
 
 
@@ -269,14 +274,14 @@ def test_remat_of_a_whole_model_gives_the_same_gradients():
     plain = flaxnets.models.ResNet(**fields)
     remat = nn.remat(flaxnets.models.ResNet, static_argnums=(2,))(**fields)
     images = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-    variables = plain.init(jax.random.key(1), images, False)
+    variables = jax.jit(plain.init, static_argnums=2)(jax.random.key(1), images, False)
 
     def loss(model, params):
         logits, updates = model.apply({**variables, "params": params}, images, True, mutable=["batch_stats"])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(4))), updates
 
-    expected = jax.grad(partial(loss, plain), has_aux=True)(variables["params"])
-    got = jax.grad(partial(loss, remat), has_aux=True)(variables["params"])
+    expected = jax.jit(jax.grad(partial(loss, plain), has_aux=True))(variables["params"])
+    got = jax.jit(jax.grad(partial(loss, remat), has_aux=True))(variables["params"])
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -324,13 +329,21 @@ def test_vmap_over_single_images_equals_the_batch(name):
     side = max(flaxnets.min_input_size(name), 16)
     model = flaxnets.create_model(name, num_classes=10)
     images = jax.random.normal(jax.random.key(0), (3, side, side, spec.in_channels))
-    variables = model.init(jax.random.key(1), images, False)
-    one = jax.vmap(lambda image: model.apply(variables, image[None], False)[0])(images)
-    np.testing.assert_allclose(one, model.apply(variables, images, False), rtol=1e-5, atol=1e-5)
-    # per-example gradients, the usual reason to vmap a model
-    per_example = jax.vmap(jax.grad(lambda p, image: model.apply({**variables, "params": p}, image[None], False).sum()),
-                           in_axes=(None, 0))(variables["params"], images)
-    total = jax.grad(lambda p: model.apply({**variables, "params": p}, images, False).sum())(variables["params"])
+    variables = jax.jit(model.init, static_argnums=2)(jax.random.key(1), images, False)
+
+    @jax.jit  # one program: eagerly, the vmapped gradient runs op by op (20 s on two cores)
+    def both(variables, images):
+        one = jax.vmap(lambda image: model.apply(variables, image[None], False)[0])(images)
+        # per-example gradients, the usual reason to vmap a model
+        def image_sum(p, image):
+            return model.apply({**variables, "params": p}, image[None], False).sum()
+
+        per_example = jax.vmap(jax.grad(image_sum), in_axes=(None, 0))(variables["params"], images)
+        total = jax.grad(lambda p: model.apply({**variables, "params": p}, images, False).sum())(variables["params"])
+        return one, model.apply(variables, images, False), per_example, total
+
+    one, batch, per_example, total = both(variables, images)
+    np.testing.assert_allclose(one, batch, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(per_example), jax.tree_util.tree_leaves(total)):
         np.testing.assert_allclose(a.sum(0), b, rtol=1e-4, atol=1e-4)
 
@@ -348,10 +361,11 @@ def test_hessian_and_jacfwd():
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(4)))
 
     bias = variables["params"]["fc3"]["bias"]
-    hessian = jax.hessian(loss)(bias)
+    hessian, reverse_twice, forward, reverse = jax.jit(  # one program: eagerly, each runs op by op
+        lambda b: (jax.hessian(loss)(b), jax.jacrev(jax.grad(loss))(b), jax.jacfwd(loss)(b), jax.grad(loss)(b)))(bias)
     np.testing.assert_allclose(hessian, hessian.T, atol=1e-6)
-    np.testing.assert_allclose(hessian, jax.jacrev(jax.grad(loss))(bias), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(jax.jacfwd(loss)(bias), jax.grad(loss)(bias), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(hessian, reverse_twice, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(forward, reverse, rtol=1e-4, atol=1e-6)
 
 
 def test_jit_with_named_sharding_equals_one_device():
