@@ -60,11 +60,15 @@ def reference_step():
 # made twice: 40-90 s of the suite). xdist's own `--dist loadgroup` does not group under pytest 9.2 (it
 # renames `item._nodeid`, which pytest no longer reads), hence this scheduler.
 ONE_WORKER_FILES = ("test_train_cli.py", "test_plots.py", "test_reliability.py")
+# test_models.py builds one architecture's variables and compiled applies once (a module-scoped fixture and
+# caches) for every test of it: the tests of one architecture go to one worker, or each worker builds them.
+ONE_WORKER_PER_ARCHITECTURE = ("test_models.py",)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # optional: a hook of pytest-xdist
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's "load" with the tests of each `ONE_WORKER_FILES` file as one unit of work. Units are handed
+    """xdist's "load" with the tests of each `ONE_WORKER_FILES` file as one unit of work, and those of each
+    architecture in `ONE_WORKER_PER_ARCHITECTURE` files as another. Units are handed
     out largest first (``--loadscope-reorder``, xdist's default), so these long files start first and the
     single tests fill in around them."""
     if config.getvalue("dist") != "load":
@@ -74,6 +78,10 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedFixturesOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return path if path.rsplit("/", 1)[-1] in ONE_WORKER_FILES else nodeid
+            if path.rsplit("/", 1)[-1] in ONE_WORKER_FILES:
+                return path
+            if path.rsplit("/", 1)[-1] in ONE_WORKER_PER_ARCHITECTURE and nodeid.endswith("]"):
+                return f"{path}[{nodeid.rsplit('[', 1)[1]}"
+            return nodeid
 
     return SharedFixturesOnOneWorker(config, log)
