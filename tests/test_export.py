@@ -37,7 +37,7 @@ FAMILIES = {
     "nin": ("nin", {"mlp_layers": 1, "num_classes": 10}, 67),
     "googlenet": ("googlenet", {"num_classes": 10}, 16),
     "inception": ("inception_v3", {"num_classes": 10, "aux_logits": False}, 75),
-    "resnet": ("resnet18_cifar", {"width": 8}, 8),
+    "resnet": ("resnet18_cifar", {"width": 8, "stage_sizes": (1, 1, 1, 1)}, 8),
     "densenet": ("densenet_bc100_k12", {"block_sizes": (2, 2)}, 8),
 }
 # Exported at every run: the layers of every family (GoogLeNet, Inception v3 and NiN are made of the same
