@@ -120,3 +120,24 @@ def test_drained_loop_waits_for_abandoned_tasks_and_ignores_late_callbacks(echoe
     loop.call_soon_threadsafe(print, "too late")  # a callback after close is dropped, not raised
     gc.collect()
     assert echoes() == []
+
+
+def test_a_read_that_failed_unawaited_is_not_echoed_when_collected(echoes):
+    """A sibling read that failed before the loop closed, and that no one awaited: its exception counts as
+    retrieved, so asyncio does not log "Task exception was never retrieved" when the task is collected."""
+    async def sibling():
+        raise ValueError("a second read failed too")
+
+    async def main():
+        asyncio.get_running_loop().create_task(sibling())
+        await asyncio.sleep(0.01)  # the sibling fails meanwhile; nothing awaits it
+        raise ValueError("one read failed")
+
+    with drained_event_loops():
+        loop = asyncio.new_event_loop()
+    with pytest.raises(ValueError, match="one read failed"):
+        loop.run_until_complete(main())
+    loop.close()
+    del loop
+    gc.collect()
+    assert echoes() == []

@@ -33,9 +33,19 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
     destroyed while pending, an exception never retrieved, or TensorStore's completion callback calling
     into the closed loop ("Event loop is closed", printed from TensorStore's thread with a traceback).
     Waiting for them (at most ``_DRAIN_TIMEOUT_S``; local reads take milliseconds) retrieves their
-    outcomes, so the one failure is reported once, by `Checkpoints.restore`. A callback that still
-    arrives after close, from a read that outlived the wait, is dropped.
+    outcomes, and so does marking as retrieved the exceptions of reads that had already failed unawaited,
+    so the one failure is reported once, by `Checkpoints.restore`. A callback that still arrives after
+    close, from a read that outlived the wait, is dropped.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._made: set[asyncio.Task] = set()  # every task of this loop, until it closes
+
+    def create_task(self, coro, **kwargs) -> asyncio.Task:
+        task = super().create_task(coro, **kwargs)
+        self._made.add(task)
+        return task
 
     def close(self) -> None:
         if not self.is_running() and not self.is_closed():
@@ -44,6 +54,10 @@ class _DrainingEventLoop(asyncio.SelectorEventLoop):
                 drained = asyncio.gather(*pending, return_exceptions=True)
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                     self.run_until_complete(asyncio.wait_for(drained, _DRAIN_TIMEOUT_S))
+            for task in self._made:
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: no "Task exception was never retrieved" when it is collected
+            self._made.clear()
         super().close()
 
     def call_soon_threadsafe(self, callback, *args, context=None):
