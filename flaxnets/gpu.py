@@ -91,7 +91,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def _taps(x, window, strides, pads):
     """The input padded with -inf, seen once per window tap (row-major): ``taps[k][n, i, j, c]`` is tap
-    ``k`` of output ``(i, j)``'s window."""
+    ``k`` of output ``(i, j)``'s window. Each tap is a strided slice, whose gradient is a pad with
+    interior zeros."""
     padded = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-np.inf)
     out_h = (padded.shape[1] - window[0]) // strides[0] + 1
     out_w = (padded.shape[2] - window[1]) // strides[1] + 1
@@ -101,11 +102,26 @@ def _taps(x, window, strides, pads):
             for dy in range(window[0]) for dx in range(window[1])]
 
 
-def max_pool(x: jnp.ndarray, window: tuple[int, int], strides: tuple[int, int],
-             pads: tuple[tuple[int, int], tuple[int, int]]) -> jnp.ndarray:
-    """`flaxnets.layers.max_pool` as a selection among the window's taps (see the module's docstring):
-    the same values, and gradients that reach the first maximum of each window."""
-    taps = _taps(x, window, strides, pads)
+def _phase_taps(x, window, strides, pads):
+    """`_taps` read from the input split by stride phase: padded to whole ``s x s`` blocks and reshaped to
+    ``(n, rows, s, cols, s, c)``, where tap ``(dy, dx)`` is one unit-stride slice (rows from ``dy // s``,
+    phase ``dy % s``). Its gradient is then a pad without interior zeros, summed per phase."""
+    (sy, sx), (kh, kw) = strides, window
+    n, h, w, c = x.shape
+    out_h = (h + sum(pads[0]) - kh) // sy + 1
+    out_w = (w + sum(pads[1]) - kw) // sx + 1
+    rows, cols = -(-(sy * (out_h - 1) + kh) // sy), -(-(sx * (out_w - 1) + kw) // sx)  # blocks the windows reach
+    # Pad (or crop, where the windows stop short of the layer's own padding) to exactly rows x cols blocks.
+    padded = lax.pad(x, np.array(-np.inf, x.dtype), ((0, 0, 0), (pads[0][0], rows * sy - h - pads[0][0], 0),
+                                                      (pads[1][0], cols * sx - w - pads[1][0], 0), (0, 0, 0)))
+    phases = padded.reshape(n, rows, sy, cols, sx, c)
+    return [phases[:, dy // sy:dy // sy + out_h, dy % sy, dx // sx:dx // sx + out_w, dx % sx, :]
+            for dy in range(kh) for dx in range(kw)]
+
+
+def _first_maximum(taps):
+    """The maximum of ``taps``, as a selection of the first tap that reaches it (row-major order), the
+    selection's index held constant: autodiff sends the gradient to that tap alone."""
     best = reduce(lax.max, taps)
     winner = jnp.zeros(best.shape, jnp.int8 if len(taps) < 128 else jnp.int32)
     for k in range(len(taps) - 1, -1, -1):  # the last write is the first tap that reaches the maximum
@@ -115,6 +131,17 @@ def max_pool(x: jnp.ndarray, window: tuple[int, int], strides: tuple[int, int],
     for k in range(1, len(taps)):
         out = jnp.where(winner == k, taps[k], out)
     return out
+
+
+def max_pool(x: jnp.ndarray, window: tuple[int, int], strides: tuple[int, int],
+             pads: tuple[tuple[int, int], tuple[int, int]], *, by_phase: bool = False) -> jnp.ndarray:
+    """`flaxnets.layers.max_pool` as a selection among the window's taps (see the module's docstring):
+    the same values, and gradients that reach the first maximum of each window.
+
+    ``by_phase`` reads the taps from the input split by stride phase (`_phase_taps`), so that the gradient
+    is one plain pad per tap instead of one with interior zeros: the same values and gradients, another
+    loop for XLA to compile. `ops` uses the strided taps; the GPU run's ``tune`` step times both."""
+    return _first_maximum((_phase_taps if by_phase else _taps)(x, tuple(window), tuple(strides), pads))
 
 
 def ops() -> Ops:

@@ -229,3 +229,19 @@ def test_flops_of_a_subset_writes_its_own_file_and_keeps_the_whole_table(tmp_pat
     written = json.loads((tmp_path / "flops_lenet5.json").read_text())
     assert {row["arch"] for row in written["rows"]} == {"lenet5", "lenet5_bn", "lenet5_relu"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flops.json", "flops_lenet5.csv", "flops_lenet5.json"]
+
+
+def test_every_kernel_set_the_tune_step_names_exists_and_pools_like_the_library():
+    """Each kernel set a `benchmarks.gpu.tune` variant names is one of `step_variants.kernel_sets()`, and
+    its max pooling gives the plain layer's values (the sets differ in how, not in what, they compute)."""
+    from benchmarks.gpu.tune import VARIANTS
+    from flaxnets.layers import PLAIN
+
+    sets = step_variants.kernel_sets()
+    assert {v.kernels for v in VARIANTS} - {"default"} <= set(sets)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    pool = dict(window=3, stride=2, padding=1)
+    expected, _ = PLAIN.max_pool(**pool).init_with_output(jax.random.key(0), x)
+    for name, ops in sets.items():
+        got, _ = ops.max_pool(**pool).init_with_output(jax.random.key(0), x)
+        np.testing.assert_array_equal(got, expected, err_msg=name)

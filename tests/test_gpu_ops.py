@@ -3,6 +3,8 @@ through every transformation (it is plain JAX)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,9 +63,11 @@ def test_wide_or_unit_stride_convolutions_pass_through():
     assert not gpu._folds(x[..., :3], (2, 2), "SAME", None, None, dn, 1, 1)
 
 
+@pytest.mark.parametrize("by_phase", [False, True], ids=["strided taps", "taps by stride phase"])
 @pytest.mark.parametrize("window,stride,pads", [((3, 3), (2, 2), ((1, 1), (1, 1))), ((2, 2), (2, 2), ((0, 0), (0, 0))),
-                                                ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1)))])
-def test_max_pool_values_and_first_maximum_gradients(window, stride, pads):
+                                                ((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1))),
+                                                ((3, 2), (3, 2), ((0, 2), (1, 0)))])
+def test_max_pool_values_and_first_maximum_gradients(window, stride, pads, by_phase):
     # Small integers: windows hold many ties, where only the first maximum may receive the gradient.
     x = jax.random.randint(jax.random.key(0), (2, 9, 10, 3), 0, 3).astype(jnp.float32)
     g = jax.random.normal(jax.random.key(1), plain_max_pool(x, window, stride, pads).shape)
@@ -71,7 +75,7 @@ def test_max_pool_values_and_first_maximum_gradients(window, stride, pads):
     @jax.jit
     def results(x):
         out = []
-        for fn in (gpu.max_pool, plain_max_pool):
+        for fn in (partial(gpu.max_pool, by_phase=by_phase), plain_max_pool):
             pool = lambda x: fn(x, window, stride, pads)
             out.append((pool(x), jax.grad(lambda x: jnp.sum(pool(x) * g))(x),
                         jax.vmap(lambda x: pool(x[None])[0])(x)))
