@@ -42,6 +42,10 @@ def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
     correctness = json.loads((out / "correctness.json").read_text())
     assert {row["check"] for row in correctness["steps"]} == {"float32", "bfloat16"}
     assert correctness["parity"][0]["logits_error"] < correctness["parity"][0]["tolerance"]
+    accuracy = json.loads((out / "accuracy.json").read_text())  # candidates screened with seed 0 on validation
+    assert [(r["seed"], r["val_top1"] is not None) for r in accuracy["runs"]] == [(0, True), (0, True), (1, True)]
+    assert accuracy["runs"][2]["candidate"] == accuracy["chosen"] == max(accuracy["runs"][:2],
+                                                                         key=lambda r: r["val_top1"])["candidate"]
     tune = json.loads((out / "tune.json").read_text())
     assert tune["gpu_settings_line"].startswith("GPU_SETTINGS = StepSettings(")
     assert any(row["xla_flags"] and "images_per_s" in row for row in tune["rows"])  # the variant in its own process
