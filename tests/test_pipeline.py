@@ -108,6 +108,22 @@ def test_reduced_decoding_is_the_full_size_crop_up_to_resampling(photos, backend
     np.testing.assert_allclose(means[:, 0], means[:, 1], atol=1.5)
 
 
+@pytest.mark.skipif(not jpeg.importlib.util.find_spec("cv2"), reason="OpenCV is not installed")
+@pytest.mark.parametrize("out", [(120, 160), (92, 123), (63, 84), (40, 100), (150, 200)],
+                         ids=["same size", "shrink 1.3", "shrink 1.9", "shrink rows 3, columns 1.6", "enlarge"])
+def test_opencv_resamples_a_full_size_crop_close_to_pillow(out):
+    """OpenCV's resize (a Gaussian, then bilinear) against Pillow's antialiased bilinear one (torchvision's)
+    at scale 1, where both decode the same pixels: a crop of its own size is those pixels."""
+    data = _jpeg(_photo(160, 200, 3))
+    crop = jpeg.Crop(20, 30, 120, 160, *out)
+    assert jpeg.dct_scale(crop) == 1
+    fast, exact = jpeg.decode_crop(data, crop, "opencv"), jpeg.decode_crop(data, crop, "pillow")
+    assert fast.shape == exact.shape == (*out, 3)
+    if out == (120, 160):
+        np.testing.assert_array_equal(fast, exact)
+    assert np.abs(fast.astype(int) - exact).mean() < 0.4
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grey_cmyk_png_and_damaged_files_decode_as_the_whole_image_path_does(tmp_path, backend):
     pixels = _photo(60, 80, 5)
