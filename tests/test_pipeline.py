@@ -124,6 +124,16 @@ def test_opencv_resamples_a_full_size_crop_close_to_pillow(out):
     assert np.abs(fast.astype(int) - exact).mean() < 0.4
 
 
+def test_mirror_is_numpys_flip_for_every_layout():
+    from train.data.geometry import mirror
+
+    image = np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    for x in (image, image[..., 0], image[1:7, 2:11], image[..., :1], image.astype(np.float32), image[::2]):
+        got = mirror(x)
+        np.testing.assert_array_equal(got, x[:, ::-1])
+        assert got.flags.c_contiguous and got.dtype == x.dtype and got.shape == x.shape
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grey_cmyk_png_and_damaged_files_decode_as_the_whole_image_path_does(tmp_path, backend):
     pixels = _photo(60, 80, 5)

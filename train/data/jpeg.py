@@ -36,7 +36,7 @@ import numpy as np
 
 from train.data.errors import DataError
 
-__all__ = ["Crop", "BACKENDS", "SCALES", "jpeg_shape", "dct_scale", "decode_crop", "resolve_backend"]
+__all__ = ["Crop", "BACKENDS", "SCALES", "jpeg_shape", "dct_scale", "decode_crop", "resolve_backend", "opencv"]
 
 BACKENDS = ("auto", "opencv", "pillow")
 SCALES = (8, 4, 2, 1)  # the inverse-DCT reductions both back ends offer, largest first
@@ -117,7 +117,10 @@ def _pillow_crop(data: bytes, crop: Crop) -> np.ndarray:
 
 
 @functools.cache
-def _cv2() -> ModuleType:
+def opencv() -> ModuleType | None:
+    """OpenCV (``cv2``) with its own thread pool off, or None where it is not installed."""
+    if importlib.util.find_spec("cv2") is None:
+        return None
     import cv2
 
     # One image per worker process is the parallelism; OpenCV's own thread pool on every small resize
@@ -127,7 +130,7 @@ def _cv2() -> ModuleType:
 
 
 def _opencv_crop(data: bytes, crop: Crop) -> np.ndarray:
-    cv2 = _cv2()
+    cv2 = opencv()
     scale = dct_scale(crop)
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
             8: cv2.IMREAD_REDUCED_COLOR_8}[scale]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from train.data import jpeg
-from train.data.geometry import (center_crop, crop_box, eval_side, read_crop,
+from train.data.geometry import (center_crop, crop_box, eval_side, mirror, read_crop,
                                  resize_shorter, shorter_size, ten_crops)
 from train.data.memory import Dataset, DatasetFacts
 from train.data.optional import require
@@ -122,7 +122,7 @@ class TrainTransform:
             image, label = read_crop(self.source, index,
                                      lambda h, w: jpeg.Crop(*crop_box(h, w, rng), self.side, self.side), self.decoder)
         if self.flip and rng.random() < 0.5:
-            image = image[:, ::-1]
+            image = mirror(image)
         return {"image": np.ascontiguousarray(image), "label": np.int32(label), "index": np.int32(index)}
 
 
