@@ -133,12 +133,13 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     record.data["best_at_base_batch"] = best_setting["variant"]
     settings = next(v for v in VARIANTS if v.name == best_setting["variant"]).settings()
     kernels = settings.kernels if best_setting["kernels"] == "default" else best_setting["kernels"]
+    # A candidate set of kernel_sets() (a part of flaxnets.gpu's, or another formulation) is not a setting:
+    # it becomes flaxnets.gpu.ops' own first, and the line then names "gpu".
+    named = kernels if kernels in ("plain", "gpu") else "gpu"
     record.data["gpu_settings_line"] = (
         f"GPU_SETTINGS = StepSettings(compiler_options={dict(settings.compiler_options)!r}, "
-        f"matmul_precision={settings.matmul_precision!r}, kernels={kernels!r})")
-    if kernels not in ("plain", "gpu"):  # a candidate set: it becomes flaxnets.gpu.ops' own before it is named
-        record.data["gpu_settings_line"] = (record.data["gpu_settings_line"].replace(repr(kernels), "'gpu'")
-                                            + f"  # once flaxnets.gpu.ops() is the '{kernels}' set")
+        f"matmul_precision={settings.matmul_precision!r}, kernels={named!r})"
+        + ("" if named == kernels else f"  # once flaxnets.gpu.ops() is the '{kernels}' set"))
     say(f"best: {best['variant']} ({best['images_per_s']:,.0f} images/s at batch {best['batch']}); best at batch "
         f"{best_setting['batch']}: {best_setting['variant']}\nfor train/tuning.py: {record.data['gpu_settings_line']}")
     if skipped:
