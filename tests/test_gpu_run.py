@@ -75,3 +75,15 @@ def test_summary_names_steps_that_timed_out_crashed_or_never_ran(tmp_path):
                if line.startswith("| ")}
     assert results["throughput"] == "stopped during googlenet train bfloat16; 2 rows saved before"
     assert results["correctness"] == "stopped"
+
+
+def test_the_settings_line_names_a_setting_and_a_candidate_kernel_set_as_the_gpu_set_to_become():
+    from benchmarks.gpu import tune
+    from train.tuning import StepSettings
+
+    settings = StepSettings(compiler_options={"xla_gpu_autotune_level": 0}, kernels="gpu")
+    assert tune.settings_line(settings, "plain") == (
+        "GPU_SETTINGS = StepSettings(compiler_options={'xla_gpu_autotune_level': 0}, matmul_precision=None, "
+        "kernels='plain')")
+    line = tune.settings_line(settings, "gpu, max-pool by phase")
+    assert "kernels='gpu')  # once flaxnets.gpu.ops() is the 'gpu, max-pool by phase' set" in line

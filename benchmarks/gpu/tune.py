@@ -16,7 +16,8 @@ from typing import Any
 
 from benchmarks.gpu.runner import Record, measured_ceiling, say
 
-__all__ = ["Sizes", "REAL", "DRY", "LIMIT_S", "DRY_LIMIT_S", "TARGET", "Variant", "VARIANTS", "run", "tune_row"]
+__all__ = ["Sizes", "REAL", "DRY", "LIMIT_S", "DRY_LIMIT_S", "TARGET", "Variant", "VARIANTS", "run", "settings_line",
+           "tune_row"]
 
 TARGET = 8000.0  # images/s: MLPerf Training v4.0's 8xH200 ResNet-50 entry ran about 7,950 per GPU
 
@@ -94,6 +95,17 @@ def tune_row(variant: Variant, sizes: Sizes, ceiling: float | None) -> dict[str,
     return {"variant": variant.name, **variant.fields(), **row}
 
 
+def settings_line(settings, kernels: str) -> str:
+    """The `train.tuning.GPU_SETTINGS` line for the winner: ``settings`` (a `train.tuning.StepSettings`) with
+    the kernel set ``kernels``. A candidate set of `benchmarks.step_variants.kernel_sets` (a part of
+    `flaxnets.gpu`'s, or another formulation) is not a setting: it becomes `flaxnets.gpu.ops`' own first,
+    and the line names "gpu" and says so."""
+    named = kernels if kernels in ("plain", "gpu") else "gpu"
+    return (f"GPU_SETTINGS = StepSettings(compiler_options={dict(settings.compiler_options)!r}, "
+            f"matmul_precision={settings.matmul_precision!r}, kernels={named!r})"
+            + ("" if named == kernels else f"  # once flaxnets.gpu.ops() is the '{kernels}' set"))
+
+
 def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, str]:
     """Every variant of `VARIANTS` timed the same way, while the budget lasts; the best one reported with
     the `train.tuning.GPU_SETTINGS` line it calls for."""
@@ -133,13 +145,7 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     record.data["best_at_base_batch"] = best_setting["variant"]
     settings = next(v for v in VARIANTS if v.name == best_setting["variant"]).settings()
     kernels = settings.kernels if best_setting["kernels"] == "default" else best_setting["kernels"]
-    # A candidate set of kernel_sets() (a part of flaxnets.gpu's, or another formulation) is not a setting:
-    # it becomes flaxnets.gpu.ops' own first, and the line then names "gpu".
-    named = kernels if kernels in ("plain", "gpu") else "gpu"
-    record.data["gpu_settings_line"] = (
-        f"GPU_SETTINGS = StepSettings(compiler_options={dict(settings.compiler_options)!r}, "
-        f"matmul_precision={settings.matmul_precision!r}, kernels={named!r})"
-        + ("" if named == kernels else f"  # once flaxnets.gpu.ops() is the '{kernels}' set"))
+    record.data["gpu_settings_line"] = settings_line(settings, kernels)
     say(f"best: {best['variant']} ({best['images_per_s']:,.0f} images/s at batch {best['batch']}); best at batch "
         f"{best_setting['batch']}: {best_setting['variant']}\nfor train/tuning.py: {record.data['gpu_settings_line']}")
     if skipped:
