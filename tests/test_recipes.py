@@ -4,12 +4,14 @@ EMA against a hand computation; mixup and cutmix keep each target's mass and pas
 pixels lambda says; TrivialAugment Wide and RandAugment are torchvision's operations and magnitudes (against
 torchvision itself, when installed) and are a function of their key; random erasing erases a rectangle of
 the stated size or nothing; the weight-decay mask; stochastic depth is the identity in expectation; the
-recipe files load, are overridden by flags, and report against their expected figure.
+recipe files load, are overridden by flags, and report against their expected figure; scoring fewer epochs
+(a recipe's time) trains the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from functools import partial
 
@@ -345,3 +347,29 @@ def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, d
     with pytest.raises(CheckpointError, match="moving average"):
         loop.train_and_evaluate(dataclasses.replace(config, epochs=3, ema_decay=0.0))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_evaluating_every_other_epoch_trains_the_same_and_scores_the_saved_and_last_epochs(tmp_path, digits):
+    """--eval-every-epochs 2 over three epochs: epoch 1 is not scored, epoch 2 and the last (which saves the
+    checkpoint) are, with the same figures as a run that scores every epoch, whose training it repeats."""
+    from train import loop
+    from train.workdir import read_records
+
+    runs = {}
+    for every in (1, 2):
+        config = parse_args(["--arch", "lenet5_bn", "--dataset", "digits", "--batch-size", "64", "--image-size", "12",
+                             "--epochs", "3", "--warmup-epochs", "0", "--val-split", "0.1", "--checkpoint-every-epochs",
+                             "3", "--eval-every-epochs", str(every), "--no-plots", "--workdir",
+                             str(tmp_path / f"{every}")])
+        results = loop.train_and_evaluate(config, stream=io.StringIO())
+        records = [record for _, record, _ in read_records(str(tmp_path / f"{every}" / "metrics.jsonl"))]
+        runs[every] = results, {r["epoch"]: r for r in records}
+    (every, each), (other, some) = runs[1], runs[2]
+    assert sorted(some) == sorted(each) == [1, 2, 3]
+    assert "test_top1" not in some[1] and "val_top1" not in some[1]
+    for epoch in (1, 2, 3):
+        assert some[epoch]["train_loss"] == each[epoch]["train_loss"]
+    for epoch in (2, 3):
+        for key in ("val_top1", "val_loss", "test_top1", "test_loss"):
+            assert some[epoch][key] == each[epoch][key], (epoch, key)
+    assert other["best_top1"] == every["best_top1"] and other["test_top1"] == every["test_top1"]

@@ -158,6 +158,8 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
         "command to resume")
     add("checkpoints and resume", "--checkpoint-every-epochs", "save a checkpoint every this many epochs (and at "
         "the last)", type=int)
+    add("checkpoints and resume", "--eval-every-epochs", "score the validation and test splits every this many "
+        "epochs (and whenever a checkpoint is saved, and at the last); the training is the same", type=int)
     add("checkpoints and resume", "--keep-checkpoints", "how many of the latest checkpoints to keep, besides the "
         "best", type=int)
     add("checkpoints and resume", "--allow-changes", "resume with settings that change the result (seed, rates, "

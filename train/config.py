@@ -88,6 +88,8 @@ class Config:
     ten_crop: bool = False  # streamed evaluation: average the softmax of 4 corner + centre crops and mirrors
     seed: int = 0
     checkpoint_every_epochs: int = 1
+    # Evaluate every this many epochs; the epochs that save a checkpoint and the last are always evaluated.
+    eval_every_epochs: int = 1
     keep_checkpoints: int = 3
     log_every_steps: int = 20
     zero_init_residual: bool = False
@@ -144,8 +146,8 @@ class Config:
         if not self.workdir or not str(self.workdir).strip():
             raise ConfigError("--workdir must name a folder for the run's checkpoints and logs; an empty one would "
                               "fill the current directory.")
-        positive = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every_epochs", "keep_checkpoints",
-                    "log_every_steps")
+        positive = ("epochs", "batch_size", "eval_batch_size", "checkpoint_every_epochs", "eval_every_epochs",
+                    "keep_checkpoints", "log_every_steps")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -307,7 +309,8 @@ RESUME: dict[str, str] = {
     # Whether the checkpoints hold a moving average of the weights is their make-up; its decay a result.
     "ema_decay": "result", "recipe": "free",
     "data_dir": "free", "workdir": "free", "eval_batch_size": "free", "parallel": "free", "workers": "free",
-    "checkpoint_every_epochs": "free", "keep_checkpoints": "free", "log_every_steps": "free",
+    "checkpoint_every_epochs": "free", "eval_every_epochs": "free", "keep_checkpoints": "free",
+    "log_every_steps": "free",
     "distributed": "free", "coordinator": "free", "num_processes": "free", "process_id": "free",
     "heartbeat_timeout_seconds": "free", "plots": "free", "lr_find": "free", "lr_find_steps": "free",
     "lr_find_start": "free", "lr_find_end": "free", "allow_changes": "free",

@@ -305,13 +305,16 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
                     checkpoints.save(step, state, meta(epoch, position + 1, epoch_sums=sums))
                     _stopped(stop.signum, step, checkpoints, reporter)
             epoch_time = time.perf_counter() - started
+            # A checkpoint is saved with the scores it is ranked by, so its epochs are always evaluated.
+            saves = (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps
+            scored = saves or (epoch + 1) % config.eval_every_epochs == 0
             results = {"epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
                        "train_loss": sums["loss_sum"] / sums["count"], "train_top1": sums["correct"] / sums["count"],
-                       **evaluate(run, feed, state),
+                       **(evaluate(run, feed, state) if scored else {}),
                        "images_per_sec": epoch_examples / epoch_time, "epoch_time_s": epoch_time}
             reporter.record(results)
             reporter.epoch(_epoch_line(results, config.epochs), results)
-            if (epoch + 1) % config.checkpoint_every_epochs == 0 or step == total_steps:
+            if saves:
                 checkpoints.save(step, state, meta(epoch + 1, 0), metrics=selection_metrics(run, results))
                 last_good = step
             if stop.signum:

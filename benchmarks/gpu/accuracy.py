@@ -93,7 +93,8 @@ def _train_run(name: str, train_args: Sequence[str], workdir: Path, timeout: flo
     wall = time.perf_counter() - started
     metrics = workdir / "metrics.jsonl"
     epochs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
-    epochs = [e for e in epochs if "test_top1" in e and "images_per_sec" in e]
+    epochs = [e for e in epochs if "images_per_sec" in e]
+    scored = [e for e in epochs if "test_top1" in e]  # every epoch, or every --eval-every-epochs and the last
     rates, times = [e["images_per_sec"] for e in epochs], [e["epoch_time_s"] for e in epochs]
     # With a validation split the run's figure is the test top-1 of the checkpoint chosen on it (trained or
     # averaged weights), which the trainer's last line states; else the last epoch's.
@@ -102,12 +103,12 @@ def _train_run(name: str, train_args: Sequence[str], workdir: Path, timeout: flo
     val = re.search(r"val top-1 ([0-9.]+)%, selected on the validation split", tail)
     return {"name": name, "command": "python -m train " + " ".join(train_args), "rc": rc, "wall_s": round(wall, 1),
             "epochs": len(epochs),
-            "test_top1": float(chosen.group(1)) / 100 if chosen else (epochs[-1]["test_top1"] if epochs else None),
+            "test_top1": float(chosen.group(1)) / 100 if chosen else (scored[-1]["test_top1"] if scored else None),
             "chosen_weights": chosen.group(2) if chosen else None,
             "val_top1": float(val.group(1)) / 100 if val else None,  # of the checkpoint chosen on it
-            "last_epoch_test_top1": epochs[-1]["test_top1"] if epochs else None,
-            "last_epoch_ema_test_top1": epochs[-1].get("ema_test_top1") if epochs else None,
-            "test_top1_per_epoch": [round(e["test_top1"], 4) for e in epochs],
+            "last_epoch_test_top1": scored[-1]["test_top1"] if scored else None,
+            "last_epoch_ema_test_top1": scored[-1].get("ema_test_top1") if scored else None,
+            "test_top1_by_epoch": {e["epoch"]: round(e["test_top1"], 4) for e in scored},
             # The first epoch's figures include compilation; the median is over the others.
             "images_per_s_first_epoch": round(rates[0], 1) if rates else None,
             "images_per_s_median": round(statistics.median(rates[1:] or rates), 1) if rates else None,
