@@ -43,8 +43,8 @@ class Sizes:
 
 # The project's Fashion-MNIST recipe (train/recipes/fashion_mnist_fast.json: resnet18_cifar, bfloat16, batch
 # 512, Nesterov SGD with a cosine schedule, random erasing, a moving average of the weights, the best epoch
-# chosen on a tenth of the training images held out; 36 epochs, 51-65 s a run on an H200), and the two
-# levers most likely to add the 0.4 points its 95.37% median lacks: twice the epochs, and cutmix on top.
+# chosen on a tenth of the training images held out; 36 epochs), and the two levers most likely to lift its
+# median to the target (benchmarks/RESULTS.md has where it stands): twice the epochs, and cutmix on top.
 # Targets: every seed at least 95.0% test top-1, their median at least 95.8%.
 REAL = Sizes(train=("--recipe", "fashion_mnist_fast"),
              candidates=(Candidate("as shipped", (), 1.0), Candidate("72 epochs", ("--epochs", "72"), 1.9),

@@ -106,9 +106,9 @@ def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.
 
 def mirror(image: np.ndarray) -> np.ndarray:
     """``image`` (HxW or HxWxC) flipped left to right, as a contiguous array. With OpenCV installed its
-    flip does it: numpy's copy of a reversed view steps through a colour image three bytes at a time, a
-    tenth of a millisecond a 224x224 crop, more than the rest of the augmentation together. (OpenCV would
-    drop a single channel's axis, so such an image takes numpy's way.)"""
+    flip does it: numpy's copy of a reversed view steps through a colour image three bytes at a time, many
+    times slower (benchmarks/RESULTS.md). OpenCV would drop a single channel's axis, so such an image takes
+    numpy's way."""
     cv2 = jpeg.opencv()
     keeps_shape = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (2, 3, 4))
     if cv2 is not None and image.dtype == np.uint8 and keeps_shape:

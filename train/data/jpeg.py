@@ -155,9 +155,9 @@ def _antialiased_resize(cv2: ModuleType, image: np.ndarray, height: int, width: 
 
     Pillow's antialiased bilinear filter (torchvision's) widens its triangle to the shrink factor ``f``;
     bilinear sampling is that triangle at ``f = 1``. A Gaussian of variance ``(f**2 - 1) / 4`` before it
-    brings the pair's width close to Pillow's: pixels as near to Pillow's as OpenCV's area filter, at less
-    than half its CPU time (OpenCV's area filter has no fast path for fractional factors). Both figures
-    are in benchmarks/RESULTS.md."""
+    brings the pair's width close to Pillow's: pixels as near to Pillow's as OpenCV's area filter, at a
+    fraction of its CPU time (the area filter has no fast path for fractional factors; benchmarks/RESULTS.md
+    has both comparisons)."""
     sigmas = [math.sqrt((f * f - 1) / 4) if f > 1 else 0.0 for f in (image.shape[0] / height, image.shape[1] / width)]
     if any(sigmas):
         (sy, sx) = sigmas
