@@ -121,7 +121,7 @@ def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
     h, w = image.shape[:2]
     corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
     five = [image[top:top + side, left:left + side] for top, left in corners]
-    return np.stack(five + [crop[:, ::-1] for crop in five])
+    return np.stack(five + [mirror(crop) for crop in five])
 
 
 def eval_side(side: int) -> int:
