@@ -440,12 +440,18 @@ def test_host_batches_on_8_devices_train_as_the_device_resident_data_does():
     assert float(metrics_a["loss_sum"]) == float(metrics_b["loss_sum"])
 
 
-def test_ten_crop_evaluation_averages_the_softmax_of_the_views():
+def _scoring_lenet(seed: int):
+    """A four-class LeNet-5 on 12x12 grey images: model, preprocessing, variables and a state to score with."""
     model = flaxnets.create_model("lenet5_relu", num_classes=4)
     preprocess = steps.Preprocess(mean=(0.5,), std=(0.5,), size=12)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 12, 12, 1)), train=False)
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 12, 12, 1)), train=False)
     state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"], batch_stats={}, opt_state=None,
                              rng=jnp.zeros((2,), jnp.uint32))
+    return model, preprocess, variables, state
+
+
+def test_ten_crop_evaluation_averages_the_softmax_of_the_views():
+    model, preprocess, variables, state = _scoring_lenet(0)
     views = jnp.asarray(np.random.default_rng(6).integers(0, 256, (3, 10, 12, 12, 1), dtype=np.uint8))
     labels = jnp.asarray([0, 1, 2])
     metrics = steps.eval_step(state, {"image": views, "label": labels, "mask": jnp.ones(3, bool)}, model=model,
@@ -455,6 +461,39 @@ def test_ten_crop_evaluation_averages_the_softmax_of_the_views():
     expected = -np.log(np.asarray(probabilities)[np.arange(3), np.asarray(labels)]).sum()
     np.testing.assert_allclose(float(metrics["loss_sum"]), expected, rtol=1e-5)
     assert float(metrics["correct"]) == float((probabilities.argmax(-1) == labels).sum())
+
+
+def test_flip_evaluation_averages_each_image_with_its_mirror_and_counts_one_view():
+    model, preprocess, variables, state = _scoring_lenet(1)
+    images = jnp.asarray(np.random.default_rng(7).integers(0, 256, (16, 12, 12, 1), dtype=np.uint8))
+    labels = jnp.asarray(np.arange(16) % 4)
+    mask = jnp.ones(16, bool).at[-1].set(False)
+
+    def scored(batch_images, flip):
+        return steps.eval_step(state, {"image": batch_images, "label": labels, "mask": mask}, model=model,
+                               preprocess=preprocess, num_classes=4, flip=flip)
+
+    def softmax(x):
+        return jax.nn.softmax(model.apply(variables, preprocess(x, None, train=False), train=False))
+
+    both, one = scored(images, True), scored(images, False)
+    probabilities = np.asarray((softmax(images) + softmax(images[:, :, ::-1])) / 2)
+    kept = np.asarray(mask)
+    expected = -np.log(probabilities[np.arange(16), np.asarray(labels)])[kept].sum()
+    np.testing.assert_allclose(float(both["loss_sum"]), expected, rtol=1e-5)
+    assert float(both["correct"]) == float(((probabilities.argmax(-1) == np.asarray(labels)) & kept).sum())
+    assert float(both["correct_one_view"]) == float(one["correct"]) and "correct_one_view" not in one
+    mirrored = scored(images[:, :, ::-1], True)  # the same two views, in the other order
+    np.testing.assert_allclose(float(mirrored["loss_sum"]), float(both["loss_sum"]), rtol=1e-5)
+    with pytest.raises(ValueError, match="two views"):
+        scored(images[:, None], True)
+
+
+def test_flip_evaluation_is_refused_where_mirrors_change_labels_or_ten_crop_has_them():
+    with pytest.raises(ConfigError, match="labels do not survive a mirror"):
+        build_run(Config(eval_flip=True).validate(), data=load_dataset("digits"))
+    with pytest.raises(ConfigError, match="drop --eval-flip"):
+        Config(eval_flip=True, ten_crop=True).validate()
 
 
 def test_ten_crop_on_in_memory_data_and_bad_pipeline_settings_are_refused():

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from benchmarks.gpu import runner, throughput
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,3 +89,19 @@ def test_the_settings_line_names_a_setting_and_a_candidate_kernel_set_as_the_gpu
         "kernels='plain')")
     line = tune.settings_line(settings, "gpu, max-pool by phase")
     assert "kernels='gpu')  # once flaxnets.gpu.ops() is the 'gpu, max-pool by phase' set" in line
+
+
+def test_the_accuracy_step_reads_the_chosen_checkpoints_figures_off_the_trainers_last_line():
+    from benchmarks.gpu.accuracy import REAL, chosen_figures
+    from train.__main__ import done_line
+    from train.config import Config
+
+    results = {"test_top1": 0.9561, "epoch": 72, "best_step": 7560, "best_epoch": 72, "best_top1": 0.9583,
+               "best_selected_on": "val", "best_test_top1": 0.9574, "best_weights": "ema"}
+    line = done_line(Config(arch="resnet18_cifar", dataset="fashion_mnist"), results)
+    assert chosen_figures(line) == {"test_top1": pytest.approx(0.9574), "chosen_weights": "ema",
+                                    "test_top1_one_view": None, "val_top1": pytest.approx(0.9583)}
+    with_mirrors = done_line(Config(), {**results, "test_top1_one_view": 0.9552, "best_test_top1_one_view": 0.9549})
+    assert chosen_figures(with_mirrors)["test_top1_one_view"] == pytest.approx(0.9549)
+    assert chosen_figures("done: lenet5_relu on digits, test top-1 97.50% after 1 epoch.")["test_top1"] is None
+    assert "--eval-flip" in REAL.train  # every candidate scored alike, the one-view figures beside

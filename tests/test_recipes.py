@@ -373,3 +373,30 @@ def test_evaluating_every_other_epoch_trains_the_same_and_scores_the_saved_and_l
         for key in ("val_top1", "val_loss", "test_top1", "test_loss"):
             assert some[epoch][key] == each[epoch][key], (epoch, key)
     assert other["best_top1"] == every["best_top1"] and other["test_top1"] == every["test_top1"]
+
+
+def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_view(tmp_path, monkeypatch):
+    """--eval-flip on Fashion-MNIST-shaped files: every scored split has its one-view top-1 beside the
+    flip-averaged one, the chosen checkpoint carries its one-view test top-1, and the last line says it."""
+    from test_train_cli import write_idx_set
+    from train import loop
+    from train.__main__ import done_line
+    from train.data import load
+    from train.workdir import read_records
+
+    write_idx_set(tmp_path / "files", train=48, test=24)
+    # The files are digits in Fashion-MNIST's format, which its recorded checksums would refuse.
+    monkeypatch.setattr(load, "load_idx", partial(load.load_idx, verify=False))
+    config = parse_args(["--arch", "lenet5_bn", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "files"),
+                         "--batch-size", "16", "--image-size", "12", "--epochs", "1", "--warmup-epochs", "0",
+                         "--val-split", "0.25", "--ema-decay", "0.9", "--eval-flip", "--no-plots", "--workdir",
+                         str(tmp_path / "run")])
+    results = loop.train_and_evaluate(config, stream=io.StringIO())
+    [record] = [record for _, record, _ in read_records(str(tmp_path / "run" / "metrics.jsonl"))]
+    for prefix in ("", "ema_"):
+        for split in ("val", "test"):
+            assert 0 <= record[f"{prefix}{split}_top1_one_view"] <= 1
+    chosen = "ema_" if results["best_weights"] == "ema" else ""
+    assert results["best_test_top1_one_view"] == record[f"{chosen}test_top1_one_view"]
+    assert results["best_test_top1"] == record[f"{chosen}test_top1"]
+    assert f"{results['best_test_top1_one_view']:.2%} with one view" in done_line(config, results)

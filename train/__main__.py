@@ -12,8 +12,9 @@ def done_line(config, results: dict) -> str:
     from train.text import count
 
     top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
+    one = f" (one view: {results['test_top1_one_view']:.2%})" if "test_top1_one_view" in results else ""
     ema = f" (averaged weights: {results['ema_test_top1']:.2%})" if "ema_test_top1" in results else ""
-    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{top5}{ema} after "
+    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{one}{top5}{ema} after "
             f"{count(results['epoch'], 'epoch')}; workdir {config.workdir}")
     if "best_step" in results:
         on = results["best_selected_on"]
@@ -23,6 +24,8 @@ def done_line(config, results: dict) -> str:
             line += " (no --val-split: the test split chose it, so its test accuracy is optimistic)"
         elif "best_test_top1" in results:
             line += f"; its test top-1 {results['best_test_top1']:.2%} ({results['best_weights']} weights)"
+            if "best_test_top1_one_view" in results:
+                line += f", {results['best_test_top1_one_view']:.2%} with one view"
     return line + "."
 
 

@@ -107,6 +107,8 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("data", "--lighting", "standard deviation of AlexNet's PCA colour noise (0.1 in the paper; 0: off)",
         type=float)
     add("data", "--ten-crop", "streamed evaluation over ten crops per image", **switch)
+    add("data", "--eval-flip", "evaluation averages each image with its mirror image (where training flips "
+        "images); the one-view top-1 is recorded beside it", **switch)
 
     add("optimisation", "--batch-size", "global batch, split over all devices and processes", type=int)
     add("optimisation", "--optimizer", "sgd (with momentum), nesterov, adam or adamw", choices=OPTIMIZERS)

@@ -86,6 +86,8 @@ class Config:
     crop: str = "inception"  # streamed training crop: inception (random-resized) or alexnet (224 from 256)
     lighting: float = 0.0  # std of AlexNet's PCA colour noise (the paper uses 0.1); 0 turns it off
     ten_crop: bool = False  # streamed evaluation: average the softmax of 4 corner + centre crops and mirrors
+    # Evaluation averages the softmax of each image and its mirror (datasets whose training flips images).
+    eval_flip: bool = False
     seed: int = 0
     checkpoint_every_epochs: int = 1
     # Evaluate every this many epochs; the epochs that save a checkpoint and the last are always evaluated.
@@ -180,6 +182,8 @@ class Config:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
             raise ConfigError("--schedule step needs --lr-decay-epochs (e.g. 30,60).")
+        if self.eval_flip and self.ten_crop:
+            raise ConfigError("--ten-crop already scores the mirror image of each crop; drop --eval-flip.")
         if self.freeze_backbone and not self.init_from:
             raise ConfigError("--freeze-backbone needs --init-from WEIGHTS: a random backbone is not worth freezing.")
         if self.init_from:
@@ -300,7 +304,7 @@ RESUME: dict[str, str] = {
     "warmup_epochs": "result", "lr_decay_epochs": "result", "lr_decay_factor": "result",
     "weight_decay": "result", "label_smoothing": "result", "clip_grad_norm": "result", "dtype": "result",
     "augment": "result", "pipeline": "result", "decoder": "result", "crop": "result", "lighting": "result",
-    "ten_crop": "result",
+    "ten_crop": "result", "eval_flip": "result",
     "seed": "result", "zero_init_residual": "result", "init_from": "result", "freeze_backbone": "result",
     "mean": "result", "std": "result",
     "auto_augment": "result", "ra_num_ops": "result", "ra_magnitude": "result", "random_erase": "result",

@@ -156,7 +156,10 @@ def selection_metrics(run: Run, results: dict[str, float]) -> dict[str, float]:
     key = f"{run.selection_split}_top1"
     ema = bool(run.config.ema_decay) and results[f"ema_{key}"] > results[key]
     prefix = "ema_" if ema else ""
-    return {key: results[prefix + key], "chosen_test_top1": results[prefix + "test_top1"], "chosen_ema": float(ema)}
+    chosen = {key: results[prefix + key], "chosen_test_top1": results[prefix + "test_top1"], "chosen_ema": float(ema)}
+    if prefix + "test_top1_one_view" in results:
+        chosen["chosen_test_top1_one_view"] = results[prefix + "test_top1_one_view"]
+    return chosen
 
 
 def _scores(run: Run, feed, state) -> dict[str, float]:
@@ -166,6 +169,8 @@ def _scores(run: Run, feed, state) -> dict[str, float]:
         count = float(sums["count"])
         out[f"{split}_loss"] = float(sums["loss_sum"]) / count
         out[f"{split}_top1"] = float(sums["correct"]) / count
+        if "correct_one_view" in sums:  # --eval-flip: the images without their mirrors
+            out[f"{split}_top1_one_view"] = float(sums["correct_one_view"]) / count
         if run.data.num_classes > 5:
             out[f"{split}_top5"] = float(sums["correct5"]) / count
     return out
@@ -332,6 +337,8 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
         if "chosen_test_top1" in chosen:  # checkpoints of earlier versions lack it
             results["best_test_top1"] = chosen["chosen_test_top1"]
             results["best_weights"] = "ema" if chosen.get("chosen_ema") else "trained"
+        if "chosen_test_top1_one_view" in chosen:
+            results["best_test_top1_one_view"] = chosen["chosen_test_top1_one_view"]
     results["traces"] = dict(driver.traces)
     if config.plots and jax.process_index() == 0:
         _write_plots(run, workdir, state, results["epoch"], reporter)

@@ -109,7 +109,7 @@ class Run:
     def eval_step(self):
         """The per-device eval step with this run's model and preprocessing."""
         return steps.bind(steps.eval_step, model=self.model, preprocess=self.preprocess,
-                          num_classes=self.data.num_classes)
+                          num_classes=self.data.num_classes, flip=self.config.eval_flip)
 
     @functools.cached_property
     def driver(self) -> Driver:
@@ -244,6 +244,9 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
     elif config.ten_crop:
         raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
                           "(--pipeline stream streams it).")
+    if config.eval_flip and not data.flip:
+        raise ConfigError(f"--eval-flip scores mirror images, and {data.name}'s labels do not survive a mirror "
+                          "(its training does not flip images either).")
     data = normalised(data, config)
     steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch == 0:

@@ -235,20 +235,29 @@ def eval_step(
     model: nn.Module,
     preprocess: Preprocess,
     num_classes: int,
+    flip: bool = False,
     axis_name: str | None = None,
 ) -> dict[str, jnp.ndarray]:
     """Metric sums on this device's ``batch``; examples with ``mask == 0`` (padding) count for nothing.
 
     Images of shape ``(N, K, H, W, C)`` are K views of each example (ten-crop evaluation): the prediction
-    is the mean of their softmax outputs, and the loss that of the mean.
+    is the mean of their softmax outputs, and the loss that of the mean. ``flip`` makes two views of
+    ``(N, H, W, C)`` images, each image and its mirror (left to right), and adds ``correct_one_view``, the
+    top-1 count of the images alone, so that what the mirrors add can be read off.
     """
     images = batch["image"]
+    if flip:
+        if images.ndim != 4:
+            raise ValueError(f"flip makes two views of (N, H, W, C) images; got shape {images.shape}")
+        images = jnp.stack([images, images[:, :, ::-1]], axis=1)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
+    one_view = None
     if images.ndim == 5:
         n, views = images.shape[:2]
         logits = model.apply(variables, preprocess(images.reshape((n * views,) + images.shape[2:]), None, train=False),
-                             train=False)
-        probabilities = jax.nn.softmax(logits.astype(jnp.float32)).reshape(n, views, -1).mean(axis=1)
+                             train=False).reshape(n, views, -1)
+        one_view = logits[:, 0]
+        probabilities = jax.nn.softmax(logits.astype(jnp.float32)).mean(axis=1)
         logits = jnp.log(jnp.maximum(probabilities, 1e-30))
     else:
         logits = model.apply(variables, preprocess(images, None, train=False), train=False)
@@ -261,6 +270,8 @@ def eval_step(
         "correct5": ((top5 == batch["label"][:, None]).any(-1) * mask).sum(),
         "count": mask.sum(),
     }
+    if flip:
+        metrics["correct_one_view"] = ((one_view.argmax(-1) == batch["label"]) * mask).sum()
     if axis_name is not None:
         metrics = lax.psum(metrics, axis_name)
     return metrics
