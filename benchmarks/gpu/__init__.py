@@ -16,7 +16,7 @@ time limits; `benchmarks.gpu.runner` what they share:
 * ``parallel``: shard_map and pmap against plain jit;
 * ``tune``: ResNet-50's step built several ways (kernel sets, compiler settings, batch), with a profile;
 * ``peers``: flaxnets beside a plain Flax model and torchvision, eager and compiled (`benchmarks.peers`);
-* ``accuracy``: the Fashion-MNIST recipe and variants of it, one seed each; the one the validation split
+* ``accuracy``: variants of the Fashion-MNIST recipe, one seed each; the one the validation split
   prefers with every seed; and the README's digits run;
 * ``pipeline``: the streamed input pipeline's images/s on the host's cores;
 * ``throughput``: every torchvision architecture, train and inference, bfloat16 and float32.
