@@ -490,7 +490,7 @@ def test_flip_evaluation_averages_each_image_with_its_mirror_and_counts_one_view
 
 
 def test_flip_evaluation_is_refused_where_mirrors_change_labels_or_ten_crop_has_them():
-    with pytest.raises(ConfigError, match="labels do not survive a mirror"):
+    with pytest.raises(ConfigError, match="whose labels in digits would not be the same"):
         build_run(Config(eval_flip=True).validate(), data=load_dataset("digits"))
     with pytest.raises(ConfigError, match="drop --eval-flip"):
         Config(eval_flip=True, ten_crop=True).validate()

@@ -245,8 +245,8 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
                           "(--pipeline stream streams it).")
     if config.eval_flip and not data.flip:
-        raise ConfigError(f"--eval-flip scores mirror images, and {data.name}'s labels do not survive a mirror "
-                          "(its training does not flip images either).")
+        raise ConfigError(f"--eval-flip scores mirror images, whose labels in {data.name} would not be the "
+                          "same (its training does not flip images either).")
     data = normalised(data, config)
     steps_per_epoch = data.train_size // config.batch_size
     if steps_per_epoch == 0:
