@@ -143,15 +143,21 @@ def _use(formulation: Formulation) -> None:
 
 def kernel_sets() -> dict[str, Any]:
     """The kernel sets measured: the library's plain layers, `flaxnets.gpu.ops`, each of its two layers
-    alone, and the set with max pooling's taps read by stride phase (``gpu.max_pool(..., by_phase=True)``)."""
+    alone, the set with max pooling's taps read by stride phase (``gpu.max_pool(..., by_phase=True)``), and
+    the set with 1x1 convolutions as matrix products (``gpu.conv_general_dilated(...,
+    pointwise_as_product=True)``)."""
     from flaxnets import gpu
     from flaxnets.layers import PLAIN, MaxPool
 
+    by_phase = partial(MaxPool, max_pool=partial(gpu.max_pool, by_phase=True))
+    products = partial(nn.Conv, conv_general_dilated=partial(gpu.conv_general_dilated, pointwise_as_product=True))
     return {"plain": PLAIN, "gpu": gpu.ops(),
             "gpu max-pool only": dataclasses.replace(PLAIN, max_pool=gpu.ops().max_pool),
             "gpu folded stem only": dataclasses.replace(PLAIN, conv=gpu.ops().conv),
-            "gpu, max-pool by phase": dataclasses.replace(
-                gpu.ops(), max_pool=partial(MaxPool, max_pool=partial(gpu.max_pool, by_phase=True)))}
+            "gpu, max-pool by phase": dataclasses.replace(gpu.ops(), max_pool=by_phase),
+            "gpu, 1x1 as products": dataclasses.replace(gpu.ops(), conv=products),
+            "gpu, max-pool by phase, 1x1 as products": dataclasses.replace(gpu.ops(), conv=products,
+                                                                          max_pool=by_phase)}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -243,8 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variant", type=_variant, action="append", default=None, metavar="BATCHNORM[:KERNELS]",
                         help="BATCHNORM: 'library' or an index of FORMULATIONS; KERNELS: a name of kernel_sets() (plain, "
-                             "gpu, 'gpu max-pool only', 'gpu folded stem only', 'gpu, max-pool by phase'; "
-                             "repeatable; default: every formulation, plain kernels)")
+                             "gpu, 'gpu max-pool only', 'gpu folded stem only', 'gpu, max-pool by phase', 'gpu, 1x1 "
+                             "as products', 'gpu, max-pool by phase, 1x1 as products'; repeatable; default: every "
+                             "formulation, plain kernels)")
     parser.add_argument("--plain-flax", action="store_true", help="also time (and profile) benchmarks.plain_flax")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="write kernel profiles of the first and the fastest variant here")

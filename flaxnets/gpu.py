@@ -75,15 +75,43 @@ def _fold_conv(x, w, stride: int, padding: Sequence[tuple[int, int]], precision,
                                     preferred_element_type=preferred_element_type)
 
 
+def _pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+               batch_group_count) -> bool:
+    """Whether the convolution is an unpadded, undilated, ungrouped 1x1 NHWC one: a product of matrices."""
+    if lhs.ndim != 4 or dimension_numbers != _NHWC or feature_group_count != 1 or batch_group_count != 1:
+        return False
+    if any(d not in (None, 1) and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+        return False
+    # "SAME" pads a 1x1 window by nothing, whatever the stride.
+    unpadded = padding in ("VALID", "SAME") or (not isinstance(padding, str) and all(tuple(p) == (0, 0) for p in padding))
+    return tuple(rhs.shape[:2]) == (1, 1) and unpadded
+
+
+def _pointwise_conv(x, w, strides: Sequence[int], precision, preferred_element_type):
+    sy, sx = (int(s) for s in strides)
+    if (sy, sx) != (1, 1):  # a strided 1x1 reads every s-th pixel: (h - 1) // s + 1 of them, as the slice does
+        x = x[:, ::sy, ::sx, :]
+    return lax.dot_general(x, w[0, 0], (((3,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-                         preferred_element_type=None):
+                         preferred_element_type=None, *, pointwise_as_product: bool = False):
     """`jax.lax.conv_general_dilated`, with a strided NHWC convolution of at most `FOLD_MAX_CHANNELS` input
-    channels computed space-to-depth (see the module's docstring); every other one passes through."""
+    channels computed space-to-depth (see the module's docstring); every other one passes through.
+
+    ``pointwise_as_product`` writes each 1x1 convolution (unpadded, strided or not) as a matrix product
+    over the channels (`jax.lax.dot_general`), which XLA's GPU backend may run as a GEMM fused with the
+    elementwise work around it (BatchNorm's multiply-add and ReLU) instead of as a cuDNN convolution: the
+    same sums, in another order. `ops` leaves it off; the GPU run's ``tune`` step times it."""
     if _folds(lhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
               batch_group_count):
         return _fold_conv(lhs, rhs, int(window_strides[0]), [tuple(p) for p in padding], precision,
                           preferred_element_type)
+    if pointwise_as_product and _pointwise(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                                           feature_group_count, batch_group_count):
+        return _pointwise_conv(lhs, rhs, window_strides, precision, preferred_element_type)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count, precision,
                                     preferred_element_type)
