@@ -48,6 +48,7 @@ def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
     assert [(r["seed"], r["val_top1"] is not None) for r in accuracy["runs"]] == [(0, True), (0, True), (1, True)]
     assert accuracy["runs"][2]["candidate"] == accuracy["chosen"] == max(accuracy["runs"][:2],
                                                                          key=lambda r: r["val_top1"])["candidate"]
+    assert accuracy["settings_over_baseline"] == ({} if accuracy["chosen"] == "as given" else {"label_smoothing": 0.1})
     tune = json.loads((out / "tune.json").read_text())
     assert tune["gpu_settings_line"].startswith("GPU_SETTINGS = StepSettings(")
     assert any(row["xla_flags"] and "images_per_s" in row for row in tune["rows"])  # the variant in its own process
@@ -105,3 +106,11 @@ def test_the_accuracy_step_reads_the_chosen_checkpoints_figures_off_the_trainers
     assert chosen_figures(with_mirrors)["test_top1_one_view"] == pytest.approx(0.9549)
     assert chosen_figures("done: lenet5_relu on digits, test top-1 97.50% after 1 epoch.")["test_top1"] is None
     assert "--eval-flip" in REAL.train  # every candidate scored alike, the one-view figures beside
+
+
+def test_the_accuracy_step_states_the_winners_settings_as_changes_to_the_recipe():
+    from benchmarks.gpu.accuracy import REAL, recipe_changes
+
+    cutmix = next(c for c in REAL.candidates if "cutmix" in c.name)
+    assert recipe_changes(REAL.baseline, [*REAL.train, *cutmix.args]) == {
+        "epochs": 72, "cutmix_alpha": 1.0, "mix_prob": 0.5, "eval_flip": True}

@@ -39,6 +39,8 @@ class Sizes:
     target: float  # test top-1 every seed must reach
     median_target: float  # and their median
     digits: tuple[str, ...] | None  # the README's LeNet-5 run, for the CPU/GPU comparison; None: not run
+    # What the chosen candidate's settings are stated against (the recipe as shipped); empty: ``train``.
+    baseline: tuple[str, ...] = ()
 
 
 # The project's Fashion-MNIST recipe (train/recipes/fashion_mnist_fast.json: resnet18_cifar, bfloat16, batch
@@ -53,7 +55,8 @@ REAL = Sizes(train=("--recipe", "fashion_mnist_fast", "--eval-flip"),
              candidates=(Candidate("72 epochs", ("--epochs", "72"), 1.0),
                          Candidate("72 epochs, cutmix", ("--epochs", "72", "--cutmix-alpha", "1.0", "--mix-prob",
                                                          "0.5"), 1.05)),
-             seeds=(0, 1, 2), needs_files=True, target=0.95, median_target=0.958, digits=None)
+             seeds=(0, 1, 2), needs_files=True, target=0.95, median_target=0.958, digits=None,
+             baseline=("--recipe", "fashion_mnist_fast"))
 DRY = Sizes(
     train=("--arch", "lenet5_bn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0",
            "--image-size", "12", "--val-split", "0.1", "--no-plots"),
@@ -126,6 +129,15 @@ def chosen_figures(tail: str) -> dict[str, Any]:
             "test_top1_one_view": share(chosen, 3), "val_top1": share(val, 1)}
 
 
+def recipe_changes(baseline: Sequence[str], args: Sequence[str]) -> dict[str, Any]:
+    """The settings of ``python -m train`` with ``args`` that differ from those with ``baseline``, both
+    parsed as the trainer parses them: what a recipe file's "settings" change to become that run."""
+    from train.arguments import parse_args
+
+    before, after = (dataclasses.asdict(parse_args([*argv, "--workdir", "unused"])) for argv in (baseline, args))
+    return {name: value for name, value in after.items() if before[name] != value}
+
+
 def _runs_left(record: Record, estimate: float, reserve: float) -> bool:
     return record.remaining() - reserve >= 1.1 * estimate
 
@@ -172,6 +184,8 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
         return False, "no candidate finished with a validation figure"
     _, _, chosen, first = max(screened)  # the best validation top-1; on a tie, the earlier candidate
     record.data["chosen"] = chosen.name
+    record.data["settings_over_baseline"] = recipe_changes(sizes.baseline or sizes.train,
+                                                           [*sizes.train, *chosen.args])
     runs = [first]
     for seed in sizes.seeds[1:]:
         if not _runs_left(record, runs[-1]["wall_s"], reserve):
@@ -201,6 +215,9 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     if "median_top1_one_view" in record.data:
         line += ("; one view (no mirror): " + ", ".join(f"{t:.2%}" for t in one_view)
                  + f" (median {record.data['median_top1_one_view']:.2%})")
+    changes = record.data["settings_over_baseline"]
+    line += "; its settings over " + (" ".join(sizes.baseline) or "the arguments every run shares") + ": " + (
+        ", ".join(f"{name} {value}" for name, value in changes.items()) or "none")
     if digits:
         line += f"; digits {digits['test_top1'] or 0:.2%} in {digits['wall_s']:.0f} s"
     return ok, line
