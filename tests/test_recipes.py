@@ -311,12 +311,15 @@ def test_the_report_puts_the_run_beside_the_expected_figure(tmp_path):
     assert config.recipe == str(path) and "-10.00 points" in report_line(config.recipe, config.arch, 0.4)
 
 
-def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, digits, monkeypatch):
+def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, digits, monkeypatch, capsys):
     """LeNet-5 with BatchNorm on the digits for an epoch: the averaged weights are scored beside the trained
     ones and restored from the checkpoint (a resume restores the state whole), the recipe's figure is
-    reported, and a resume without the average is refused before anything is touched. (The policies of
-    autoaugment, whose programs take longest to compile, are checked in the step's preprocessing above.)"""
-    from train import loop
+    reported, ``python -m train.evaluate`` scores both sets as training did, the commands use the set the
+    checkpoint was ranked by, and a resume without the average is refused before anything is touched. (The
+    policies of autoaugment, whose programs take longest to compile, are checked in the step's preprocessing
+    above.)"""
+    from train import evaluate, loop
+    from train.inference import load_checkpoint, load_variables
     from train.__main__ import done_line, recipe_line
     from train.checkpoint import CheckpointError, Checkpoints
     from train.run import build_run
@@ -343,6 +346,19 @@ def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, d
         checkpoints.close()
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(state.ema["params"]),
                                                          jax.tree_util.tree_leaves(state.params)))
+
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(workdir)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    for key in ("val_top1", "test_top1", "ema_val_top1", "ema_test_top1", "ema_test_loss"):
+        assert scored[key] == pytest.approx(results[key], abs=1e-6), key
+    trained, averaged, chosen, _ = load_checkpoint(str(workdir), results["step"])
+    assert scored["ranked_by"] == chosen == ("averaged" if results["best_weights"] == "ema" else "trained")
+    for name, expected in (("trained", trained), ("averaged", averaged),
+                           ("chosen", averaged if chosen == "averaged" else trained)):
+        variables, meta = load_variables(str(workdir), results["step"], name)
+        assert meta["weights"] == (chosen if name == "chosen" else name)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, variables, expected)
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     with pytest.raises(CheckpointError, match="moving average"):
         loop.train_and_evaluate(dataclasses.replace(config, epochs=3, ema_decay=0.0))
@@ -373,6 +389,12 @@ def test_evaluating_every_other_epoch_trains_the_same_and_scores_the_saved_and_l
         for key in ("val_top1", "val_loss", "test_top1", "test_loss"):
             assert some[epoch][key] == each[epoch][key], (epoch, key)
     assert other["best_top1"] == every["best_top1"] and other["test_top1"] == every["test_top1"]
+    from train.checkpoint import CheckpointError
+    from train.inference import load_variables
+
+    with pytest.raises(CheckpointError, match="holds no moving average of the weights"):
+        load_variables(str(tmp_path / "1"), every["step"], "averaged")
+    assert load_variables(str(tmp_path / "1"), every["step"])[1]["weights"] == "trained"
 
 
 def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_view(tmp_path, monkeypatch):

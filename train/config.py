@@ -28,6 +28,10 @@ CROPS = ("inception", "alexnet")
 DECODERS = ("auto", "opencv", "pillow")
 AUTO_AUGMENT = ("ta_wide", "ra")
 MIX_MODES = ("batch", "elem")
+# Which weights of a checkpoint the commands use (train.inference.load_variables): those it was ranked by
+# ("chosen": the better of the trained and the averaged ones on the selection split, for a run with
+# --ema-decay), the trained ones, or their moving average.
+WEIGHT_SETS = ("chosen", "trained", "averaged")
 
 
 # Facts a saved config.json states about its run but that are not settings: ignored when it is read back.

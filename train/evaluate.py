@@ -1,5 +1,7 @@
 """``python -m train.evaluate --workdir W [--checkpoint latest|best|STEP]``: re-score a checkpoint on every
-example of its dataset's test split, with the trainer's own data path and eval step.
+example of its run's validation and test splits, with the trainer's own data path and eval step; the
+moving average of the weights too, where the run kept one (``--ema-decay``), and ``--eval-flip`` adds each
+image's mirror where the run did not.
 
 ``python -m train.evaluate --arch resnet50 --weights IMAGENET1K_V2 --dataset imagenet2012 --data-dir D``
 scores torchvision's published weights (or a URL or .pth file of them) on every example of a prepared
@@ -25,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", help="where the dataset's files are (with --workdir: if not where training "
                         "found them)")
     parser.add_argument("--parallel", choices=("shard_map", "pmap"))
+    parser.add_argument("--eval-flip", action="store_true", help="with --workdir: average each image with its "
+                        "mirror image, as python -m train --eval-flip scores (the one-view figure beside)")
     parser.add_argument("--arch", help="with --weights: the architecture they are for")
     parser.add_argument("--weights", help="instead of --workdir: published torchvision weights of --arch "
                         "(IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a URL or a .pth/.safetensors/.npz file")
@@ -51,19 +55,20 @@ def main(argv=None) -> int:
 
 def _checkpoint(args) -> int:
     from train import loop
-    from train.inference import load_variables, locate
+    from train.inference import load_checkpoint, locate
 
     workdir, step = locate(args.workdir, args.checkpoint)
-    variables, meta = load_variables(workdir, step)
+    variables, averaged, chosen, meta = load_checkpoint(workdir, step)
     if "config" not in meta:
         raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
     config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint_checks.check_meta)
-    changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel)) if v}
+    changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel),
+                                 ("eval_flip", args.eval_flip)) if v}
     config = dataclasses.replace(config, workdir=workdir, **changes).validate()
     run = loop.build_run(config)
-    results = loop.evaluate_checkpoint(run, workdir, step, variables, meta)
+    results = loop.evaluate_checkpoint(run, workdir, step, variables, meta, averaged)
     print(json.dumps({"workdir": workdir, "step": step, "arch": config.arch, "dataset": config.dataset,
-                      **results}, indent=2))
+                      **results, **({"ranked_by": chosen} if averaged is not None else {})}, indent=2))
     return 0
 
 

@@ -21,9 +21,12 @@ import numpy as np
 
 import flaxnets
 from train.checkpoint import CheckpointError, Checkpoints
+from train.config import WEIGHT_SETS
 from train.step import Preprocess
 
-__all__ = ["load_variables", "locate", "predict_images", "published_variables", "read_images", "score_split"]
+__all__ = ["load_checkpoint", "load_variables", "locate", "predict_images", "published_variables",
+           "read_images", "score_split"]
+
 
 
 def locate(path: str, which: str = "latest") -> tuple[str, int]:
@@ -64,17 +67,39 @@ def locate(path: str, which: str = "latest") -> tuple[str, int]:
         checkpoints.close()
 
 
-def load_variables(workdir: str, step: int) -> tuple[dict[str, Any], dict]:
-    """The model variables (params and batch_stats) and the meta of checkpoint ``step``; read only, so
-    that it can run while a run trains into ``workdir``."""
+def load_checkpoint(workdir: str, step: int) -> tuple[dict[str, Any], dict[str, Any] | None, str, dict]:
+    """``(trained, averaged, chosen, meta)`` of checkpoint ``step``: the model variables (params and
+    batch_stats) as trained, their moving average (None for a run without ``--ema-decay``), which of the
+    two the checkpoint was ranked by ("trained" or "averaged") and its meta. Read only, so that it can run
+    while a run trains into ``workdir``."""
     checkpoints = Checkpoints(workdir, warn=_warn, writable=False)
     try:
         state, meta = checkpoints.restore_saved(step)
+        ranked_by_average = bool((checkpoints.manager.metrics(step) or {}).get("chosen_ema"))
     finally:
         checkpoints.close()
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    _check_fit(variables, meta, f"checkpoint {step} in {workdir}")
-    return variables, meta
+    where = f"checkpoint {step} in {workdir}"
+    trained = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    _check_fit(trained, meta, where)
+    averaged = None
+    if isinstance(state.get("ema"), dict):
+        averaged = {"params": state["ema"]["params"], "batch_stats": state["ema"].get("batch_stats") or {}}
+        _check_fit(averaged, meta, f"the averaged weights of {where}")
+    return trained, averaged, "averaged" if ranked_by_average and averaged is not None else "trained", meta
+
+
+def load_variables(workdir: str, step: int, weights: str = "chosen") -> tuple[dict[str, Any], dict]:
+    """The model variables (params and batch_stats) and the meta of checkpoint ``step``. ``weights`` (one
+    of `WEIGHT_SETS`): the set the checkpoint was ranked by, the trained one, or the moving average;
+    ``meta["weights"]`` says which it is."""
+    if weights not in WEIGHT_SETS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_SETS)}, not {weights!r}")
+    trained, averaged, chosen, meta = load_checkpoint(workdir, step)
+    if weights == "averaged" and averaged is None:
+        raise CheckpointError(f"checkpoint {step} in {workdir} holds no moving average of the weights (its run "
+                              "had no --ema-decay).")
+    name = chosen if weights == "chosen" else weights
+    return (averaged if name == "averaged" else trained), {**meta, "weights": name}
 
 
 def _check_fit(variables: dict, meta: dict, where: str) -> None:

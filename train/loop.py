@@ -176,14 +176,23 @@ def _scores(run: Run, feed, state) -> dict[str, float]:
     return out
 
 
-def evaluate_checkpoint(run: Run, workdir: str, step: int, variables: dict, meta: dict) -> dict[str, float]:
-    """Score the ``variables`` of checkpoint ``step`` of ``workdir`` (and its ``meta``, read once by
-    `train.inference.load_variables`, so that a run training meanwhile may delete it) on every test
-    example, as training did."""
+def evaluate_checkpoint(run: Run, workdir: str, step: int, variables: dict, meta: dict,
+                        averaged: dict | None = None) -> dict[str, float]:
+    """Score the ``variables`` of checkpoint ``step`` of ``workdir`` (and its ``meta``, both read once by
+    `train.inference.load_checkpoint`, so that a run training meanwhile may delete it) on every example of
+    the run's validation and test splits, as training did; and ``averaged``, the checkpoint's moving
+    average of them where it has one, as ``ema_*``."""
     check_resume(meta, run, workdir)
-    state = run.init_state(pretrained=False)
-    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"] or state.batch_stats)
-    return evaluate(run, run.feed(with_train=False), run.driver.put_replicated(state))
+    feed, initial = run.feed(with_train=False), run.init_state(pretrained=False)
+
+    def scores(weights: dict) -> dict[str, float]:
+        state = initial.replace(params=weights["params"], batch_stats=weights["batch_stats"] or initial.batch_stats)
+        return _scores(run, feed, run.driver.put_replicated(state))
+
+    out = scores(variables)
+    if averaged is not None:
+        out.update({f"ema_{key}": value for key, value in scores(averaged).items()})
+    return out
 
 
 def train_and_evaluate(config: Config, *, stream=None) -> dict[str, Any]:

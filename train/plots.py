@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     if kept:
         print(f"{kept} already holds plots, kept as they are (--overwrite replaces them); the new ones go to {out_dir}")
     verb = "replaced" if args.overwrite and written else "wrote"
-    print(f"checkpoint {step} of {workdir}: {verb} " + ", ".join(written))
+    weights = " (the moving average of its weights, which it was ranked by)" if meta["weights"] == "averaged" else ""
+    print(f"checkpoint {step} of {workdir}{weights}: {verb} " + ", ".join(written))
     return 0 if written else 1
 
 

@@ -1,7 +1,9 @@
 """``python -m train.predict --workdir W IMAGE...``: the top classes, with probabilities, for image files.
 
 Needs only the checkpoint: its architecture, class names, input size and normalisation are recorded in it.
-Images are converted to the training data's channels (grey or RGB) and size.
+Images are converted to the training data's channels (grey or RGB) and size. A run with ``--ema-decay``
+keeps a moving average of the weights beside them: the checkpoint predicts with the set it was ranked by
+(``--weight-set chosen``), or the one asked for.
 
 ``python -m train.predict --arch resnet50 --weights IMAGENET1K_V2 IMAGE...`` does the same with torchvision's
 published weights (downloaded once into ~/.cache/flaxnets; a URL or a .pth file works too): ImageNet's class
@@ -14,6 +16,7 @@ import sys
 
 from train.exits import run_command
 from train.arguments import CommandParser
+from train.config import WEIGHT_SETS
 
 
 def main(argv=None) -> int:
@@ -21,6 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--workdir", help="a run's workdir, or one checkpoint folder in it")
     parser.add_argument("--checkpoint", default="best", help="with --workdir: latest, best, or a step number")
+    parser.add_argument("--weight-set", choices=WEIGHT_SETS, default="chosen",
+                        help="with --workdir: the weights the checkpoint was ranked by, the trained ones, or their "
+                        "moving average (runs with --ema-decay)")
     parser.add_argument("--arch", help="with --weights: the architecture they are for")
     parser.add_argument("--weights", help="instead of --workdir: published torchvision weights of --arch "
                         "(IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT), a URL or a .pth/.safetensors/.npz file")
@@ -45,7 +51,9 @@ def main(argv=None) -> int:
         if args.weights is not None:
             variables, meta = published_variables(args.arch, args.weights)
         else:
-            variables, meta = load_variables(*locate(args.workdir, args.checkpoint))
+            variables, meta = load_variables(*locate(args.workdir, args.checkpoint), args.weight_set)
+            if meta["weights"] == "averaged":
+                print("predicting with the moving average of the weights", file=sys.stderr)
         dataset = meta["dataset"]
         images = read_images(args.images, tuple(dataset["image_shape"]), side=meta["image_side"],
                              resize=meta.get("resize"))
