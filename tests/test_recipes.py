@@ -397,11 +397,12 @@ def test_evaluating_every_other_epoch_trains_the_same_and_scores_the_saved_and_l
     assert load_variables(str(tmp_path / "1"), every["step"])[1]["weights"] == "trained"
 
 
-def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_view(tmp_path, monkeypatch):
+def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_view(tmp_path, monkeypatch, capsys):
     """--eval-flip on Fashion-MNIST-shaped files: every scored split has its one-view top-1 beside the
-    flip-averaged one, the chosen checkpoint carries its one-view test top-1, and the last line says it."""
+    flip-averaged one, the chosen checkpoint carries its one-view test top-1, the last line says it, and
+    ``python -m train.evaluate --eval-flip`` scores the checkpoint alike."""
     from test_train_cli import write_idx_set
-    from train import loop
+    from train import evaluate, loop
     from train.__main__ import done_line
     from train.data import load
     from train.workdir import read_records
@@ -422,3 +423,8 @@ def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_vie
     assert results["best_test_top1_one_view"] == record[f"{chosen}test_top1_one_view"]
     assert results["best_test_top1"] == record[f"{chosen}test_top1"]
     assert f"{results['best_test_top1_one_view']:.2%} with one view" in done_line(config, results)
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(tmp_path / "run"), "--eval-flip"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    for key in ("test_top1", "test_top1_one_view", "ema_val_top1_one_view"):
+        assert scored[key] == pytest.approx(record[key], abs=1e-6), key
