@@ -349,8 +349,9 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
         if "chosen_test_top1_one_view" in chosen:
             results["best_test_top1_one_view"] = chosen["chosen_test_top1_one_view"]
     results["traces"] = dict(driver.traces)
-    if config.plots and jax.process_index() == 0:
-        _write_plots(run, workdir, state, results["epoch"], reporter)
+    if config.plots and jax.process_index() == 0:  # drawn with the weights the last checkpoint is ranked by
+        ranked = state.averaged() if config.ema_decay and selection_metrics(run, results)["chosen_ema"] else state
+        _write_plots(run, workdir, ranked, results["epoch"], reporter)
     return results
 
 
