@@ -28,7 +28,6 @@ __all__ = ["load_checkpoint", "load_variables", "locate", "predict_images", "pub
            "read_images", "score_split"]
 
 
-
 def locate(path: str, which: str = "latest") -> tuple[str, int]:
     """``(workdir, step)`` for a workdir (``which``: latest, best or a step number) or a checkpoint folder."""
     path = os.path.abspath(path)
