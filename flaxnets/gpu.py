@@ -23,6 +23,11 @@ and the results (up to float rounding) are those of the default layers. Two laye
 
 benchmarks/RESULTS.md ("GPU") has what each is worth on an H200 (the GPU run's ``tune`` step, and
 ``python -m benchmarks.step_variants --variant library:gpu --variant library:plain``).
+
+Two more formulations are options of the functions, off in `ops` until a measurement puts them there:
+``max_pool(..., by_phase=True)`` (the taps read by stride phase, so that their gradients are plain pads)
+and ``conv_general_dilated(..., pointwise_as_product=True)`` (1x1 convolutions as matrix products). The
+``tune`` step times both (`benchmarks.step_variants.kernel_sets` names the sets).
 """
 
 from __future__ import annotations
