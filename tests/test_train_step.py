@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import loop
+from train import scores
 from train.run import build_run
 from train import step as steps
 from train.config import Config
@@ -67,7 +67,7 @@ def test_eval_scores_every_example_once_with_a_ragged_last_batch(digits):
     state = run.init_state()
     driver = make_driver("shard_map", steps.train_step,
                          steps.bind(steps.eval_step, model=run.model, preprocess=run.preprocess, num_classes=10))
-    results = loop.evaluate(run, make_feed(run, driver, with_train=False), driver.put_replicated(state))
+    results = scores.evaluate(run, make_feed(run, driver, with_train=False), driver.put_replicated(state))
     images = run.preprocess(jnp.asarray(digits.test_images), None, train=False)
     logits = run.model.clone(bn_axis_name=None).apply({"params": state.params, "batch_stats": state.batch_stats},
                                                       images, train=False)

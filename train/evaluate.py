@@ -54,8 +54,9 @@ def main(argv=None) -> int:
 
 
 def _checkpoint(args) -> int:
-    from train import loop
     from train.inference import load_checkpoint, locate
+    from train.run import build_run
+    from train.scores import evaluate_checkpoint
 
     workdir, step = locate(args.workdir, args.checkpoint)
     variables, averaged, chosen, meta = load_checkpoint(workdir, step)
@@ -65,8 +66,8 @@ def _checkpoint(args) -> int:
     changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel),
                                  ("eval_flip", args.eval_flip)) if v}
     config = dataclasses.replace(config, workdir=workdir, **changes).validate()
-    run = loop.build_run(config)
-    results = loop.evaluate_checkpoint(run, workdir, step, variables, meta, averaged)
+    run = build_run(config)
+    results = evaluate_checkpoint(run, workdir, step, variables, meta, averaged)
     print(json.dumps({"workdir": workdir, "step": step, "arch": config.arch, "dataset": config.dataset,
                       **results, **({"ranked_by": chosen} if averaged is not None else {})}, indent=2))
     return 0
