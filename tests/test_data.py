@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -469,10 +470,12 @@ def test_flip_evaluation_averages_each_image_with_its_mirror_and_counts_one_view
     labels = jnp.asarray(np.arange(16) % 4)
     mask = jnp.ones(16, bool).at[-1].set(False)
 
+    @functools.partial(jax.jit, static_argnums=1)
     def scored(batch_images, flip):
         return steps.eval_step(state, {"image": batch_images, "label": labels, "mask": mask}, model=model,
                                preprocess=preprocess, num_classes=4, flip=flip)
 
+    @jax.jit
     def softmax(x):
         return jax.nn.softmax(model.apply(variables, preprocess(x, None, train=False), train=False))
 
