@@ -171,7 +171,7 @@ def test_peers_side_by_side_at_toy_size(tmp_path, capsys):
     assert "torchvision has no lenet5" in rows["torch"]["skipped"] and "skipped" in rows["torch.compile"]
     for row in (rows["flaxnets"], rows["flax"]):
         assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
-        assert row["speed"] == pytest.approx(rows["flaxnets"]["images_per_s"] / row["images_per_s"], rel=1e-3)
+        assert row["speed"] == round(rows["flaxnets"]["images_per_s"] / row["images_per_s"], 3)
         assert row["memory_mib"] is not None and row["compile_s"] > 0
     assert results["conditions"]["command"].startswith("python -m benchmarks.peers")
     assert "| flaxnets speed |" in capsys.readouterr().out
