@@ -1,12 +1,16 @@
 """Test set-up shared by every test file.
 
 Eight host devices are requested before JAX starts, so the data-parallel tests see a mesh of 8; every
-other test runs on the first device as usual.
+other test runs on the first device as usual. Programs compile without XLA's slower optimisations
+(tests/compiling.py says why).
 """
 
 import os
+import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from compiling import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
@@ -30,6 +34,22 @@ def _registry_as_it_was():
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory) -> pathlib.Path:
+    """Where this session's runs keep compiled programs (``$JAX_COMPILATION_CACHE_DIR``, which the trainer
+    and the commands it starts read): a folder of pytest's, one for each worker, so that no test reads or
+    fills the cache of whoever runs the suite (the trainer's default is ``~/.cache/flaxnets/xla``). The runs
+    of one configuration compile once; a test that wants no cache sets the variable to ``""``."""
+    folder = tmp_path_factory.mktemp("xla_cache")
+    before = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -73,18 +73,16 @@ TORCH_KWARGS = {"googlenet": {"init_weights": True, "transform_input": True, "au
                 "inception_v3": {"init_weights": True, "transform_input": True}}
 FLAX_OVERRIDES = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
 # GoogLeNet and Inception v3 have hundreds of differently shaped operations, and DenseNet's layers all differ
-# in width: compiled as a whole (without XLA's slower optimisations, which buy nothing for one call) they
-# run 2-3x sooner than op by op. The ResNets repeat a few block shapes, so op by op is quicker than
-# compiling 150 layers.
+# in width: compiled as a whole they run 2-3x sooner than op by op. The ResNets repeat a few block shapes,
+# so op by op is quicker than compiling 150 layers.
 JITTED = {"googlenet", "inception_v3", "densenet121"}
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def apply_fn(model, arch: str, **kwargs):
     apply = functools.partial(model.apply, **kwargs)
     if arch not in JITTED:
         return apply
-    return lambda *args: jax.jit(apply).lower(*args).compile(FAST_COMPILE)(*args)
+    return jax.jit(apply)
 
 
 def rel_err(actual, reference) -> float:

@@ -650,10 +650,8 @@ def aux_heads(name: str) -> int:
     return AUX_HEADS.get(flaxnets.get_spec(name).family, 0)
 
 
-# Families run as one program per kind of apply (see `Forward`), compiled without XLA's slower optimisations,
-# which buy nothing for the few calls a test makes.
+# Families run as one program per kind of apply (see `Forward`).
 WHOLE_PROGRAM = ("googlenet", "inception", "densenet")
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass
@@ -684,8 +682,7 @@ class Forward:
             return self.model.apply(self.variables, self.images, train=train, mutable=mutable, rngs=rngs)
         kind = (train, tuple(mutable or ()), rngs is not None)
         if kind not in self._programs:
-            program = jax.jit(functools.partial(self.model.apply, train=train, mutable=mutable))
-            self._programs[kind] = program.lower(self.variables, self.images, rngs=rngs).compile(FAST_COMPILE)
+            self._programs[kind] = jax.jit(functools.partial(self.model.apply, train=train, mutable=mutable))
         return self._programs[kind](self.variables, self.images, rngs=rngs)
 
     @functools.cached_property

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from compiling import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCKED = ("tensorflow_datasets", "grain", "array_record")
 
@@ -71,7 +73,7 @@ def test_imports_and_in_memory_training_need_neither_tensorflow_datasets_nor_gra
             pixels = np.full((16, 16, 3), 60 * index + (100 if label == "b" else 0), np.uint8)
             Image.fromarray(pixels).save(tmp_path / "folder" / label / f"{index}.png")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": "",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+           "XLA_FLAGS": xla_flags(1), "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run([sys.executable, "-c", SCRIPT, ",".join(BLOCKED), str(tmp_path / "run"),
                              str(tmp_path / "folder")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     lines = [line for line in result.stdout.splitlines() if line.startswith("REPORT ")]

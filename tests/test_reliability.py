@@ -27,8 +27,8 @@ import jax
 import numpy as np
 import pytest
 
-from test_train_cli import (ROOT, _describe, _finish, _finish_together, _start, assert_ok,  # noqa: F401 (a fixture)
-                            compile_cache, free_port, run_cli, snapshot)
+from test_train_cli import (ROOT, _describe, _finish, _finish_together, _start, assert_ok, free_port, run_cli,
+                            snapshot)
 
 ARGS = ("--arch", "lenet5", "--dataset", "digits", "--batch-size", "64", "--schedule", "constant", "--warmup-epochs",
         "0", "--lr", "0.05", "--seed", "0", "--no-plots", "--epochs", "1")

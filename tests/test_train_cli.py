@@ -1,7 +1,7 @@
 """The trainer end to end through its command line: ``python -m train``, ``train.evaluate``, ``train.predict``.
 
 Every run is a subprocess (``sys.executable -m train ...`` from the checkout) with its own ``XLA_FLAGS``
-(one CPU device unless the test is about several) and a session-wide ``JAX_COMPILATION_CACHE_DIR``, so
+(one CPU device unless the test is about several) and the session's ``JAX_COMPILATION_CACHE_DIR`` (tests/conftest.py), so
 the runs of one configuration compile once. The configurations are few on purpose: LeNet-5 (ReLU) on
 the embedded digits set, global batch 64 (22 steps per epoch), constant learning rate without warm-up
 (so the number of epochs does not change the compiled step). On 2 CPU cores a cold compile costs
@@ -33,6 +33,8 @@ import time
 import numpy as np
 import pytest
 
+from compiling import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 1437 // 64  # digits: 1,437 training images, global batch 64
 REF_EPOCHS = 6
@@ -45,14 +47,9 @@ TIMEOUT = 300  # seconds for any one run: far above what they take, so a hang fa
 
 # -- running the CLI ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("xla_cache")
-
-
 def _env(cache: pathlib.Path, devices: int = 1) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
     return env
 
