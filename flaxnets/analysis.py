@@ -74,7 +74,7 @@ def min_input_size(model: str | nn.Module, in_channels: int | None = None, *, tr
     if isinstance(model, str):
         spec = get_spec(model)
         recorded = (spec.min_train_input_size or spec.min_input_size) if train else spec.min_input_size
-        if recorded is not None:  # recorded (checked against the search by tests/test_models.py)
+        if recorded is not None:  # recorded (tests/test_models.py checks that it is tight)
             return recorded
         module = create_model(model, num_classes=10)
         in_channels = spec.in_channels if in_channels is None else in_channels

@@ -487,11 +487,14 @@ def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_k
 
 @pytest.mark.parametrize("name", [n for n in MODELS if flaxnets.get_spec(n).aux_loss_weight])
 def test_min_train_input_size_is_what_a_training_apply_takes(name):
-    """Auxiliary heads run only in training: Inception v3's needs 299x299 where inference takes 75."""
+    """Auxiliary heads run only in training: Inception v3's needs 299x299 where inference takes 75. (Two
+    traces of a training apply, at the recorded side and a pixel below; the search is checked above.)"""
     spec = flaxnets.get_spec(name)
-    searched = smallest_input(flaxnets.create_model(name, num_classes=10), spec.in_channels, train=True)
-    assert flaxnets.min_input_size(name, train=True) == searched
-    assert spec.min_train_input_size == (searched if searched != spec.min_input_size else None)
+    smallest = flaxnets.min_input_size(name, train=True)
+    model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
+    assert _traces(model, smallest, spec.in_channels, train=True)
+    assert not _traces(model, smallest - 1, spec.in_channels, train=True)
+    assert spec.min_train_input_size == (smallest if smallest != spec.min_input_size else None)
 
 
 # The smallest architecture of each model class: the guard's error for a too-small input is checked on it
@@ -545,6 +548,14 @@ def test_inception_v3_trains_its_auxiliary_head_from_299_pixels():
         train(298)
     logits, mutated = train(75, aux_logits=False)
     assert logits.shape == (BATCH, NUM_CLASSES) and collect_aux_logits(mutated) == []
+
+
+def test_search_in_training_mode_traces_a_training_apply():
+    """The training-mode search (which the tests above replace with two traces) on GoogLeNet, whose
+    auxiliary heads run only in training, and on LeNet-5 with BatchNorm, whose batch statistics do."""
+    assert smallest_input(flaxnets.create_model("googlenet", num_classes=NUM_CLASSES), 3, train=True) == 15
+    assert smallest_input(flaxnets.create_model("lenet5_bn", num_classes=NUM_CLASSES), 1, train=True) == \
+        flaxnets.min_input_size("lenet5_bn")
 
 
 def test_smallest_input_of_a_module_without_the_guard():
