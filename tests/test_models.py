@@ -488,7 +488,7 @@ def test_parameter_count_equals_torchvision_model(name, overrides, torchvision_k
 @pytest.mark.parametrize("name", [n for n in MODELS if flaxnets.get_spec(n).aux_loss_weight])
 def test_min_train_input_size_is_what_a_training_apply_takes(name):
     """Auxiliary heads run only in training: Inception v3's needs 299x299 where inference takes 75. (Two
-    traces of a training apply, at the recorded side and a pixel below; the search is checked above.)"""
+    traces of a training apply, at the recorded side and a pixel below; the search has a test below.)"""
     spec = flaxnets.get_spec(name)
     smallest = flaxnets.min_input_size(name, train=True)
     model = flaxnets.create_model(name, num_classes=NUM_CLASSES)
