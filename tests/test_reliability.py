@@ -48,9 +48,9 @@ def copy(trained, tmp_path):
 
 
 @pytest.fixture
-def command(compile_cache, monkeypatch, capsys):
-    """``(module, *args) -> (exit code, stdout, stderr)``: a command of `train` run in this process."""
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
+def command(capsys):
+    """``(module, *args) -> (exit code, stdout, stderr)``: a command of `train` run in this process (with
+    the session's compile cache, tests/conftest.py)."""
 
     def run(module: str, *args) -> tuple[int, str, str]:
         import importlib

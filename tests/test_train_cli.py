@@ -1,8 +1,8 @@
 """The trainer end to end through its command line: ``python -m train``, ``train.evaluate``, ``train.predict``.
 
 Every run is a subprocess (``sys.executable -m train ...`` from the checkout) with its own ``XLA_FLAGS``
-(one CPU device unless the test is about several) and the session's ``JAX_COMPILATION_CACHE_DIR`` (tests/conftest.py), so
-the runs of one configuration compile once. The configurations are few on purpose: LeNet-5 (ReLU) on
+(one CPU device unless the test is about several) and the session's ``JAX_COMPILATION_CACHE_DIR``
+(tests/conftest.py), so the runs of one configuration compile once. The configurations are few on purpose: LeNet-5 (ReLU) on
 the embedded digits set, global batch 64 (22 steps per epoch), constant learning rate without warm-up
 (so the number of epochs does not change the compiled step). On 2 CPU cores a cold compile costs
 10-30 s, a warm run about 5 s, most of it Python and JAX start-up; independent runs go side by side.
