@@ -21,6 +21,7 @@ DEEPER = {
     "densenet169": "densenet121",
     "densenet201": "densenet121",
     "resnext101_32x8d": "resnext50_32x4d",
+    "resnext101_64x4d": "resnext50_32x4d",
     "wide_resnet101_2": "wide_resnet50_2",
     "resnet32": "resnet20",
     "resnet44": "resnet20",
@@ -29,6 +30,7 @@ DEEPER = {
 }
 # The fields in which a deeper member may differ from its smaller sibling.
 DEPTH_AND_WIDTH = frozenset({"stage_sizes", "block_sizes", "growth_rate", "num_init_features", "width_per_group",
+                             "groups",  # ResNeXt's cardinality: the number of parallel paths, a width
                              "config"})  # VGG's: the convolutions of each stage
 
 

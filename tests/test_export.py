@@ -35,6 +35,7 @@ FAMILIES = {
     "alexnet": ("alexnet_small", {}, 16),
     "vgg": ("vgg11", {"config": ((1, 8), (1, 16)), "hidden": (16, 16), "pool_size": None}, 16),
     "nin": ("nin", {"mlp_layers": 1, "num_classes": 10}, 67),
+    "squeezenet": ("squeezenet1_1", {"num_classes": 10}, 17),
     "googlenet": ("googlenet", {"num_classes": 10}, 16),
     "inception": ("inception_v3", {"num_classes": 10, "aux_logits": False}, 75),
     "resnet": ("resnet18_cifar", {"width": 8, "stage_sizes": (1, 1, 1, 1)}, 8),

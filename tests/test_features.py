@@ -22,17 +22,18 @@ MEMBERS = [
     ("alexnet_small", {}, 16),
     ("vgg11", {"config": ((1, 8), (1, 16), (1, 16)), "hidden": (16, 16), "pool_size": None, "batch_norm": True}, 16),
     ("nin", {"mlp_layers": 1}, 67),
+    ("squeezenet1_1", {}, 33),
     ("googlenet", {}, 32),
     ("resnet18_cifar", {"width": 8}, 8),
     ("densenet_bc100_k12", {"block_sizes": (2, 2, 2)}, 8),
 ]
 # The forward-pass comparisons, on the cheapest of them (the mechanism is one; the taps' shapes are above).
-NUMERIC = [MEMBERS[i] for i in (0, 2, 5, 6)]
+NUMERIC = [MEMBERS[i] for i in (0, 2, 6, 7)]
 # Larger classes, checked on shapes alone (nothing computed).
 SHAPES_ONLY = [("alexnet", {}, 63), ("alexnet_paper", {}, 67), ("inception_v3", {}, 75), ("resnet50", {}, 64),
                ("densenet121", {}, 64), ("googlenet_paper", {}, 79)]
-CLASSES = {models.LeNet5, models.AlexNetSmall, models.VGG, models.NiN, models.GoogLeNet, models.ResNet,
-           models.DenseNet, models.AlexNet, models.AlexNetPaper, models.InceptionV3}
+CLASSES = {models.LeNet5, models.AlexNetSmall, models.VGG, models.NiN, models.SqueezeNet, models.GoogLeNet,
+           models.ResNet, models.DenseNet, models.AlexNet, models.AlexNetPaper, models.InceptionV3}
 # Feature points whose maps are exactly input side / reduction (padded convolutions and pools, sides that divide).
 EXACT = {"vgg11", "googlenet", "resnet18_cifar", "densenet_bc100_k12", "resnet50", "densenet121"}
 

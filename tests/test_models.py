@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,21 @@ def googlenet(bn: bool, wide_kernel: int, aux: bool, classes: int = 1000) -> int
     return total + dense(cin, classes)
 
 
+# Table 1 of Iandola et al.: s1x1, e1x1, e3x3 of fire2 ... fire9 (the same in SqueezeNet 1.0 and 1.1).
+FIRE_TABLE = ((16, 64, 64), (16, 64, 64), (32, 128, 128), (32, 128, 128), (48, 192, 192), (48, 192, 192),
+              (64, 256, 256), (64, 256, 256))
+
+
+def squeezenet(stem: int, stem_kernel: int, classes: int = 1000) -> int:
+    """A stem convolution, eight Fire modules (1x1 squeeze, then 1x1 and 3x3 expand on the squeezed maps, their
+    outputs concatenated), a 1x1 convolution to the classes; every convolution with a bias."""
+    total, cin = conv(stem_kernel, 3, stem), stem
+    for squeeze, expand1x1, expand3x3 in FIRE_TABLE:
+        total += conv(1, cin, squeeze) + conv(1, squeeze, expand1x1) + conv(3, squeeze, expand3x3)
+        cin = expand1x1 + expand3x3
+    return total + conv(1, cin, classes)
+
+
 RESNET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -267,6 +283,7 @@ def inception_v3(aux: bool = True, classes: int = 1000) -> int:
 RESNET_VARIANTS = {
     "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
     "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": ((3, 4, 23, 3), 64, 4),
     "wide_resnet50_2": ((3, 4, 6, 3), 1, 128),
     "wide_resnet101_2": ((3, 4, 23, 3), 1, 128),
 }
@@ -290,6 +307,8 @@ HAND_COUNTS = {
     "lenet5_relu": lenet5(),
     "lenet5_bn": lenet5(bn=True),
     "nin": nin(),
+    "squeezenet1_0": squeezenet(96, 7),
+    "squeezenet1_1": squeezenet(64, 3),
     **{f"resnet{d}": resnet(stages, bottleneck=d >= 50) for d, stages in RESNET_STAGES.items()},
     **{f"resnet{d}_cifar": resnet(RESNET_STAGES[d], d >= 50, stem_kernel=3, classes=10) for d in (18, 34, 50)},
     **{name: resnet(stages, True, groups=g, per_group=d) for name, (stages, g, d) in RESNET_VARIANTS.items()},
@@ -322,7 +341,10 @@ PUBLISHED = {
     "resnet152": 60_192_808,
     "resnext50_32x4d": 25_028_904,
     "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
     "wide_resnet50_2": 68_883_240,
+    "squeezenet1_0": 1_248_424,
+    "squeezenet1_1": 1_235_496,
     "wide_resnet101_2": 126_886_696,
     "densenet121": 7_978_856,
     "densenet161": 28_681_000,
@@ -650,7 +672,7 @@ def expects_batch_norm(name: str) -> bool:
 
 
 def expects_dropout(name: str) -> bool:
-    return flaxnets.get_spec(name).family in ("alexnet", "vgg", "nin", "googlenet", "inception")
+    return flaxnets.get_spec(name).family in ("alexnet", "vgg", "nin", "squeezenet", "googlenet", "inception")
 
 
 # Auxiliary classifiers, whose logits a training apply sows into "aux_logits".
@@ -890,6 +912,25 @@ def test_vgg_from_d2l_conv_arch():
     assert count(224, config=narrow, pool_size=None) == (43_093_322, 6272)
     with pytest.raises(ValueError, match="num_convs, channels"):
         count(96, config=((1, 64, 3),))
+
+
+def test_squeezenet_config_rows_build_their_layers_and_bad_rows_are_refused():
+    """A row of its own (as a JSON option gives it) builds those Fire modules and pools; the class layer keeps
+    the paper's name ``conv10`` (torchvision's ``classifier.1``) whatever the depth, and the headless model
+    returns the last Fire module's maps averaged."""
+    layers = [[32, 3], "M", [8, 32, 32], "M", [16, 64, 64]]
+    model = flaxnets.create_model("squeezenet1_1", num_classes=NUM_CLASSES, config=layers)
+    params = abstract_variables(model, (1, 33, 33, 3))["params"]
+    assert count_params(params) == (conv(3, 3, 32) + conv(1, 32, 8) + conv(1, 8, 32) + conv(3, 8, 32)
+                                    + conv(1, 64, 16) + conv(1, 16, 64) + conv(3, 16, 64) + conv(1, 128, NUM_CLASSES))
+    assert list(params) == ["conv1", "conv10", "fire2", "fire3"]
+    assert [row.path for row in flaxnets.summary(model, (1, 33, 33, 3), print_fn=None)
+            if row.kind == "MaxPool"] == ["maxpool1", "maxpool2"]
+    assert flaxnets.create_model("squeezenet1_1", num_classes=0, config=layers).num_features == 128
+    for bad, message in [("2_0", "not one of '1_0', '1_1'"), (((16, 64, 64),), "first convolution's"),
+                         (((64, 3), "M", (16, 64)), "squeeze, expand1x1, expand3x3")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            abstract_variables(flaxnets.create_model("squeezenet1_1", config=bad), (1, 33, 33, 3))
 
 
 @pytest.mark.parametrize(("name", "batch_norm", "lrn"), [("googlenet", True, True), ("googlenet_paper", True, True),

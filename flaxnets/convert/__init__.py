@@ -1,7 +1,8 @@
 """Weights in and out: torchvision ``state_dict``s to flaxnets variables and back, with numerical parity.
 
-Every architecture torchvision has (alexnet, vgg11..19 with and without BatchNorm, googlenet, inception_v3,
-resnet18..152, resnext50_32x4d, resnext101_32x8d, wide_resnet50_2, wide_resnet101_2, densenet121..201) is
+Every architecture torchvision has (alexnet, vgg11..19 with and without BatchNorm, squeezenet1_0 and 1_1,
+googlenet, inception_v3, resnet18..152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
+wide_resnet101_2, densenet121..201) is
 laid out in flaxnets with module names that mirror torchvision's ``state_dict`` keys, so a conversion is a
 table of names plus four layout changes:
 
