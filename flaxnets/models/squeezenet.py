@@ -29,14 +29,15 @@ class FireConfig(NamedTuple):
 
 
 # An int pair (filters, kernel) is the stride-2 first convolution, "M" a 3x3/2 max-pool (ceil mode, as the
-# Caffe original pools), a FireConfig a Fire module. Fire modules are numbered from 2, as in the paper.
-_FIRE_1_0 = (FireConfig(16, 64, 64), FireConfig(16, 64, 64), FireConfig(32, 128, 128), FireConfig(32, 128, 128),
-             FireConfig(48, 192, 192), FireConfig(48, 192, 192), FireConfig(64, 256, 256), FireConfig(64, 256, 256))
+# Caffe original pools), a FireConfig a Fire module. Fire modules are numbered from 2, as in the paper;
+# fire2 ... fire9 are the same in both versions.
+_FIRES = (FireConfig(16, 64, 64), FireConfig(16, 64, 64), FireConfig(32, 128, 128), FireConfig(32, 128, 128),
+          FireConfig(48, 192, 192), FireConfig(48, 192, 192), FireConfig(64, 256, 256), FireConfig(64, 256, 256))
 CONFIGS: dict[str, tuple[Any, ...]] = {
     # Table 1: conv1 96@7x7/2, maxpool1, fire2-4, maxpool4, fire5-8, maxpool8, fire9.
-    "1_0": ((96, 7), "M", *_FIRE_1_0[:3], "M", *_FIRE_1_0[3:7], "M", _FIRE_1_0[7]),
+    "1_0": ((96, 7), "M", *_FIRES[:3], "M", *_FIRES[3:7], "M", _FIRES[7]),
     # 1.1: conv1 64@3x3/2, and the pools moved earlier (after conv1, fire3, fire5), 2.4x fewer operations.
-    "1_1": ((64, 3), "M", *_FIRE_1_0[:2], "M", *_FIRE_1_0[2:4], "M", *_FIRE_1_0[4:]),
+    "1_1": ((64, 3), "M", *_FIRES[:2], "M", *_FIRES[2:4], "M", *_FIRES[4:]),
 }
 
 # torchvision's initialisation: kaiming_uniform_ (gain sqrt(2), fan in) for every convolution but the class
