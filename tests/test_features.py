@@ -113,7 +113,7 @@ def test_bad_feature_requests_are_one_sentence(options):
 
 
 # name, options, side: the three ways `remat=True` is wired (a block class, a layer taking `train`, a method);
-# NiN, GoogLeNet and Inception v3 wrap their block class as ResNet does.
+# NiN, SqueezeNet, GoogLeNet and Inception v3 wrap their block class as ResNet does.
 REMAT = [("vgg11", MEMBERS[2][1], 16), ("resnet18_cifar", {"width": 8}, 8),
          ("densenet_bc100_k12", {"block_sizes": (2, 2)}, 8)]
 
