@@ -928,7 +928,8 @@ def test_squeezenet_config_rows_build_their_layers_and_bad_rows_are_refused():
             if row.kind == "MaxPool"] == ["maxpool1", "maxpool2"]
     assert flaxnets.create_model("squeezenet1_1", num_classes=0, config=layers).num_features == 128
     for bad, message in [("2_0", "not one of '1_0', '1_1'"), (((16, 64, 64),), "first convolution's"),
-                         (((64, 3), "M", (16, 64)), "squeeze, expand1x1, expand3x3")]:
+                         (((64, 3), "M", (16, 64)), "squeeze, expand1x1, expand3x3"),
+                         (((64, 3), "M", "M", (16, 64, 64)), "between two max-pools")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             abstract_variables(flaxnets.create_model("squeezenet1_1", config=bad), (1, 33, 33, 3))
 

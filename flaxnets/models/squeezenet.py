@@ -101,6 +101,8 @@ class SqueezeNet(nn.Module):
             raise ValueError("a SqueezeNet config is the first convolution's (filters, kernel), then \"M\" for a "
                              "max-pool or (squeeze, expand1x1, expand3x3) for a Fire module, e.g. ((64, 3), \"M\", "
                              f"(16, 64, 64)); got {self.config!r}.")
+        if any(a == b == "M" for a, b in zip(row[1:], row[2:])):
+            raise ValueError(f"a SqueezeNet config needs a Fire module between two max-pools; got {self.config!r}.")
         return (tuple(row[0]), *(layer if layer == "M" else FireConfig(*layer) for layer in row[1:]))
 
     @property
@@ -127,7 +129,8 @@ class SqueezeNet(nn.Module):
             index += 1
             last = f"fire{index}"
             x = fire(layer, name=last)(x)
-        x = tap(self, x, last, reduction=reduction)
+        if not rest or rest[-1] != "M":  # after a last pool, its input was the last feature point
+            x = tap(self, x, last, reduction=reduction)
         if self.num_classes:
             x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
             # The paper's name for the class convolution, whatever the number of Fire modules before it.
