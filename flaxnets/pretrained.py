@@ -150,7 +150,8 @@ def _load_folder(directory: Path, num_classes: int | None, rng: int | jax.Array,
 
 
 def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_classes: int | None = None,
-                    rng: int | jax.Array = 0, **options: Any) -> tuple[nn.Module, dict]:
+                    in_channels: int | None = None, rng: int | jax.Array = 0, **options: Any
+                    ) -> tuple[nn.Module, dict]:
     """``(model, variables)``, ready for ``model.apply(variables, images, train=False)``.
 
     Args:
@@ -161,6 +162,8 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_class
         weights were trained under. Not used with a folder.
       num_classes: the class count of the model to return; when it differs from the weights', the class
         layer is new (`reset_classifier`), for fine-tuning.
+      in_channels: with a name, the channels of the images the model will take (1 for grey images), by
+        default the weights' 3: the first convolution's kernel is adapted (`flaxnets.load_pretrained`).
       rng: seed or key of whatever is initialised afresh.
       **options: `create_model` keywords (e.g. ``dtype=jnp.bfloat16``, ``remat=True``).
 
@@ -174,8 +177,9 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_class
             raise ValueError("features_only=True builds the model without its class layer: leave num_classes out.")
         num_classes = 0
     if os.path.isdir(text):
-        if weights is not None:
-            raise ValueError(f"{text} is a folder of weights: weights= applies to an architecture's name.")
+        if weights is not None or in_channels is not None:
+            raise ValueError(f"{text} is a folder of weights: weights= and in_channels= apply to an "
+                             "architecture's name.")
         return _load_folder(Path(text), num_classes, rng, options)
     spec = get_spec(text)
     if not spec.torchvision:
@@ -184,8 +188,8 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_class
     options = {**pretrained_overrides(text), **options}
     weight_fields = {k: v for k, v in options.items() if k not in ("dtype", "param_dtype", "bn_axis_name", "ops",
                                                                    "remat", "name", "features_only", "out_indices")}
-    variables = load_pretrained(text, "DEFAULT" if weights is None else weights, num_classes, rng=rng,
-                                **weight_fields)
+    variables = load_pretrained(text, "DEFAULT" if weights is None else weights, num_classes,
+                                in_channels=in_channels, rng=rng, **weight_fields)
     if options.get("features_only"):
         return create_model(text, **options), variables
     return create_model(text, num_classes=_class_count(text, variables), **options), variables

@@ -424,6 +424,39 @@ def test_load_pretrained_with_a_new_head():
     assert model.apply(variables, np.zeros((2, 64, 64, 3), np.float32), train=False).shape == (2, 10)
 
 
+@pytest.mark.parametrize("channels", [1, 6])
+def test_load_pretrained_for_other_input_channels_keeps_the_response(channels):
+    """``in_channels``: the first convolution's colour kernel is summed (one channel) or repeated and scaled
+    (six), so ``channels`` copies of a grey image get the logits its RGB copy gets from the weights as
+    published; nothing else changes."""
+    model = flaxnets.create_model("squeezenet1_1", num_classes=10)
+    variables = jax.jit(lambda key: model.init(key, np.zeros((1, 33, 33, 3), np.float32), False))(jax.random.key(0))
+    state_dict = convert.to_torch("squeezenet1_1", variables)
+    adapted = convert.load_pretrained("squeezenet1_1", state_dict, in_channels=channels)
+    assert adapted["params"]["conv10"]["kernel"].shape == (1, 1, 512, 10)  # a class layer that is a convolution
+    kernel = np.asarray(variables["params"]["conv1"]["kernel"])
+    expected = kernel.sum(axis=2, keepdims=True) if channels == 1 else np.concatenate([kernel, kernel], axis=2) / 2
+    np.testing.assert_allclose(adapted["params"]["conv1"]["kernel"], expected, rtol=1e-6)
+    _, loaded = flaxnets.from_pretrained("squeezenet1_1", state_dict, in_channels=channels)
+    assert jax.tree.all(jax.tree.map(np.array_equal, loaded, adapted))
+    rest = lambda v: {k: x for k, x in flatten_dict(dict(v["params"])).items() if k[0] != "conv1"}  # noqa: E731
+    assert jax.tree.all(jax.tree.map(np.array_equal, rest(adapted), rest(variables)))
+    grey = np.random.default_rng(1).standard_normal((2, 33, 33, 1)).astype(np.float32)
+    apply = jax.jit(lambda v, x: model.apply(v, x, False))
+    np.testing.assert_allclose(apply(adapted, np.tile(grey, (1, 1, 1, channels))),
+                               apply(variables, np.tile(grey, (1, 1, 1, 3))), rtol=1e-5, atol=1e-6)
+
+
+def test_load_pretrained_leaves_kernels_that_images_do_not_decide():
+    """GoogLeNet with ``transform_input`` makes three channels of any grey image before its first
+    convolution, so that kernel keeps its colours; a channel count that is not a positive integer is refused."""
+    state_dict = random_state_dict("googlenet")
+    variables = convert.load_pretrained("googlenet", state_dict, in_channels=1, transform_input=True)
+    assert variables["params"]["conv1"]["conv"]["kernel"].shape == (7, 7, 3, 64)
+    with pytest.raises(ValueError, match="in_channels must be a positive integer, got 0"):
+        convert.load_pretrained("googlenet", state_dict, in_channels=0)
+
+
 def test_load_pretrained_googlenet_fills_in_auxiliary_heads():
     """torchvision's pretrained GoogLeNet lacks (untrained) auxiliary heads; the default model has them."""
     state_dict = random_state_dict("googlenet", aux_logits=False)

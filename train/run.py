@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 import flaxnets
 from flaxnets.registry import ModelSpec, UnknownOptionError
@@ -185,32 +185,25 @@ class Run:
             from flaxnets.convert import load_pretrained
 
             self._pretrained = load_pretrained(self.config.arch, self.config.init_from, self.data.num_classes,
-                                               rng=self.config.seed, **self.overrides)
+                                               in_channels=self.data.image_shape[-1], rng=self.config.seed,
+                                               **self.overrides)
         return self._pretrained
 
     def _with_pretrained(self, state: steps.TrainState) -> steps.TrainState:
-        """``state`` with the parameters and statistics of ``--init-from``, a fresh head where classes differ.
-
-        Colour weights on grey images: a first-layer kernel made for 3 input channels is summed over them,
-        which gives the same response to a grey image as the colour network gives to its RGB copy (the
-        usual way to reuse ImageNet weights on MNIST-like data).
-        """
-        variables = dict(self.pretrained_variables())
+        """``state`` with the parameters and statistics of ``--init-from``, a fresh head where classes differ,
+        and first-layer kernels for the data's channels (`flaxnets.convert.input_kernel`: colour weights
+        on grey images are summed over the colours)."""
+        variables = self.pretrained_variables()
         for name in ("params", "batch_stats"):
             theirs = flatten_dict(dict(variables.get(name, {})))
             ours = flatten_dict(jax.tree_util.tree_map(jnp.shape, dict(getattr(state, name))))
             for key, shape in ours.items():
                 given = np.shape(theirs.get(key))
-                if given == shape:
-                    continue
-                if len(shape) == 4 and given[:2] + given[3:] == shape[:2] + shape[3:] and (given[2], shape[2]) == (3, 1):
-                    theirs[key] = np.asarray(theirs[key]).sum(axis=2, keepdims=True)
-                    continue
-                raise ConfigError(
-                    f"--init-from {self.config.init_from} does not fit this run: {'/'.join(key)} is "
-                    f"{given} in the weights and {shape} here ({self.data.name} images have "
-                    f"{self.data.image_shape[-1]} channel(s) at {self.image_side}x{self.image_side}).")
-            variables[name] = unflatten_dict(theirs)
+                if given != shape:
+                    raise ConfigError(
+                        f"--init-from {self.config.init_from} does not fit this run: {'/'.join(key)} is "
+                        f"{given} in the weights and {shape} here ({self.data.name} images have "
+                        f"{self.data.image_shape[-1]} channel(s) at {self.image_side}x{self.image_side}).")
         params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
         return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
                              opt_state=self.tx.init(params))

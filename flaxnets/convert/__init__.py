@@ -38,7 +38,7 @@ a new class count.
 """
 
 from flaxnets.convert.files import WeightsFileError, load_state_dict, save_state_dict
-from flaxnets.convert.finetune import head_mask, head_paths, load_pretrained, pretrained_overrides
+from flaxnets.convert.finetune import head_mask, head_paths, input_kernel, load_pretrained, pretrained_overrides
 from flaxnets.convert.tensors import StateDictMismatchError, from_torch, supported_models, to_torch, torch_shapes
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "save_state_dict",
     "head_paths",
     "head_mask",
+    "input_kernel",
     "pretrained_overrides",
     "supported_models",
     "torch_shapes",

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxnets import hub
+from flaxnets.analysis import abstract_variables
 from flaxnets.convert.files import load_state_dict
 from flaxnets.convert.tensors import (StateDictMismatchError, convert_from_torch, fields_from_flax, supported_spec,
                                       traced_layout)
 from flaxnets.registry import ModelSpec, get_spec
 
-__all__ = ["head_paths", "head_mask", "pretrained_overrides", "load_pretrained", "initialise"]
+__all__ = ["head_paths", "head_mask", "pretrained_overrides", "load_pretrained", "initialise", "input_kernel"]
 
 PathLike = str | os.PathLike
 
@@ -58,6 +59,7 @@ def load_pretrained(
     path: PathLike | Mapping[str, Any],
     num_classes: int | None = None,
     *,
+    in_channels: int | None = None,
     rng: int | jax.Array = 0,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -74,6 +76,10 @@ def load_pretrained(
         ``.pth``/``.pt``/``.bin``/``.safetensors``/``.npz`` file (see `load_state_dict`) or a state_dict.
       num_classes: the classes of the new task; by default the checkpoint's. When it differs, the class
         layers (`head_paths`) are freshly initialised as ``create_model`` initialises them, for fine-tuning.
+      in_channels: the channels of the new task's images (1 for MNIST-like data), by default the
+        checkpoint's (3). The convolutions that read the images get kernels for that many channels
+        (`input_kernel`), as timm's ``in_chans`` does: summed over the colours for one channel, so a grey
+        image gives the response the colour network gives to its RGB copy.
       rng: seed or key for whatever is initialised afresh: a new head, and GoogLeNet's auxiliary heads
         when the checkpoint lacks them and the model has them.
       **overrides: model fields of the target model (e.g. ``aux_logits=False``; see `pretrained_overrides`).
@@ -82,6 +88,9 @@ def load_pretrained(
       StateDictMismatchError: the checkpoint does not fit ``arch``.
       WeightsFileError: the weights cannot be found, downloaded or read (one sentence).
     """
+    if in_channels is not None and (not isinstance(in_channels, int) or isinstance(in_channels, bool)
+                                    or in_channels < 1):
+        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
     state_dict = load_state_dict(hub.resolve(arch, path)) if isinstance(path, (str, os.PathLike)) else path
     spec = supported_spec(arch)
     weight_fields = {k: v for k, v in overrides.items() if k != "aux_logits"}
@@ -102,7 +111,36 @@ def load_pretrained(
                 f"The state_dict does not fit {arch} with {overrides}: it has nothing for {'/'.join(name)}."
             )
     initial = initialise(target.model, spec, rng, fresh) if fresh else {}
-    return unflatten_dict({name: initial[name] if name in initial else have[name] for name in names})
+    variables = unflatten_dict({name: initial[name] if name in initial else have[name] for name in names})
+    return variables if in_channels is None else _for_input_channels(variables, target.model, spec, in_channels)
+
+
+def input_kernel(kernel: Any, channels: int) -> jax.Array:
+    """A convolution kernel ``(kh, kw, c, out)`` made for ``c``-channel images, for ``channels``-channel ones.
+
+    One channel: the sum over the ``c`` (the usual way to reuse ImageNet weights on grey images: a grey
+    image then gets the response its colour copy had). More: the ``c`` input kernels repeated in turn up to
+    ``channels`` and scaled by ``c / channels``, so that the response to ``channels`` copies of one image
+    is unchanged where ``channels`` is a multiple of ``c`` (timm's ``adapt_input_conv`` does the same).
+    """
+    kernel = jnp.asarray(kernel)
+    given = kernel.shape[2]
+    if channels == 1:
+        return kernel.sum(axis=2, keepdims=True)
+    repeated = jnp.tile(kernel, (1, 1, -(-channels // given), 1))[:, :, :channels]
+    return repeated * (given / channels)
+
+
+def _for_input_channels(variables: dict, model: nn.Module, spec: ModelSpec, channels: int) -> dict:
+    """``variables`` with the kernels that read ``channels``-channel images (those whose input width the
+    image channels decide) made by `input_kernel`."""
+    shapes = flatten_dict(dict(abstract_variables(model, (1, spec.input_size, spec.input_size, channels))["params"]))
+    params = flatten_dict(dict(variables["params"]))
+    for key, abstract in shapes.items():
+        given, shape = params[key].shape, abstract.shape
+        if len(shape) == 4 and given != shape and given[:2] + given[3:] == shape[:2] + shape[3:]:
+            params[key] = input_kernel(params[key], shape[2])
+    return {**variables, "params": unflatten_dict(params)}
 
 
 def initialise(model: nn.Module, spec: ModelSpec, rng: int | jax.Array, names: list[tuple[str, ...]]) -> dict:

@@ -279,7 +279,8 @@ def convert_from_torch(spec: ModelSpec, state_dict: Mapping[str, Any], num_class
     state_dict = _current_names(spec, unwrap(state_dict))
     if num_classes is None:
         head = state_dict.get(_head_torch_key(spec))
-        num_classes = int(head.shape[0]) if head is not None and len(head.shape) == 2 else None
+        # The first axis of torch's Linear and Conv2d weights alike: SqueezeNet's class layer is a convolution.
+        num_classes = int(head.shape[0]) if head is not None and len(head.shape) in (2, 4) else None
     overrides = {**_fields_from_torch(spec, list(state_dict)), **overrides}
     layout = traced_layout(spec, num_classes, **overrides)
     expected = {e.torch_key: e.torch_shape for e in layout.entries}
