@@ -151,12 +151,19 @@ def create_model(name: str, /, *, rngs: nnx.Rngs | None = None, pretrained: Any 
       pretrained: weights instead of an initialisation: ``True`` (torchvision's best) or a published set's
         name (``"IMAGENET1K_V1"``), or a file, URL or state_dict of torchvision weights; see `from_pretrained`.
       input_shape: the ``(1, H, W, C)`` input the variables are made for, by default the architecture's own
-        (only VGG without its adaptive pool, ``pool_size=None``, has variables that depend on it).
+        (only VGG without its adaptive pool, ``pool_size=None``, has variables that depend on it; with
+        ``pretrained``, ``C`` other than 3 adapts the weights' first convolution, as ``in_channels`` does).
       **options: `flaxnets.create_model` keywords (``num_classes``, ``dtype``, ``remat``, ``features_only``...).
     """
     rngs = nnx.Rngs(0) if rngs is None else rngs
     if pretrained is not None and pretrained is not False:
-        return from_pretrained(name, None if pretrained is True else pretrained, rngs=rngs, **options)
+        if input_shape is None:
+            return from_pretrained(name, None if pretrained is True else pretrained, rngs=rngs, **options)
+        # The weights' first convolution made for the images' channels; the shape recorded for save_pretrained.
+        model = from_pretrained(name, None if pretrained is True else pretrained, rngs=rngs,
+                                **{"in_channels": input_shape[-1], **options})
+        model.input_shape = tuple(input_shape[1:])
+        return model
     spec = get_spec(name)
     module = create_linen_model(name, **options)
     shape = input_shape or (1, spec.input_size, spec.input_size, spec.in_channels)
@@ -170,16 +177,21 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, rngs: nnx
     """`flaxnets.from_pretrained` as an NNX `Model`: a folder `save_pretrained` wrote, or an architecture's
     name with torchvision's weights (``weights``: a published set's name, by default the best, or a file,
     URL or state_dict). ``num_classes`` other than the weights' gives a new class layer, initialised from
-    ``rngs``; other ``options`` are `flaxnets.create_model` keywords."""
+    ``rngs``, and ``in_channels`` a first convolution for that many image channels; other ``options`` are
+    `flaxnets.create_model` keywords."""
     rngs = nnx.Rngs(0) if rngs is None else rngs
-    num_classes = options.pop("num_classes", None)
-    module, variables = linen_from_pretrained(source, weights, num_classes=num_classes, rng=rngs.params(), **options)
+    num_classes, in_channels = options.pop("num_classes", None), options.pop("in_channels", None)
+    module, variables = linen_from_pretrained(source, weights, num_classes=num_classes, in_channels=in_channels,
+                                              rng=rngs.params(), **options)
     shape = None
     if os.path.isdir(os.fspath(source)):
         config = read_config(source)
         arch, kept, shape = config["architecture"], {**config.get("options", {}), **options}, config["input_shape"]
     else:
         arch, kept = os.fspath(source), {**pretrained_overrides(os.fspath(source)), **options}
+        if in_channels is not None:  # what save_pretrained records and checks the variables against
+            size = get_spec(arch).input_size
+            shape = (size, size, in_channels)
     if not kept.get("features_only"):
         kept["num_classes"] = module.num_classes
     return Model(module, variables, rngs=rngs, arch=arch, options=kept, input_shape=shape)

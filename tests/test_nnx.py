@@ -126,3 +126,18 @@ def test_converted_torchvision_weights_load_into_it():
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     expected = flaxnets.create_model("resnet18").apply(flaxnets.from_torch("resnet18", state_dict), x, False)
     np.testing.assert_allclose(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_weights_for_grey_images():
+    """``input_shape`` with one channel (or ``in_channels=1`` to `from_pretrained`) sums the colour kernel of
+    the weights' first convolution: a grey image gets the logits the linen model gives its RGB copy."""
+    linen = flaxnets.create_model("squeezenet1_1", num_classes=10)
+    variables = jax.jit(lambda key: linen.init(key, jnp.zeros((1, 33, 33, 3)), False))(jax.random.key(0))
+    state_dict = flaxnets.convert.to_torch("squeezenet1_1", variables)
+    model = flaxnets.nnx.create_model("squeezenet1_1", pretrained=state_dict, input_shape=(1, 33, 33, 1))
+    model.eval()
+    grey = jax.random.normal(jax.random.key(1), (2, 33, 33, 1))
+    np.testing.assert_allclose(model(grey), linen.apply(variables, jnp.tile(grey, (1, 1, 1, 3)), False),
+                               rtol=1e-5, atol=1e-6)
+    assert model.input_shape == (33, 33, 1)  # what save_pretrained records and checks against
+
