@@ -176,7 +176,8 @@ def decoding_differences(source, side: int, count: int = 200) -> dict:
     from PIL import Image
 
     from train.data import jpeg
-    from train.data.geometry import crop_box, eval_side, resize_shorter, shorter_size
+    from flaxnets.images import resize_shorter, shorter_size
+    from train.data.geometry import crop_box, eval_side
 
     backends = [name for name in ("pillow", "opencv") if name == "pillow" or jpeg.importlib.util.find_spec("cv2")]
     found: dict[str, dict[str, list]] = {name: {"train": [], "train_reduced": [], "eval": [], "eval_reduced": []}

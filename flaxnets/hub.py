@@ -110,6 +110,17 @@ class Weights:
         """Classes of the weights' output: ImageNet-1K's 1,000 for every set in the table."""
         return len(imagenet_classes())
 
+    def preprocess(self, images):
+        """One image or a list (Pillow images or uint8 arrays, grey or colour, of any sizes) as the float32
+        NHWC batch these weights were scored on: shorter side ``resize``, centre ``crop``, ``mean``/``std``
+        (`flaxnets.images.prepare`; torchvision's ``weights.transforms()``)."""
+        from flaxnets.images import prepare
+
+        if self.interpolation != "bilinear":
+            raise ValueError(f"{self.arch} {self.name} was scored with {self.interpolation} resizing; "
+                             "flaxnets.images resizes bilinearly.")
+        return prepare(images, resize=self.resize, crop=self.crop, mean=self.mean, std=self.std)
+
 
 def _read_table() -> tuple[dict[str, dict[str, Weights]], dict[str, str]]:
     table = json.loads((_DATA / "torchvision_weights.json").read_text())

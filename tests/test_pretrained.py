@@ -24,10 +24,10 @@ import flaxnets
 from flaxnets import hub
 from flaxnets.analysis import abstract_variables
 from flaxnets.convert import save_state_dict, to_torch
+from flaxnets.images import center_crop, resize_shorter
 from train import evaluate, predict
 from train.__main__ import main as train_main
 from train.config import Config, ConfigError
-from train.data.geometry import center_crop, resize_shorter
 from train.run import build_run, with_weights_defaults
 
 from reference import torchvision_or_skip
@@ -194,6 +194,37 @@ def test_bad_weights_on_the_command_line_are_one_sentence(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as exit_:
             predict.main(argv)
         assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+# One weight set of each preprocessing in the table: resize 256 / crop 224, 232 / 224, 342 / 299.
+PREPROCESSING = [("resnet18", "IMAGENET1K_V1"), ("resnet50", "IMAGENET1K_V2"), ("inception_v3", "IMAGENET1K_V1")]
+
+
+@pytest.mark.parametrize(("arch", "name"), PREPROCESSING)
+def test_weights_preprocess_is_torchvisions_transforms(arch, name):
+    """`Weights.preprocess` gives, bit for bit, the tensors of torchvision's ``weights.transforms()`` (as NHWC),
+    for one image or a list, Pillow or array; grey arrays are replicated to RGB as Pillow's convert does."""
+    _, torchvision = torchvision_or_skip()
+    weights = hub.get_weights(arch, name)
+    theirs = torchvision.models.get_model_weights(flaxnets.get_spec(arch).torchvision)[name].transforms()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(301, 257, 3), (240, 500, 3)]]
+    expected = np.stack([theirs(Image.fromarray(image)).numpy().transpose(1, 2, 0) for image in images])
+    np.testing.assert_array_equal(weights.preprocess(images), expected)
+    np.testing.assert_array_equal(weights.preprocess(Image.fromarray(images[0])), expected[:1])
+    grey = images[1][..., 0]
+    np.testing.assert_array_equal(weights.preprocess(grey),
+                                  theirs(Image.fromarray(grey).convert("RGB")).numpy().transpose(1, 2, 0)[None])
+
+
+def test_weights_preprocess_refuses_what_is_not_an_image():
+    weights = hub.get_weights("resnet18", "IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        weights.preprocess(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(32, 32, 2\)"):
+        weights.preprocess(np.zeros((32, 32, 2), np.uint8))
+    with pytest.raises(ValueError, match="no images"):
+        weights.preprocess([])
 
 
 @pytest.mark.parametrize("shape", [(375, 500), (1000, 667), (481, 359), (257, 421), (299, 299)])

@@ -172,7 +172,7 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
     from PIL import Image, UnidentifiedImageError
 
     from train.data.sources import decode_image
-    from train.data.geometry import center_crop, resize_shorter
+    from flaxnets.images import center_crop, resize_shorter
 
     height, width, channels = shape
     if not (height and width) and not side:

@@ -1,6 +1,7 @@
 """The geometry of one image, in numpy and Pillow, as the streamed pipeline's worker processes apply it:
-resizing (torchvision's rounding, so published weights see the pixels they were scored on), centre, random
-resized and ten crops, and reading an example straight to its crop (`read_crop`, through `train.data.jpeg`).
+resizing and centre crops (`flaxnets.images`: torchvision's rounding, so published weights see the pixels
+they were scored on), random resized and ten crops, and reading an example straight to its crop
+(`read_crop`, through `train.data.jpeg`).
 """
 
 from __future__ import annotations
@@ -10,43 +11,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from flaxnets.images import resize
 from train.data import jpeg
 
-__all__ = ["shorter_size", "resize_shorter", "center_crop", "crop_box", "random_resized_crop", "read_crop",
-           "ten_crops", "eval_side"]
-
-
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    if image.shape[:2] == (height, width):
-        return image
-    grey = image.shape[-1] == 1
-    pil = Image.fromarray(image[..., 0] if grey else image)
-    out = np.asarray(pil.resize((width, height), Image.BILINEAR, reducing_gap=None))
-    return out[..., None] if grey else out
-
-
-def shorter_size(height: int, width: int, side: int) -> tuple[int, int]:
-    """The size with the shorter side ``side`` and the aspect ratio kept. The longer side is truncated, not
-    rounded, as torchvision's ``Resize(side)`` does, so published weights see the pixels they were scored on."""
-    if height <= width:
-        return side, int(side * width / height)
-    return int(side * height / width), side
-
-
-def resize_shorter(image: np.ndarray, side: int) -> np.ndarray:
-    """Scale so the shorter side is ``side`` (`shorter_size`)."""
-    return _resize(image, *shorter_size(*image.shape[:2], side))
-
-
-def center_crop(image: np.ndarray, side: int) -> np.ndarray:
-    """The central ``side`` x ``side`` square, its offsets rounded as torchvision's ``CenterCrop`` rounds them
-    (Python's round of half the margin); an image smaller than ``side`` is stretched to it."""
-    h, w = image.shape[:2]
-    top, left = max(0, int(round((h - side) / 2.0))), max(0, int(round((w - side) / 2.0)))
-    out = image[top:top + side, left:left + side]
-    return out if out.shape[:2] == (side, side) else _resize(out, side, side)
+__all__ = ["crop_box", "random_resized_crop", "read_crop", "ten_crops", "eval_side"]
 
 
 def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
@@ -76,7 +44,7 @@ def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
     """The `crop_box` of ``image`` resized to ``side`` x ``side``."""
     top, left, ch, cw = crop_box(*image.shape[:2], rng, scale, ratio)
-    return _resize(image[top:top + ch, left:left + cw], side, side)
+    return resize(image[top:top + ch, left:left + cw], side, side)
 
 
 def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.Crop],
@@ -101,7 +69,7 @@ def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.
     image, label = source[index]
     crop = geometry(*image.shape[:2])
     region = image[crop.top:crop.top + crop.height, crop.left:crop.left + crop.width]
-    return _resize(region, crop.out_height, crop.out_width), label
+    return resize(region, crop.out_height, crop.out_width), label
 
 
 def mirror(image: np.ndarray) -> np.ndarray:

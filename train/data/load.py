@@ -139,7 +139,7 @@ def fit_in_memory(data: Dataset | Streamed, side: int, pipeline: str = "auto") -
 def ensure_statistics(data: Streamed, data_dir: str | None, sample: int = 2000, seed: int = 0) -> Streamed:
     """``data`` with mean, std and colour PCA: read from its stats file, or computed over ``sample`` random
     training images (at most 256 pixels on the shorter side) and stored for the next run."""
-    from train.data.geometry import resize_shorter
+    from flaxnets.images import resize_shorter
 
     folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
     path = stats_path(folder if data.name != "folder" else data_dir, data.name)

@@ -15,7 +15,7 @@ A copy is a folder:
   source (by class, then by path), each the label as a 4-byte little-endian integer followed by the JPEG.
 
 Images whose shorter side exceeds the chosen side are resized as torchvision's ``Resize(side)`` resizes
-(`train.data.geometry.resize_shorter`) and stored as JPEG at the stated quality; smaller JPEGs are stored as
+(`flaxnets.images.resize_shorter`) and stored as JPEG at the stated quality; smaller JPEGs are stored as
 they are, byte for byte, and other formats re-encoded at full size. Files that do not decode are skipped
 and named in the index. A copy is written under a temporary name beside its destination and renamed into
 place when whole, so an interrupted prepare leaves no partial copy where a whole one would be expected;
@@ -153,7 +153,7 @@ def _shrink(path: str, side: int, quality: int) -> tuple[bytes | None, str]:
     from PIL import Image
 
     from train.data.jpeg import jpeg_shape
-    from train.data.geometry import resize_shorter
+    from flaxnets.images import resize_shorter
 
     try:
         with open(path, "rb") as handle:

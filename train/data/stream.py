@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from flaxnets.images import center_crop, resize_shorter, shorter_size
 from train.data import jpeg
-from train.data.geometry import (center_crop, crop_box, eval_side, mirror, read_crop,
-                                 resize_shorter, shorter_size, ten_crops)
+from train.data.geometry import crop_box, eval_side, mirror, read_crop, ten_crops
 from train.data.memory import Dataset, DatasetFacts
 from train.data.optional import require
 
