@@ -4,6 +4,7 @@ class layers (heads) named, masked and initialised afresh, and the fields pretra
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -88,9 +89,10 @@ def load_pretrained(
       StateDictMismatchError: the checkpoint does not fit ``arch``.
       WeightsFileError: the weights cannot be found, downloaded or read (one sentence).
     """
-    if in_channels is not None and (not isinstance(in_channels, int) or isinstance(in_channels, bool)
-                                    or in_channels < 1):
-        raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
+    if in_channels is not None:
+        if not isinstance(in_channels, numbers.Integral) or isinstance(in_channels, bool) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}.")
+        in_channels = int(in_channels)
     state_dict = load_state_dict(hub.resolve(arch, path)) if isinstance(path, (str, os.PathLike)) else path
     spec = supported_spec(arch)
     weight_fields = {k: v for k, v in overrides.items() if k != "aux_logits"}
