@@ -172,7 +172,7 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
     from PIL import Image, UnidentifiedImageError
 
     from train.data.sources import decode_image
-    from flaxnets.images import center_crop, resize_shorter
+    from flaxnets import images
 
     height, width, channels = shape
     if not (height and width) and not side:
@@ -194,10 +194,9 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
         except Exception as error:  # noqa: BLE001 - an image file is untrusted input: anything PIL raises
             raise CheckpointError(f"{path} is not an image PIL can read ({type(error).__name__}: {error}).") from None
         if height and width:
-            pil = Image.fromarray(array[..., 0] if channels == 1 else array)
-            array = np.asarray(pil.resize((width, height), Image.BILINEAR), np.uint8).reshape(height, width, channels)
+            array = images.resize(array, height, width)
         else:
-            array = center_crop(resize_shorter(array, resize or round(side * 256 / 224)), side)
+            array = images.center_crop(images.resize_shorter(array, resize or round(side * 256 / 224)), side)
         out.append(array)
     return np.stack(out)
 
