@@ -114,7 +114,9 @@ def load_pretrained(
             )
     initial = initialise(target.model, spec, rng, fresh) if fresh else {}
     variables = unflatten_dict({name: initial[name] if name in initial else have[name] for name in names})
-    return variables if in_channels is None else _for_input_channels(variables, target.model, spec, in_channels)
+    if in_channels in (None, spec.in_channels):  # the layout was traced at the architecture's own channels
+        return variables
+    return _for_input_channels(variables, target.model, spec, in_channels)
 
 
 def input_kernel(kernel: Any, channels: int) -> jax.Array:
