@@ -7,8 +7,9 @@ its reduction (the product of the strides before it, timm's ``reduction``). Two 
 * `FeatureNet` (``create_model(name, features_only=True, out_indices=(1, 2, 3))``): a linen module that
   returns the chosen maps, with ``feature_info`` giving each one's name, channels and reduction. It shares
   its model's variables, built without the class layer (``num_classes=0``), so the variables of the
-  headless model (pretrained ones included) are its own. Layers after the last chosen point are traced
-  but unused; under ``jit`` XLA drops them.
+  headless model (pretrained ones included) are its own. Its forward pass stops at the last chosen point
+  (timm prunes the layers after it): in training mode their BatchNorm statistics would otherwise be
+  computed, and kept by ``jit`` as outputs. ``init`` still runs the whole model, to make every variable.
 * `forward_intermediates(model, variables, images)`: the logits and every stage's maps of one ``apply``.
 
 This follows timm's ``features_only``/``out_indices``/``feature_info`` and ``forward_intermediates``, where
@@ -50,7 +51,21 @@ class _Tap:
     reduction: int
 
 
-_LISTENER: contextvars.ContextVar[list[_Tap] | None] = contextvars.ContextVar("flaxnets_feature_taps", default=None)
+@dataclasses.dataclass
+class _Listener:
+    """The taps recorded so far; with ``stop_after``, `tap` ends the forward pass (raising `_Enough`) once
+    the model at ``path`` has made that many."""
+
+    taps: list[_Tap]
+    path: tuple[str, ...] = ()
+    stop_after: int | None = None
+
+
+class _Enough(Exception):
+    """A `FeatureNet` has every map it returns; caught by it, never seen by a caller."""
+
+
+_LISTENER: contextvars.ContextVar[_Listener | None] = contextvars.ContextVar("flaxnets_feature_taps", default=None)
 
 
 def tap(module: nn.Module, x: jnp.ndarray, name: str, *, reduction: int) -> jnp.ndarray:
@@ -59,18 +74,21 @@ def tap(module: nn.Module, x: jnp.ndarray, name: str, *, reduction: int) -> jnp.
     Called by each architecture at the end of its stages, in network order, at the level of its own
     ``__call__``.
     """
-    taps = _LISTENER.get()
-    if taps is not None:
-        taps.append(_Tap(tuple(module.path), name, x, reduction))
+    listener = _LISTENER.get()
+    if listener is not None:
+        path = tuple(module.path)
+        listener.taps.append(_Tap(path, name, x, reduction))
+        if path == listener.path and len(_own(listener.taps, path)) == listener.stop_after:
+            raise _Enough
     return x
 
 
 @contextlib.contextmanager
-def _listening() -> Iterator[list[_Tap]]:
-    taps: list[_Tap] = []
-    token = _LISTENER.set(taps)
+def _listening(path: tuple[str, ...] = (), stop_after: int | None = None) -> Iterator[list[_Tap]]:
+    listener = _Listener([], path, stop_after)
+    token = _LISTENER.set(listener)
     try:
-        yield taps
+        yield listener.taps
     finally:
         _LISTENER.reset(token)
 
@@ -134,9 +152,15 @@ class FeatureNet(nn.Module):
         return self.feature_info[-1].channels if self.feature_info else None
 
     def __call__(self, x: jnp.ndarray, train: bool) -> list[jnp.ndarray]:
-        with _listening() as taps:
-            self.model(x, train)
-        own = _own(taps, tuple(self.model.path))
+        path = tuple(self.model.path)
+        # The layers after the last chosen point run only in `init`, which makes the headless model's variables.
+        stop_after = None if self.is_initializing() else max(self.out_indices) + 1
+        with _listening(path, stop_after) as taps:
+            try:
+                self.model(x, train)
+            except _Enough:
+                pass
+        own = _own(taps, path)
         return [own[index].value for index in self.out_indices]
 
 

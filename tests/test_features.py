@@ -90,6 +90,29 @@ def test_forward_intermediates_in_training_mode_returns_the_updates():
     assert [m.shape for m in maps] == [(2, 10, 10, 16)]
 
 
+def test_a_feature_model_stops_at_its_last_map_and_leaves_later_statistics_alone():
+    """Training mode, as a detection backbone trains: the maps are the full model's, the statistics of the
+    layers up to the last chosen point are updated as the full model updates them, and the layers after it
+    do not run (their statistics come back as they went in, the whole tree is returned)."""
+    options = {"width": 8}
+    model = flaxnets.create_model("resnet18_cifar", num_classes=0, **options)
+    features = flaxnets.create_model("resnet18_cifar", features_only=True, out_indices=(2,), **options)  # layer2
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    variables = jax.jit(lambda k: features.init(k, x, False))(jax.random.key(1))
+    whole = jax.eval_shape(lambda k: model.init(k, x, False), jax.random.key(1))
+    assert jax.tree.structure(variables) == jax.tree.structure(whole)  # `init` still makes every variable
+    (_, expected_maps), expected = flaxnets.forward_intermediates(model, variables, x, True, mutable=["batch_stats"])
+    (got,), updates = jax.jit(lambda v, x: features.apply(v, x, True, mutable=["batch_stats"]))(variables, x)
+    np.testing.assert_allclose(got, expected_maps[2], rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(updates) == jax.tree.structure(expected)
+    for layer, stats in updates["batch_stats"].items():
+        before, full = variables["batch_stats"][layer], expected["batch_stats"][layer]
+        want = before if layer.startswith(("layer3", "layer4")) else full
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats, want)
+    assert not jax.tree.all(jax.tree.map(jnp.array_equal, updates["batch_stats"]["layer2_1"],
+                                         variables["batch_stats"]["layer2_1"]))
+
+
 def test_a_feature_model_inside_a_module_takes_its_name():
     class Detector(nn.Module):
         @nn.compact
