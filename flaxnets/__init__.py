@@ -1,13 +1,17 @@
-"""flaxnets: the classic image-classification CNNs, LeNet-5 to ResNet-152, as pure `flax.linen` modules.
+"""flaxnets: the classic image-classification CNNs, LeNet-5 to DenseNet-201, as pure `flax.linen` modules.
 
 >>> import flaxnets, jax, jax.numpy as jnp
 >>> model = flaxnets.create_model("resnet18", num_classes=10)
 >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 >>> logits = model.apply(variables, jnp.zeros((8, 32, 32, 3)), train=False)   # (8, 10)
 
-``import flaxnets`` loads the models, the registry and the analysis only. What only some callers need is
-imported when first asked for: `flaxnets.cpu` (XLA-CPU kernels, which import optax), `flaxnets.nnx`
-(the models as Flax NNX modules) and `flaxnets.export` (StableHLO and ONNX files).
+``import flaxnets`` loads the models, the registry, the analysis, feature maps and the torchvision weights'
+reader and converter (plain NumPy; torch is never imported). What only some callers need is imported when
+first asked for (``flaxnets.gpu.ops()`` works after ``import flaxnets``): `flaxnets.cpu` and `flaxnets.gpu`
+(kernel sets for XLA's CPU and GPU backends), `flaxnets.nnx` (the models as Flax NNX modules),
+`flaxnets.export` (StableHLO and ONNX files), `flaxnets.training` (optax pieces of a training recipe),
+`flaxnets.augment` and `flaxnets.autoaugment` (augmentation on the device) and `flaxnets.images`
+(preparing images as torchvision's weights were scored).
 """
 
 import importlib
@@ -24,7 +28,7 @@ from flaxnets.registry import (ModelSpec, UnknownModelError, create_model, featu
 __version__ = "0.1.0"
 
 # Submodules loaded on first use (PEP 562), so that `import flaxnets` never pays for them.
-_ON_DEMAND = ("cpu", "export", "nnx")
+_ON_DEMAND = ("augment", "autoaugment", "cpu", "export", "gpu", "images", "nnx", "training")
 
 
 def __getattr__(name: str):
