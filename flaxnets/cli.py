@@ -5,8 +5,10 @@
 the input matters, the same ``--input-size``, ``--channels`` and ``--num-classes``. `request_from_args`
 reads them into a `ModelRequest`, and `ModelRequest.checked` turns every refusal (an unknown option, a
 value the module rejects, an input below the architecture's minimum) into one `ModelRequestError`
-sentence before anything is compiled. `PlainParser` is the command line's parser of every command: its
-``--help`` shows the docstrings it quotes without their reST markup.
+sentence before anything is compiled. `PlainParser` is the parser of ``python -m flaxnets``: a bad argument
+is one sentence, and ``--help`` shows the docstrings it quotes without their reST markup (the commands of
+``train`` and the benchmarks use `train.arguments.CommandParser`, which does the same without importing
+flaxnets: a streamed run's Grain workers import the trainer's command line again).
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ def plain(text: str) -> str:
 
 
 class PlainParser(argparse.ArgumentParser):
-    """An `argparse.ArgumentParser` whose help is plain words: descriptions are the modules' docstrings,
-    written in reST for the API pages, and a terminal shows their backticks as they are."""
+    """An `argparse.ArgumentParser` that reports a bad argument in one sentence (exit 2, no usage dump) and
+    whose help is plain words: descriptions are the modules' docstrings, written in reST for the API pages,
+    and a terminal would show their backticks as they are."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {message} (see --help)\n")
 
     def format_help(self) -> str:  # noqa: D102
         return plain(super().format_help())
