@@ -1058,7 +1058,7 @@ def test_cli_table():
 
 
 def test_the_table_traces_nothing(monkeypatch):
-    """It prints from the registry's data: in the time of importing JAX, not of tracing 26 networks."""
+    """It prints from the registry's data: in the time of importing JAX, not of tracing every network."""
     from flaxnets.__main__ import model_table
 
     def refuse(*args, **kwargs):

@@ -1,6 +1,7 @@
 """The per-device training and evaluation steps: pure functions, the same under shard_map, pmap and jit.
 
-``train_step(state, batch, rng) -> (state, metrics)`` runs on one device's slice of the global batch.
+``train_step(state, batch, *, model, tx, ...) -> (state, metrics)`` runs on one device's slice of the global
+batch; `bind` fixes the keywords once per run, and the step's random key is ``state.rng``.
 With ``axis_name`` set it averages gradients over the device axis (`lax.pmean`) and the model's
 BatchNorm layers average their statistics over it (the model is built with ``bn_axis_name``), so the
 update equals the one a single device would make on the whole global batch.
