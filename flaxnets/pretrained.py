@@ -36,7 +36,7 @@ from flaxnets.convert import (StateDictMismatchError, head_paths, load_pretraine
                               save_state_dict)
 from flaxnets.convert.finetune import initialise
 from flaxnets.pth import WeightsFileError
-from flaxnets.registry import create_model, get_spec
+from flaxnets.registry import create_model, field_value, get_spec
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "from_pretrained", "read_config", "reset_classifier", "save_pretrained"]
 
@@ -62,11 +62,6 @@ def _json_option(key: str, value: Any) -> Any:
         raise ValueError(f"option {key}={value!r} cannot be written to {CONFIG_FILE}: only JSON values (numbers, "
                          "strings, lists, true/false/null) and dtypes can.") from None
     return value
-
-
-def _frozen(value: Any) -> Any:
-    """A JSON value as a module field: lists become tuples (module fields must be hashable)."""
-    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
@@ -134,7 +129,7 @@ def _load_folder(directory: Path, num_classes: int | None, rng: int | jax.Array,
                  ) -> tuple[nn.Module, dict]:
     config = read_config(directory)
     arch = config["architecture"]
-    saved = {key: _frozen(value) for key, value in config.get("options", {}).items()}
+    saved = {key: field_value(value) for key, value in config.get("options", {}).items()}
     flat = load_state_dict(directory / WEIGHTS_FILE)
     variables = unflatten_dict({tuple(key.split("/")): jnp.asarray(value) for key, value in flat.items()})
     options = {**saved, **overrides}

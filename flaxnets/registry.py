@@ -19,7 +19,7 @@ from flaxnets import features
 from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["ModelSpec", "UnknownModelError", "UnknownOptionError", "register", "get_spec", "list_models", "model_info",
-           "create_model", "feature_info", "model_options", "parse_model_arg"]
+           "create_model", "feature_info", "model_options", "parse_model_arg", "field_value"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +232,9 @@ def parse_model_arg(text: str) -> tuple[str, Any]:
         parsed = json.loads(value)
     except ValueError:
         parsed = value
-    # JSON lists become tuples: module fields must be hashable.
-    def freeze(v):
-        return tuple(freeze(x) for x in v) if isinstance(v, list) else v
-    return key.strip(), freeze(parsed)
+    return key.strip(), field_value(parsed)
+
+
+def field_value(value: Any) -> Any:
+    """A JSON value as a module field: lists become tuples, at every depth (module fields must be hashable)."""
+    return tuple(field_value(v) for v in value) if isinstance(value, list) else value

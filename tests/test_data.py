@@ -27,7 +27,7 @@ from train.data import (DataError, Dataset, Streamed, ensure_statistics, epoch_o
 from train.data.memory import RECORDED_CHECKSUMS
 from train.data.stats import pixel_statistics
 from train.data.sources import TfdsSource
-from train.data.geometry import random_resized_crop, ten_crops
+from train.data.geometry import crop_box, ten_crops
 from train.data.stream import TrainTransform, eval_batches, train_batches
 from train.feed import make_feed
 from train.parallel import make_driver
@@ -369,11 +369,13 @@ def test_eval_batches_pad_the_last_batch_and_mask_it():
     assert ten["image"].shape == (4, 10, 16, 16, 3)
 
 
-def test_host_crops_keep_the_side_and_flip_is_an_involution():
+def test_host_crops_stay_inside_the_image_and_flip_is_an_involution():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    for _ in range(20):
-        assert random_resized_crop(image, 24, rng).shape == (24, 24, 3)
+    for scale, ratio in (((0.08, 1.0), (3 / 4, 4 / 3)), ((1.0, 1.0), (0.1, 0.2))):  # the latter: the fallback
+        for _ in range(20):
+            top, left, height, width = crop_box(37, 53, rng, scale, ratio)
+            assert 0 <= top <= top + height <= 37 and 0 <= left <= left + width <= 53 and height * width > 0
     crops = ten_crops(image, 20)
     assert crops.shape == (10, 20, 20, 3)
     np.testing.assert_array_equal(crops[5:, :, ::-1], crops[:5])  # the mirrors, mirrored back

@@ -99,9 +99,9 @@ def test_the_accuracy_step_reads_the_chosen_checkpoints_figures_off_the_trainers
     from train.config import Config
 
     results = {"test_top1": 0.9561, "epoch": 72, "best_step": 7560, "best_epoch": 72, "best_top1": 0.9583,
-               "best_selected_on": "val", "best_test_top1": 0.9574, "best_weights": "ema"}
+               "best_selected_on": "val", "best_test_top1": 0.9574, "best_weights": "averaged"}
     line = done_line(Config(arch="resnet18_cifar", dataset="fashion_mnist"), results)
-    assert chosen_figures(line) == {"test_top1": pytest.approx(0.9574), "chosen_weights": "ema",
+    assert chosen_figures(line) == {"test_top1": pytest.approx(0.9574), "chosen_weights": "averaged",
                                     "test_top1_one_view": None, "val_top1": pytest.approx(0.9583)}
     with_mirrors = done_line(Config(), {**results, "test_top1_one_view": 0.9552, "best_test_top1_one_view": 0.9549})
     assert chosen_figures(with_mirrors)["test_top1_one_view"] == pytest.approx(0.9549)

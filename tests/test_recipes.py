@@ -353,7 +353,7 @@ def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, d
     for key in ("val_top1", "test_top1", "ema_val_top1", "ema_test_top1", "ema_test_loss"):
         assert scored[key] == pytest.approx(results[key], abs=1e-6), key
     trained, averaged, chosen, _ = load_checkpoint(str(workdir), results["step"])
-    assert scored["ranked_by"] == chosen == ("averaged" if results["best_weights"] == "ema" else "trained")
+    assert scored["ranked_by"] == chosen == results["best_weights"]
     for name, expected in (("trained", trained), ("averaged", averaged),
                            ("chosen", averaged if chosen == "averaged" else trained)):
         variables, meta = load_variables(str(workdir), results["step"], name)
@@ -419,7 +419,7 @@ def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_vie
     for prefix in ("", "ema_"):
         for split in ("val", "test"):
             assert 0 <= record[f"{prefix}{split}_top1_one_view"] <= 1
-    chosen = "ema_" if results["best_weights"] == "ema" else ""
+    chosen = "ema_" if results["best_weights"] == "averaged" else ""
     assert results["best_test_top1_one_view"] == record[f"{chosen}test_top1_one_view"]
     assert results["best_test_top1"] == record[f"{chosen}test_top1"]
     assert f"{results['best_test_top1_one_view']:.2%} with one view" in done_line(config, results)

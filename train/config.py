@@ -1,8 +1,8 @@
 """Everything a run depends on, in one dataclass with units in the names, checked before anything starts.
 
 The command line (parsed by `train.arguments`), a ``--config FILE`` (JSON) and the saved
-``WORKDIR/config.json`` all go through `Config`; epochs, steps and examples are converted in one place
-(`Config.steps_per_epoch` and the schedule built from it in `train.optim`).
+``WORKDIR/config.json`` all go through `Config`; epochs become steps in one place (`Config.total_steps` and
+`Config.warmup_steps`, at the steps per epoch `train.run.build_run` finds for the data).
 
 Over 400 lines: `Config` is one table of every setting of a run, each with its unit and a comment, and
 `RESUME` classifies the same fields; the checks below it read those fields and nothing else.
@@ -218,6 +218,14 @@ class Config:
         if self.schedule == "constant":
             return self.warmup_epochs
         return min(self.warmup_epochs, self.epochs / 2)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in steps, at ``steps_per_epoch`` (`train.run.Run.steps_per_epoch`)."""
+        return self.epochs * steps_per_epoch
+
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """The learning-rate warm-up in steps (`warmup_epochs_used`), at ``steps_per_epoch``."""
+        return int(round(self.warmup_epochs_used * steps_per_epoch))
 
     def to_json(self, **derived: Any) -> str:
         """The settings as JSON, with ``derived`` facts of the run beside them (keys of `DERIVED`)."""

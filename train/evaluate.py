@@ -17,7 +17,7 @@ import sys
 
 from train.exits import run_command
 from train.arguments import CommandParser
-from train.config import WORKERS_LIMIT, Config, ConfigError
+from train.config import PARALLEL, WORKERS_LIMIT, Config, ConfigError
 
 
 def main(argv=None) -> int:
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best, or a step number")
     parser.add_argument("--data-dir", help="where the dataset's files are (with --workdir: if not where training "
                         "found them)")
-    parser.add_argument("--parallel", choices=("shard_map", "pmap"))
+    parser.add_argument("--parallel", choices=PARALLEL)
     parser.add_argument("--eval-flip", action="store_true", help="with --workdir: average each image with its "
                         "mirror image, as python -m train --eval-flip scores (the one-view figure beside)")
     parser.add_argument("--arch", help="with --weights: the architecture they are for")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from functools import partial
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import numpy as np
 import flaxnets
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import WEIGHT_SETS
-from train.step import Preprocess
+from train.step import Preprocess, eval_step
 
 __all__ = ["load_checkpoint", "load_variables", "locate", "predict_images", "published_variables",
            "read_images", "score_split"]
@@ -246,6 +247,8 @@ def score_split(variables: dict, meta: dict, data, *, batch_size: int = 256, wor
     The batch is split over this process's devices (``jit`` with the batch axis sharded); the last batch is
     padded and its padding masked out, so every example counts once.
     """
+    from types import SimpleNamespace
+
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from train.data import DataError
@@ -256,22 +259,15 @@ def score_split(variables: dict, meta: dict, data, *, batch_size: int = 256, wor
     dataset = meta["dataset"]
     devices = jax.local_devices()
     batch_size = -(-max(1, min(batch_size, len(data.test))) // len(devices)) * len(devices)
-    model = _model(meta)
     preprocess = Preprocess(mean=tuple(dataset["mean"]), std=tuple(dataset["std"]), size=meta["image_side"],
                             augment=False)
     mesh = Mesh(np.asarray(devices), ("batch",))
     sharded = NamedSharding(mesh, PartitionSpec("batch"))
     variables = jax.device_put(variables, NamedSharding(mesh, PartitionSpec()))
-
-    @jax.jit
-    def sums(batch):
-        logits = model.apply(variables, preprocess(batch["image"], None, train=False), train=False)
-        mask = batch["mask"].astype(jnp.float32)
-        labels = batch["label"]
-        top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-        losses = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), labels[:, None], axis=1)[:, 0]
-        return {"count": mask.sum(), "correct": ((top5[:, 0] == labels) * mask).sum(),
-                "correct5": ((top5 == labels[:, None]).any(axis=1) * mask).sum(), "loss_sum": (losses * mask).sum()}
+    # The trainer's own evaluation step (its masked sums), reading the variables where it reads a state's.
+    step = partial(eval_step, model=_model(meta), preprocess=preprocess, num_classes=meta["num_classes"])
+    sums = jax.jit(lambda variables, batch: step(SimpleNamespace(**variables), batch))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
     totals = None
     for batch in eval_batches(data, side=meta["image_side"], batch=batch_size, workers=workers,
@@ -279,7 +275,8 @@ def score_split(variables: dict, meta: dict, data, *, batch_size: int = 256, wor
         if np.any((batch["label"] < 0) & batch["mask"]):
             raise DataError(f"the {data.test_split} split of {data.name} has unlabelled examples (label -1): score "
                             "a labelled split, e.g. --split validation.")
-        out = sums({key: jax.device_put(np.asarray(batch[key]), sharded) for key in ("image", "label", "mask")})
+        batch = {key: jax.device_put(np.asarray(batch[key]), sharded) for key in ("image", "label", "mask")}
+        out = sums(variables, batch)
         totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
     totals = {key: float(value) for key, value in totals.items()}
     count = totals["count"]

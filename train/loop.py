@@ -67,11 +67,14 @@ def enable_compilation_cache() -> str | None:
 
     XLA takes 10-30 s to compile a CNN's train step on a 2-core CPU and more on large models; the cache
     turns a rerun's wait into a file read. The folder is ``$JAX_COMPILATION_CACHE_DIR`` when set (an
-    empty value turns the cache off), else ``~/.cache/flaxnets/xla``.
+    empty value turns the cache off), else ``xla`` in flaxnets' cache folder (`flaxnets.hub.cache_dir`:
+    ``~/.cache/flaxnets``, or ``$FLAXNETS_CACHE_DIR``).
     """
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if folder is None:
-        folder = os.path.join(os.path.expanduser("~"), ".cache", "flaxnets", "xla")
+        from flaxnets.hub import cache_dir
+
+        folder = os.fspath(cache_dir() / "xla")
     if not folder:
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
@@ -201,7 +204,7 @@ def _train(run: Run, workdir: str, checkpoints: Checkpoints, stream) -> dict[str
     # Decided before the Reporter opens its event and metrics files, so that a workdir of another run, or
     # one trained with other settings, is left exactly as it was.
     start = resume(run, workdir, checkpoints)
-    reporter = Reporter(workdir, run.config.epochs * run.steps_per_epoch, stream=stream)
+    reporter = Reporter(workdir, run.config.total_steps(run.steps_per_epoch), stream=stream)
     checkpoints.warn = reporter.warn
     try:
         if start.step is not None:
@@ -236,7 +239,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
     if run.settings.describe():
         reporter.info(run.settings.describe())
 
-    total_steps = config.epochs * run.steps_per_epoch
+    total_steps = config.total_steps(run.steps_per_epoch)
     results: dict[str, Any] = {}
     reporter.start(start_step)
     with _SignalFlag() as stop:
@@ -291,7 +294,7 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
         chosen = checkpoints.manager.metrics(best[0]) or {}
         if "chosen_test_top1" in chosen:  # checkpoints of earlier versions lack it
             results["best_test_top1"] = chosen["chosen_test_top1"]
-            results["best_weights"] = "ema" if chosen.get("chosen_ema") else "trained"
+            results["best_weights"] = "averaged" if chosen.get("chosen_ema") else "trained"  # as --weights names them
         if "chosen_test_top1_one_view" in chosen:
             results["best_test_top1_one_view"] = chosen["chosen_test_top1_one_view"]
     results["traces"] = dict(driver.traces)
@@ -308,7 +311,7 @@ def _stopped(signum: int, step: int, checkpoints: Checkpoints, reporter: Reporte
 
 
 def _write_plots(run: Run, workdir: str, state, epoch: int, reporter: Reporter) -> None:
-    """The run's plots into WORKDIR/plots (`train.plots`); a failure to plot is a warning, never the end of a run."""
+    """The run's plots into WORKDIR/plots (`train.figures`); a failure to plot is a warning, never the end of a run."""
     try:
         from train.figures import write_run_plots
 

@@ -18,8 +18,7 @@ __all__ = ["make_schedule", "make_optimizer", "decay_mask", "after_fence"]
 
 def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     """Learning rate per step: linear warm-up from 0 over `Config.warmup_epochs_used`, then the chosen schedule."""
-    total = config.epochs * steps_per_epoch
-    warmup = int(round(config.warmup_epochs_used * steps_per_epoch))
+    total, warmup = config.total_steps(steps_per_epoch), config.warmup_steps(steps_per_epoch)
     peak = config.lr
     if config.schedule == "onecycle":
         # Smith and Topin 2019: warm up to the peak, then anneal far below the start.

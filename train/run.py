@@ -114,7 +114,7 @@ class Run:
     @functools.cached_property
     def driver(self) -> Driver:
         """The data-parallel driver (``--parallel``) running this run's steps over every device."""
-        return make_driver(self.config.parallel, self.train_step, self.eval_step)
+        return make_driver(self.config.parallel, self.train_step, self.eval_step, self.settings)
 
     def feed(self, with_train: bool = True) -> MemoryFeed | StreamFeed:
         """This run's data fed to its driver: from device memory or streamed, as the data says."""
@@ -303,7 +303,7 @@ def recipe_step_options(config: Config, steps_per_epoch: int) -> dict[str, Any]:
         mixing = steps.Mixing(config.mixup_alpha, config.cutmix_alpha, config.mix_prob, config.mix_switch_prob,
                               config.mix_mode)
     return {"mixing": mixing, "ema_decay": config.ema_decay,
-            "ema_start_step": int(round(config.warmup_epochs_used * steps_per_epoch))}
+            "ema_start_step": config.warmup_steps(steps_per_epoch)}
 
 
 def with_weights_defaults(config: Config, channels: int) -> Config:

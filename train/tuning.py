@@ -1,9 +1,9 @@
 """How the compiled steps are built on each backend: the one place that decides it.
 
-`step_settings()` is read where a run or a benchmark is built (`train.run.build_run`,
-`benchmarks.common.build_step`) and where a step is compiled (the trainer's drivers, `train.parallel`):
-the kernel set the models are built with, whether the optimizer fences the gradients, and the compiler
-options and matmul precision of the step.
+`step_settings()` is read where a run or a benchmark is built (`train.run.build_run`, which keeps it as
+`Run.settings` and hands it to the run's driver, and `benchmarks.common.build_step`): the kernel set the
+models are built with, whether the optimizer fences the gradients, and the compiler options and matmul
+precision the step is compiled with (`train.parallel`'s drivers read it there only when given none).
 
 * On a CPU, `CPU_SETTINGS`: `flaxnets.cpu`'s kernel set and gradient fence.
 * On a GPU, `GPU_SETTINGS`: `flaxnets.gpu`'s kernel set, and what the GPU run's ``tune`` step measured

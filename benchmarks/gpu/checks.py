@@ -288,7 +288,7 @@ def _drivers_against_jit(arch: str, batch: int, steps: int, kinds: Sequence[str]
     single = jax.device_get(single)
     rows = []
     for kind in kinds:
-        driver = make_driver(kind, run.train_step, run.eval_step)
+        driver = make_driver(kind, run.train_step, run.eval_step, run.settings)
         data = driver.put_replicated({"image": digits.train_images, "label": digits.train_labels})
         state = driver.put_replicated(initial)
         for i in range(steps):

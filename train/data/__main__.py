@@ -20,11 +20,12 @@ import json
 import os
 import sys
 
+from flaxnets.hub import cache_dir
 from train.arguments import CommandParser
 from train.data import DataError, ensure_statistics, load_dataset
 from train.data.prepare import prepare
 from train.data.resized import write_copy
-from train.data.stats import stats_path, write_stats
+from train.data.stats import stats_path, streamed_stats_path, write_stats
 
 
 def main(argv=None) -> int:
@@ -69,16 +70,14 @@ def main(argv=None) -> int:
         data = load_dataset(args.name, args.data_dir)
         if args.command == "stats":
             if data.in_memory:
-                folder = args.data_dir or os.path.join(os.path.expanduser("~"), ".cache", "flaxnets")
+                folder = args.data_dir or os.fspath(cache_dir())  # flaxnets' cache folder
                 path = stats_path(folder, data.name)
                 write_stats(path, {k: getattr(data, k) for k in ("mean", "std", "eigval", "eigvec")},
                             dataset=data.name, sample=data.train_size, seed=0)
             else:
                 if args.sample < 1:
                     raise DataError(f"--sample must be positive, got {args.sample}.")
-                folder = args.data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(
-                    os.path.expanduser("~"), "tensorflow_datasets")
-                path = stats_path(args.data_dir if data.name == "folder" else folder, data.name)
+                path = streamed_stats_path(data.name, args.data_dir)
                 if os.path.exists(path):
                     os.replace(path, path + ".previous")
                 data = ensure_statistics(data, args.data_dir, sample=args.sample)

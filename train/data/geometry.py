@@ -14,7 +14,7 @@ import numpy as np
 from flaxnets.images import resize
 from train.data import jpeg
 
-__all__ = ["crop_box", "random_resized_crop", "read_crop", "ten_crops", "eval_side"]
+__all__ = ["crop_box", "read_crop", "ten_crops", "eval_side"]
 
 
 def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
@@ -38,13 +38,6 @@ def crop_box(h: int, w: int, rng: np.random.Generator, scale: tuple[float, float
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
-
-
-def random_resized_crop(image: np.ndarray, side: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
-    """The `crop_box` of ``image`` resized to ``side`` x ``side``."""
-    top, left, ch, cw = crop_box(*image.shape[:2], rng, scale, ratio)
-    return resize(image[top:top + ch, left:left + cw], side, side)
 
 
 def read_crop(source: Sequence, index: int, geometry: Callable[[int, int], jpeg.Crop],

@@ -38,7 +38,7 @@ from train.data.folder import load_folder, load_folder_split
 from train.data.memory import IDX_FILES, Dataset, checked, load_digits, load_idx, with_statistics
 from train.data.names import BUILTIN
 from train.data.splits import parse_val_split, with_validation
-from train.data.stats import pixel_statistics, read_stats, stats_path, write_stats
+from train.data.stats import pixel_statistics, read_stats, streamed_stats_path, write_stats
 from train.data.stream import Streamed, materialize
 from train.data.tfds_sets import load_tfds, load_tfds_split
 
@@ -141,8 +141,7 @@ def ensure_statistics(data: Streamed, data_dir: str | None, sample: int = 2000, 
     training images (at most 256 pixels on the shorter side) and stored for the next run."""
     from flaxnets.images import resize_shorter
 
-    folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    path = stats_path(folder if data.name != "folder" else data_dir, data.name)
+    path = streamed_stats_path(data.name, data_dir)
     stats = read_stats(path)
     if stats is None:
         count = min(sample, data.train_size)

@@ -17,7 +17,7 @@ import numpy as np
 from train.data.errors import DataError
 from train.data.memory import Dataset, checked, with_statistics
 from train.data.sources import FolderSource, Subset, source_labels
-from train.data.stats import stats_path
+from train.data.stats import streamed_stats_path
 from train.data.stream import Streamed
 
 __all__ = ["parse_val_split", "stratified_holdout", "with_validation"]
@@ -82,8 +82,7 @@ def _training_labels(data: Streamed, data_dir: str | None) -> np.ndarray:
     (for tensorflow-datasets this reads every record once, without decoding the images)."""
     if data.name == "folder" or isinstance(data.train, (FolderSource, Subset)):
         return source_labels(data.train)
-    folder = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    path = stats_path(folder, data.name)[:-len(".json")] + "-train-labels.npy"
+    path = streamed_stats_path(data.name, data_dir)[:-len(".json")] + "-train-labels.npy"
     try:
         labels = np.load(path)
         if len(labels) == data.train_size:

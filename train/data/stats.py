@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["pixel_statistics", "StatsAccumulator", "stats_path", "read_stats", "write_stats"]
+__all__ = ["pixel_statistics", "StatsAccumulator", "stats_path", "streamed_stats_path", "read_stats", "write_stats"]
 
 STATS_VERSION = 1
 
@@ -78,6 +78,15 @@ def pixel_statistics(images: np.ndarray | Iterable[np.ndarray], chunk: int = 409
 def stats_path(data_dir: str, name: str) -> str:
     """Where the statistics of ``name`` live: ``DATA_DIR/flaxnets-stats/NAME.json``."""
     return os.path.join(data_dir, "flaxnets-stats", name.replace("/", "_").replace(":", "_") + ".json")
+
+
+def streamed_stats_path(name: str, data_dir: str | None) -> str:
+    """Where the statistics of the streamed dataset ``name`` live: in ``data_dir`` for a folder of images,
+    else in tensorflow-datasets' folder (``data_dir``, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+    if name == "folder":
+        return stats_path(data_dir, name)
+    return stats_path(data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
+                                                                                   "tensorflow_datasets"), name)
 
 
 def read_stats(path: str) -> dict | None:
