@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from train.loop import enable_compilation_cache
+        from train.tuning import enable_compilation_cache
 
         if args.steps < 1:
             raise ConfigError("--steps must be positive.")

@@ -150,26 +150,31 @@ def create_model(name: str, /, *, rngs: nnx.Rngs | None = None, pretrained: Any 
         Defaults to ``nnx.Rngs(0)``.
       pretrained: weights instead of an initialisation: ``True`` (torchvision's best) or a published set's
         name (``"IMAGENET1K_V1"``), or a file, URL or state_dict of torchvision weights; see `from_pretrained`.
-      input_shape: the ``(1, H, W, C)`` input the variables are made for, by default the architecture's own
-        (only VGG without its adaptive pool, ``pool_size=None``, has variables that depend on it; with
-        ``pretrained``, ``C`` other than 3 adapts the weights' first convolution, as ``in_channels`` does).
+      input_shape: the ``(H, W, C)`` of one image the variables are made for, as `save_pretrained` and
+        `flaxnets.export.export` take it (a leading batch axis, ``(N, H, W, C)``, is accepted and ignored); by
+        default the architecture's own. Only VGG without its adaptive pool (``pool_size=None``) has
+        variables that depend on it; with ``pretrained``, ``C`` other than 3 adapts the weights' first
+        convolution, as ``in_channels`` does.
       **options: `flaxnets.create_model` keywords (``num_classes``, ``dtype``, ``remat``, ``features_only``...).
     """
     rngs = nnx.Rngs(0) if rngs is None else rngs
+    if input_shape is not None:
+        if len(input_shape) not in (3, 4):
+            raise ValueError(f"input_shape is one image's (H, W, C), or (N, H, W, C); got {tuple(input_shape)!r}.")
+        input_shape = tuple(input_shape[-3:])
     if pretrained is not None and pretrained is not False:
         if input_shape is None:
             return from_pretrained(name, None if pretrained is True else pretrained, rngs=rngs, **options)
         # The weights' first convolution made for the images' channels; the shape recorded for save_pretrained.
         model = from_pretrained(name, None if pretrained is True else pretrained, rngs=rngs,
                                 **{"in_channels": input_shape[-1], **options})
-        model.input_shape = tuple(input_shape[1:])
+        model.input_shape = input_shape
         return model
     spec = get_spec(name)
     module = create_linen_model(name, **options)
-    shape = input_shape or (1, spec.input_size, spec.input_size, spec.in_channels)
-    variables = _initial_variables(module, rngs.params(), tuple(shape))
-    return Model(module, variables, rngs=rngs, arch=name, options=options,
-                 input_shape=tuple(input_shape[1:]) if input_shape else None)
+    shape = input_shape or (spec.input_size, spec.input_size, spec.in_channels)
+    variables = _initial_variables(module, rngs.params(), (1, *shape))
+    return Model(module, variables, rngs=rngs, arch=name, options=options, input_shape=input_shape)
 
 
 def from_pretrained(source: str | os.PathLike, weights: Any = None, *, rngs: nnx.Rngs | None = None,

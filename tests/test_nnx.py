@@ -134,10 +134,18 @@ def test_pretrained_weights_for_grey_images():
     linen = flaxnets.create_model("squeezenet1_1", num_classes=10)
     variables = jax.jit(lambda key: linen.init(key, jnp.zeros((1, 33, 33, 3)), False))(jax.random.key(0))
     state_dict = flaxnets.convert.to_torch("squeezenet1_1", variables)
-    model = flaxnets.nnx.create_model("squeezenet1_1", pretrained=state_dict, input_shape=(1, 33, 33, 1))
+    model = flaxnets.nnx.create_model("squeezenet1_1", pretrained=state_dict, input_shape=(33, 33, 1))
     model.eval()
     grey = jax.random.normal(jax.random.key(1), (2, 33, 33, 1))
     np.testing.assert_allclose(model(grey), linen.apply(variables, jnp.tile(grey, (1, 1, 1, 3)), False),
                                rtol=1e-5, atol=1e-6)
     assert model.input_shape == (33, 33, 1)  # what save_pretrained records and checks against
 
+
+
+def test_input_shape_is_one_images_as_elsewhere():
+    """(H, W, C) as `save_pretrained` and `export` take it; a leading batch axis is dropped, anything else refused."""
+    for given in ((28, 28, 1), (2, 28, 28, 1)):
+        assert flaxnets.nnx.create_model("lenet5_bn", input_shape=given).input_shape == (28, 28, 1)
+    with pytest.raises(ValueError, match="input_shape is one image's"):
+        flaxnets.nnx.create_model("lenet5_bn", input_shape=(28, 28))

@@ -27,6 +27,7 @@ from train.resume import flags, resume
 from train.run import Run, build_run
 from train.scores import evaluate, selection_metrics
 from train.text import count
+from train.tuning import enable_compilation_cache
 from train.workdir import Lock, WorkdirBusy
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "usable_workdir", "initialize_distributed", "held"]
@@ -60,26 +61,6 @@ def initialize_distributed(config: Config) -> None:
         text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"JAX's distributed runtime did not start ({text}); check --coordinator, "
                           "--num-processes and --process-id.") from None
-
-
-def enable_compilation_cache() -> str | None:
-    """Keep compiled steps on disk so a rerun (a resume, the next run of the same model) starts at once.
-
-    XLA takes 10-30 s to compile a CNN's train step on a 2-core CPU and more on large models; the cache
-    turns a rerun's wait into a file read. The folder is ``$JAX_COMPILATION_CACHE_DIR`` when set (an
-    empty value turns the cache off), else ``xla`` in flaxnets' cache folder (`flaxnets.hub.cache_dir`:
-    ``~/.cache/flaxnets``, or ``$FLAXNETS_CACHE_DIR``).
-    """
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if folder is None:
-        from flaxnets.hub import cache_dir
-
-        folder = os.fspath(cache_dir() / "xla")
-    if not folder:
-        return None
-    jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    return folder
 
 
 def _save_config(run: Run, workdir: str, history: list[dict]) -> None:

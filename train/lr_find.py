@@ -69,7 +69,7 @@ def lr_find(config: Config, *, stream: TextIO | None = None) -> dict:
     """
     import jax
 
-    from train.loop import enable_compilation_cache
+    from train.tuning import enable_compilation_cache
     from train.run import build_run
 
     enable_compilation_cache()

@@ -38,7 +38,7 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     would still fit)."""
     import flaxnets
     from benchmarks.peers import compare
-    from train.loop import enable_compilation_cache
+    from train.tuning import enable_compilation_cache
 
     enable_compilation_cache()  # flaxnets' ResNet-50 step is the tune step's "defaults": a cache hit
 

@@ -82,7 +82,7 @@ def measure_row(arch: str, mode: str, dtype: str, batch: int, sizes: Sizes, ceil
 
 def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, str]:
     """The table, row by row, until the budget would run out."""
-    from train.loop import enable_compilation_cache
+    from train.tuning import enable_compilation_cache
 
     enable_compilation_cache()  # $JAX_COMPILATION_CACHE_DIR: ResNet-50's program is the tune step's
     ceiling = measured_ceiling(args.out)

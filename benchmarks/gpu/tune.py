@@ -114,7 +114,7 @@ def settings_line(settings, kernels: str) -> str:
 def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, str]:
     """Every variant of `VARIANTS` timed the same way, while the budget lasts; the best one reported with
     the `train.tuning.GPU_SETTINGS` line it calls for."""
-    from train.loop import enable_compilation_cache
+    from train.tuning import enable_compilation_cache
 
     enable_compilation_cache()
     ceiling = measured_ceiling(args.out)
