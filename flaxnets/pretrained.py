@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -38,7 +38,8 @@ from flaxnets.convert.finetune import initialise
 from flaxnets.pth import WeightsFileError
 from flaxnets.registry import create_model, field_value, get_spec
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "from_pretrained", "read_config", "reset_classifier", "save_pretrained"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "Misfit", "class_count", "from_pretrained", "misfit", "read_config",
+           "reset_classifier", "save_pretrained"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -87,7 +88,7 @@ def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[
                               "them, or choose another folder.")
     options = {key: value for key, value in options.items() if key not in ("ops", "name")}
     if "num_classes" not in options:
-        options["num_classes"] = _class_count(arch, variables)
+        options["num_classes"] = class_count(arch, variables)
     _check_fits(arch, create_model(arch, **options), variables, shape)
     config = {"format": _FORMAT, "architecture": arch, "family": spec.family,
               "options": {key: _json_option(key, value) for key, value in sorted(options.items())},
@@ -187,11 +188,11 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_class
                                 in_channels=in_channels, rng=rng, **weight_fields)
     if options.get("features_only"):
         return create_model(text, **options), variables
-    return create_model(text, num_classes=_class_count(text, variables), **options), variables
+    return create_model(text, num_classes=class_count(text, variables), **options), variables
 
 
-def _class_count(arch: str, variables: Mapping[str, Any]) -> int:
-    """The class count ``variables`` were made for: the width of their class layer (0 without one)."""
+def class_count(arch: str, variables: Mapping[str, Any]) -> int:
+    """The class count ``variables`` of ``arch`` were made for: the width of their class layer (0 without one)."""
     flat = _flat(variables)
     first = head_paths(arch)[0]
     widths = [value.shape[-1] for key, value in flat.items()
@@ -199,22 +200,41 @@ def _class_count(arch: str, variables: Mapping[str, Any]) -> int:
     return int(widths[0]) if widths else 0
 
 
+class Misfit(NamedTuple):
+    """The first leaf that keeps variables from being a model's: its path, and its shape in the variables
+    and in the model (None where it is missing there)."""
+
+    path: str
+    given: tuple[int, ...] | None
+    expected: tuple[int, ...] | None
+
+    def describe(self) -> str:
+        """The mismatch as a clause: "X is (a, b) there and (c, d) in the model"."""
+        return (f"{self.path} is {self.given or 'missing'} there and "
+                f"{self.expected or 'absent'} in the model")
+
+
+def misfit(model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> Misfit | None:
+    """What first keeps ``variables`` from being those of ``model`` on ``shape`` (H, W, C) images: a leaf the
+    model has and they lack, one shaped otherwise, or one they have and the model lacks; None when they fit.
+    Nothing is computed (the model's variables are traced)."""
+    expected = {key: tuple(leaf.shape) for key, leaf in _flat(abstract_variables(model, (1, *shape))).items()}
+    given = {key: tuple(np.shape(leaf)) for key, leaf in _flat(variables).items()}
+    for key, want in expected.items():
+        if given.get(key) != want:
+            return Misfit("/".join(key), given.get(key), want)
+    extra = [key for key in given if key not in expected]
+    return Misfit("/".join(extra[0]), given[extra[0]], None) if extra else None
+
+
 def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
     """`StateDictMismatchError` naming the first leaf of ``variables`` that ``model`` on ``shape`` (H, W, C)
     images lacks or shapes otherwise."""
-    expected = _flat(abstract_variables(model, (1, *shape)))
-    given = _flat(variables)
-    where = f"{arch} on {'x'.join(map(str, shape))} images"
-    for key, leaf in expected.items():
-        if key not in given:
-            raise StateDictMismatchError(f"the variables do not fit {where}: they have nothing for {'/'.join(key)}.")
-        if tuple(given[key].shape) != tuple(leaf.shape):
-            raise StateDictMismatchError(f"the variables do not fit {where}: {'/'.join(key)} has shape "
-                                         f"{tuple(given[key].shape)}, the model's is {tuple(leaf.shape)} (pass "
-                                         "input_shape=(H, W, C) of the images it takes).")
-    extra = [key for key in given if key not in expected]
-    if extra:
-        raise StateDictMismatchError(f"the variables do not fit {where}: the model has no {'/'.join(extra[0])}.")
+    found = misfit(model, variables, shape)
+    if found is not None:
+        hint = " (pass input_shape=(H, W, C) of the images it takes)" if found.given and found.expected else ""
+        raise StateDictMismatchError(f"the variables do not fit {arch} on {'x'.join(map(str, shape))} images: "
+                                     f"{found.describe()}{hint}.")
 
 
 def reset_classifier(arch: str, variables: Mapping[str, Any], num_classes: int | None = None, *,

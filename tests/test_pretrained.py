@@ -236,3 +236,28 @@ def test_evaluation_crop_is_torchvisions_pixel_for_pixel(shape):
     transforms = torchvision.transforms
     theirs = np.asarray(transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])(Image.fromarray(image)))
     np.testing.assert_array_equal(center_crop(resize_shorter(image, 256), 224), theirs)
+
+
+def test_variables_that_do_not_fit_are_named_by_their_first_odd_leaf(tmp_path):
+    """`flaxnets.pretrained.misfit`: what save_pretrained, from_pretrained and a checkpoint's reader refuse."""
+    from flaxnets.convert import StateDictMismatchError
+    from flaxnets.pretrained import misfit
+    from train.checkpoint import CheckpointError
+    from train.inference import _check_fit
+
+    model = flaxnets.create_model("lenet5_bn", num_classes=10)
+    variables = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract_variables(model, (1, 28, 28, 1)))
+    assert misfit(model, variables, (28, 28, 1)) is None
+    wider = misfit(flaxnets.create_model("lenet5_bn", num_classes=12), variables, (28, 28, 1))
+    assert wider.given[-1] == 10 and wider.expected[-1] == 12 and wider.path.startswith("params/")
+    missing = {**variables, "batch_stats": {}}
+    assert misfit(model, missing, (28, 28, 1)).given is None
+    extra = {**variables, "params": {**variables["params"], "probe": {"kernel": np.zeros(3)}}}
+    assert misfit(model, extra, (28, 28, 1)) == ("params/probe/kernel", (3,), None)
+    with pytest.raises(StateDictMismatchError, match=r"lenet5_bn on 32x32x1 images: .* \(pass input_shape"):
+        flaxnets.save_pretrained(tmp_path / "lenet", "lenet5_bn", variables, input_shape=(32, 32, 1))
+    assert not (tmp_path / "lenet").exists()
+    meta = {"arch": "lenet5_bn", "num_classes": 12, "image_side": 28, "dataset": {"image_shape": [28, 28, 1]},
+            "config": {"model_args": {}}}
+    with pytest.raises(CheckpointError, match=r"^checkpoint 7 holds variables that do not fit lenet5_bn: params/"):
+        _check_fit(variables, meta, "checkpoint 7")

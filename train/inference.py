@@ -105,18 +105,12 @@ def load_variables(workdir: str, step: int, weights: str = "chosen") -> tuple[di
 def _check_fit(variables: dict, meta: dict, where: str) -> None:
     """Raise `CheckpointError` unless ``variables`` have the shapes of the model ``meta`` describes (a
     checkpoint is untrusted: its arrays and its meta could come from different runs)."""
-    from flax.traverse_util import flatten_dict
+    from flaxnets.pretrained import misfit
 
     side, channels = meta["image_side"], meta["dataset"]["image_shape"][-1]
-    expected = jax.eval_shape(lambda: _model(meta).init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                                        jnp.zeros((1, side, side, channels)), train=False))
-    for name in ("params", "batch_stats"):
-        ours = {k: tuple(v.shape) for k, v in flatten_dict(dict(expected.get(name, {}))).items()}
-        theirs = {k: tuple(np.shape(v)) for k, v in flatten_dict(dict(variables.get(name) or {})).items()}
-        if ours != theirs:
-            key = sorted(set(ours) ^ set(theirs) or [k for k in ours if ours[k] != theirs[k]])[0]
-            raise CheckpointError(f"{where} holds {name} that do not fit {meta['arch']}: {'/'.join(key)} is "
-                                  f"{theirs.get(key, 'missing')} there and {ours.get(key, 'absent')} in the model.")
+    found = misfit(_model(meta), variables, (side, side, channels))
+    if found is not None:
+        raise CheckpointError(f"{where} holds variables that do not fit {meta['arch']}: {found.describe()}.")
 
 
 def _warn(message: str) -> None:
@@ -132,7 +126,7 @@ def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
     file not in the weights table, that of the architecture's ``IMAGENET1K_V1`` weights.
     """
     from flaxnets import hub
-    from flaxnets.convert import head_paths
+    from flaxnets.pretrained import class_count
 
     published = hub.find_weights(arch, weights)
     recipe = published or hub.get_weights(arch, "IMAGENET1K_V1")
@@ -142,10 +136,7 @@ def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
         # them afresh would cost a compilation for nothing.
         overrides["aux_logits"] = False
     variables = flaxnets.load_pretrained(arch, weights, **overrides)
-    head = variables["params"]
-    for name in head_paths(arch)[0]:  # the class layer, e.g. ("fc",): its width is the weights' class count
-        head = head[name]
-    num_classes = int(head["kernel"].shape[-1])
+    num_classes = class_count(arch, variables)
     classes = hub.imagenet_classes()
     names = list(classes) if num_classes == len(classes) else [f"class {i}" for i in range(num_classes)]
     meta = {
