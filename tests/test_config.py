@@ -34,7 +34,7 @@ def test_config_file_and_flags(tmp_path):
 
 
 def test_a_count_of_one_is_singular_in_what_the_trainer_says():
-    from train.__main__ import done_line
+    from train.report import done_line
     from train.text import count
 
     assert [count(1, "epoch"), count(3, "epoch"), count(12_000, "image"), count(2, "process", "processes")] == [

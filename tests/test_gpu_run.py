@@ -95,7 +95,7 @@ def test_the_settings_line_names_a_setting_and_a_candidate_kernel_set_as_the_gpu
 
 def test_the_accuracy_step_reads_the_chosen_checkpoints_figures_off_the_trainers_last_line():
     from benchmarks.gpu.accuracy import REAL, chosen_figures
-    from train.__main__ import done_line
+    from train.report import done_line
     from train.config import Config
 
     results = {"test_top1": 0.9561, "epoch": 72, "best_step": 7560, "best_epoch": 72, "best_top1": 0.9583,

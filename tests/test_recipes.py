@@ -320,7 +320,7 @@ def test_a_run_with_the_primitives_evaluates_checkpoints_and_reports(tmp_path, d
     above.)"""
     from train import evaluate, loop
     from train.inference import load_checkpoint, load_variables
-    from train.__main__ import done_line, recipe_line
+    from train.report import done_line, recipe_line
     from train.checkpoint import CheckpointError, Checkpoints
     from train.run import build_run
 
@@ -403,7 +403,7 @@ def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_vie
     ``python -m train.evaluate --eval-flip`` scores the checkpoint alike."""
     from test_train_cli import write_idx_set
     from train import evaluate, loop
-    from train.__main__ import done_line
+    from train.report import done_line
     from train.data import load
     from train.workdir import read_records
 

@@ -7,37 +7,6 @@ import sys
 from train.arguments import parse_args
 
 
-def done_line(config, results: dict) -> str:
-    """The run's last line: final test accuracy, and which checkpoint is "best" and on what it was chosen."""
-    from train.text import count
-
-    top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
-    one = f" (one view: {results['test_top1_one_view']:.2%})" if "test_top1_one_view" in results else ""
-    ema = f" (averaged weights: {results['ema_test_top1']:.2%})" if "ema_test_top1" in results else ""
-    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{one}{top5}{ema} after "
-            f"{count(results['epoch'], 'epoch')}; workdir {config.workdir}")
-    if "best_step" in results:
-        on = results["best_selected_on"]
-        line += (f". Best checkpoint: step {results['best_step']} (epoch {results['best_epoch']}), {on} top-1 "
-                 f"{results['best_top1']:.2%}, selected on the {'validation' if on == 'val' else 'test'} split")
-        if on == "test":
-            line += " (no --val-split: the test split chose it, so its test accuracy is optimistic)"
-        elif "best_test_top1" in results:
-            line += f"; its test top-1 {results['best_test_top1']:.2%} ({results['best_weights']} weights)"
-            if "best_test_top1_one_view" in results:
-                line += f", {results['best_test_top1_one_view']:.2%} with one view"
-    return line + "."
-
-
-def recipe_line(config, results: dict) -> str | None:
-    """The run's test top-1 beside its recipe's expected figure (`train.recipes.report_line`): that of the
-    checkpoint chosen on the validation split where there is one, else of the last epoch's weights."""
-    from train.recipes import report_line
-
-    chosen = results.get("best_test_top1") if results.get("best_selected_on") == "val" else None
-    return report_line(config.recipe, config.arch, results["test_top1"] if chosen is None else chosen)
-
-
 def main(argv=None) -> int:
     from train.exits import run_command
 
@@ -65,6 +34,8 @@ def main(argv=None) -> int:
 
         if jax.process_index() != 0:  # only process 0 reports (DESIGN: "only process 0 writes logs")
             return 0
+        from train.report import done_line, recipe_line
+
         print(done_line(config, results))
         recipe = recipe_line(config, results)
         if recipe:

@@ -1,5 +1,6 @@
 """What a run shows and records: a progress bar updated in place on a terminal (whole lines otherwise: a file,
-a pipe, a CI log), ``metrics.jsonl`` and TensorBoard event files in the workdir. Only process 0 writes.
+a pipe, a CI log), ``metrics.jsonl`` and TensorBoard event files in the workdir, and the lines that end it
+(`done_line`, `recipe_line`). Only process 0 writes.
 
 ``metrics.jsonl`` holds one line per completed epoch, whatever happened to the run: when it (re)starts from
 the checkpoint of step S, lines of later steps (epochs it will train again: the process died after writing
@@ -22,7 +23,7 @@ import jax
 from train.tensorboard import ScalarWriter
 from train.workdir import Unreadable, WorkdirError, read_records
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "done_line", "recipe_line"]
 
 # An evaluation loss this many times the training loss gets the note of `Reporter.epoch`: the training
 # loss is the mean over an epoch of augmented batches, so a few times either way is ordinary.
@@ -153,3 +154,34 @@ def _keep_records_up_to(path: str, step: int, superseded: str) -> None:
     with open(tmp, "wb") as handle:
         handle.writelines(kept[s] for s in sorted(kept))
     os.replace(tmp, path)
+
+
+def done_line(config, results: dict) -> str:
+    """The run's last line: final test accuracy, and which checkpoint is "best" and on what it was chosen."""
+    from train.text import count
+
+    top5 = f", top-5 {results['test_top5']:.2%}" if "test_top5" in results else ""
+    one = f" (one view: {results['test_top1_one_view']:.2%})" if "test_top1_one_view" in results else ""
+    ema = f" (averaged weights: {results['ema_test_top1']:.2%})" if "ema_test_top1" in results else ""
+    line = (f"done: {config.arch} on {config.dataset}, test top-1 {results['test_top1']:.2%}{one}{top5}{ema} after "
+            f"{count(results['epoch'], 'epoch')}; workdir {config.workdir}")
+    if "best_step" in results:
+        on = results["best_selected_on"]
+        line += (f". Best checkpoint: step {results['best_step']} (epoch {results['best_epoch']}), {on} top-1 "
+                 f"{results['best_top1']:.2%}, selected on the {'validation' if on == 'val' else 'test'} split")
+        if on == "test":
+            line += " (no --val-split: the test split chose it, so its test accuracy is optimistic)"
+        elif "best_test_top1" in results:
+            line += f"; its test top-1 {results['best_test_top1']:.2%} ({results['best_weights']} weights)"
+            if "best_test_top1_one_view" in results:
+                line += f", {results['best_test_top1_one_view']:.2%} with one view"
+    return line + "."
+
+
+def recipe_line(config, results: dict) -> str | None:
+    """The run's test top-1 beside its recipe's expected figure (`train.recipes.report_line`): that of the
+    checkpoint chosen on the validation split where there is one, else of the last epoch's weights."""
+    from train.recipes import report_line
+
+    chosen = results.get("best_test_top1") if results.get("best_selected_on") == "val" else None
+    return report_line(config.recipe, config.arch, results["test_top1"] if chosen is None else chosen)

@@ -119,7 +119,7 @@ def _train_run(name: str, train_args: Sequence[str], workdir: Path, timeout: flo
 
 
 def chosen_figures(tail: str) -> dict[str, Any]:
-    """What the trainer's last line (`train.__main__.done_line`) says of the checkpoint chosen on the
+    """What the trainer's last line (`train.report.done_line`) says of the checkpoint chosen on the
     validation split: its validation and test top-1, which weights won, and with ``--eval-flip`` its
     one-view test top-1; None for what the line does not state."""
     chosen = re.search(r"its test top-1 ([0-9.]+)% \((\w+) weights\)(?:, ([0-9.]+)% with one view)?", tail)
