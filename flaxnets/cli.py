@@ -23,11 +23,20 @@ import flax.linen as nn
 from flaxnets.analysis import abstract_variables, min_input_size
 from flaxnets.registry import ModelSpec, UnknownOptionError, create_model, get_spec, parse_model_arg
 
-__all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "plain", "request_from_args"]
+__all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "error_phrase", "plain",
+           "request_from_args"]
 
 
 # ``code`` and `name` (reST's literal and interpreted text) around anything but a backtick.
 _MARKUP = re.compile(r"``([^`]+)``|`([^`]+)`")
+
+
+def error_phrase(error: BaseException, limit: int = 200) -> str:
+    """An exception as a phrase for a one-sentence message: its kind and the first line of what it says
+    (at most ``limit`` characters), e.g. ``"TypeError: unexpected keyword 'width'"``; the kind alone when it
+    says nothing."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
 
 
 def plain(text: str) -> str:
@@ -143,10 +152,8 @@ class ModelRequest:
             except Exception:  # noqa: BLE001 - no side traces: the options are at fault, not the size
                 smallest = 0
             self._check_side(smallest)
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ModelRequestError(f"{spec.name} with {dict(self.options)} does not build on "
-                                    f"{self.side}x{self.side}x{self.in_channels} input ({type(error).__name__}"
-                                    f"{': ' + first if first else ''}).") from None
+            raise ModelRequestError(f"{spec.name} with {dict(self.options)} does not build on {self.side}x{self.side}x"
+                                    f"{self.in_channels} input ({error_phrase(error)}).") from None
         return self
 
     def _check_side(self, smallest: int) -> None:

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Callable
 
+from flaxnets.cli import error_phrase
 from flaxnets.registry import ModelSpec, get_spec, list_models, register
 from train.config import ConfigError
 
@@ -67,11 +68,6 @@ def resolve_arch(arch: str) -> ModelSpec:
         num_classes=int(getattr(factory, "num_classes", 10)), description=doc[0] if doc else arch))
 
 
-def _phrase(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
-
-
 def check_user_model(arch: str, *, num_classes: int, channels: int, side: int, overrides: dict) -> None:
     """Raise `ArchError`, naming ``arch``, unless its factory builds a flax module that takes
     ``(batch, side, side, channels)`` images and returns ``(batch, num_classes)`` logits in both modes.
@@ -89,7 +85,7 @@ def check_user_model(arch: str, *, num_classes: int, channels: int, side: int, o
     try:
         model = create_model(arch, num_classes=num_classes, **overrides)
     except Exception as error:  # noqa: BLE001 - the user's code: whatever it raises is theirs to see, in one line
-        raise ArchError(f"--arch {arch}: the factory failed ({_phrase(error)}).") from None
+        raise ArchError(f"--arch {arch}: the factory failed ({error_phrase(error)}).") from None
     if not isinstance(model, nn.Module):
         raise ArchError(f"--arch {arch}: the factory returned a value of type {type(model).__name__}, not a "
                         "flax.linen Module.")
@@ -105,7 +101,7 @@ def check_user_model(arch: str, *, num_classes: int, channels: int, side: int, o
     try:
         outputs = jax.eval_shape(both_modes, rngs, images)
     except Exception as error:  # noqa: BLE001 - as above
-        raise ArchError(f"--arch {arch} fails on {side}x{side}x{channels} images ({_phrase(error)}).") from None
+        raise ArchError(f"--arch {arch} fails on {side}x{side}x{channels} images ({error_phrase(error)}).") from None
     for mode, logits in zip(("inference", "training"), outputs):
         shape = getattr(logits, "shape", None)
         if shape != (2, num_classes):

@@ -22,6 +22,7 @@ import optax
 from flax.traverse_util import flatten_dict
 
 import flaxnets
+from flaxnets.cli import error_phrase
 from flaxnets.registry import ModelSpec, UnknownOptionError
 from train.archs import check_user_model, resolve_arch
 from train import step as steps
@@ -357,9 +358,7 @@ def _check_traces(model, arch: str, options: dict, side: int, channels: int) -> 
     try:
         jax.eval_shape(functools.partial(model.init, train=False), {"params": jax.random.key(0)}, images)
     except Exception as error:  # noqa: BLE001 - whatever the module raises, it is about these options
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ConfigError(f"{arch} with {options or 'its defaults'} does not build ({type(error).__name__}"
-                          f"{': ' + text if text else ''}).") from None
+        raise ConfigError(f"{arch} with {options or 'its defaults'} does not build ({error_phrase(error)}).") from None
 
 
 def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple[optax.GradientTransformation,

@@ -108,8 +108,9 @@ def run_step(step: str, args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - one step's failure is a result, not the end of the run
         traceback.print_exc()
         record.data["error"] = f"{type(error).__name__}: {error}"
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        ok, headline = False, f"{type(error).__name__}: {first}"
+        from flaxnets.cli import error_phrase
+
+        ok, headline = False, error_phrase(error)
     record.finish(ok, headline)
     say(f"{step}: {'ok' if ok else 'FAILED'}: {headline}")
     return 0 if ok else 1

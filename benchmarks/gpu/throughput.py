@@ -62,6 +62,7 @@ def measure_row(arch: str, mode: str, dtype: str, batch: int, sizes: Sizes, ceil
     import jax
 
     from benchmarks.throughput import throughput_row
+    from flaxnets.cli import error_phrase
 
     try:
         row = throughput_row(arch, mode, batch, dtype=dtype, repeats=sizes.repeats, warmup=1,
@@ -74,7 +75,7 @@ def measure_row(arch: str, mode: str, dtype: str, batch: int, sizes: Sizes, ceil
             row["note"] = f"batch {batch} did not fit in device memory"
             return row
         return {"arch": arch, "mode": mode, "dtype": dtype, "batch": batch,
-                "error": f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"}
+                "error": error_phrase(error, limit=300)}
     row["mfu_measured_ceiling"] = round(row["tflops"] / ceiling, 4) if ceiling else None
     row["device_peak_bytes_so_far"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return row
