@@ -593,3 +593,40 @@ def test_a_killed_process_stops_the_other_in_one_sentence_and_both_resume_to_the
     for step in _steps(workdir):
         ours, theirs = (_variables(load_variables(str(w), step)[0]) for w in (workdir, tmp_path / "reference"))
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs)), f"checkpoint {step} differs"
+
+
+def test_a_folder_that_would_lose_files_to_a_new_run_is_refused_before_it_starts(tmp_path):
+    """`train.workdir.check_layout`, run by the trainer and the range test before anything is read or made."""
+    from train.loop import usable_workdir
+    from train.workdir import WorkdirError, check_layout
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "11").mkdir(parents=True)
+    (run / "config.json").write_text('{"arch": "lenet5_relu", "dataset": "digits", "epochs": 1, "batch_size": 8, '
+                                     '"workdir": "run"}')
+    check_layout(str(run))  # a run: resumed or refused by its own settings
+    check_layout(str(run / "finetune"))  # a folder of its own beside the run's
+    for inside in (run / "checkpoints", run / "checkpoints" / "11", run / "plots" / "x"):
+        with pytest.raises(WorkdirError, match=f"inside the {inside.relative_to(run).parts[0]} folder of the run in {run}"):
+            usable_workdir(str(inside))
+    damaged = tmp_path / "damaged"
+    for name, make in ((".lock", "mkdir"), ("config.json", "mkdir"), ("checkpoints", "touch")):
+        shutil.rmtree(damaged, ignore_errors=True)
+        damaged.mkdir()
+        getattr(damaged / name, make)()
+        kind = "a folder" if make == "mkdir" else "a file"
+        with pytest.raises(WorkdirError, match=f"holds {kind} named {re.escape(name)} where a run keeps"):
+            check_layout(str(damaged))
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "plots" / "lr_find.png").write_bytes(b"a range test's")
+    check_layout(str(mine))  # a range test first, then the run
+    (mine / "plots" / "curves.png").write_bytes(b"mine")
+    with pytest.raises(WorkdirError, match="holds plots/ but no run"):
+        check_layout(str(mine))
+    (mine / "config.json").write_text('{"learning_rate": 3}')
+    with pytest.raises(WorkdirError, match="a config.json that is not a run's"):
+        check_layout(str(mine))
+    (mine / "config.json").write_text((run / "config.json").read_text())  # an earlier start of a run
+    check_layout(str(mine))
+    assert (mine / "plots" / "curves.png").read_bytes() == b"mine"

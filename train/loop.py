@@ -28,7 +28,7 @@ from train.run import Run, build_run
 from train.scores import evaluate, selection_metrics
 from train.text import count
 from train.tuning import enable_compilation_cache
-from train.workdir import Lock, WorkdirBusy
+from train.workdir import Lock, WorkdirBusy, check_layout
 
 __all__ = ["train_and_evaluate", "TrainError", "Interrupted", "usable_workdir", "initialize_distributed", "held"]
 
@@ -178,6 +178,7 @@ def usable_workdir(path: str) -> str:
         raise ConfigError(f"--workdir {path} cannot be made: {existing} is a file.")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--workdir {path} cannot be written: {existing} is read-only here.")
+    check_layout(workdir)
     return workdir
 
 

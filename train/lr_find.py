@@ -69,9 +69,11 @@ def lr_find(config: Config, *, stream: TextIO | None = None) -> dict:
     """
     import jax
 
-    from train.tuning import enable_compilation_cache
+    from train.loop import usable_workdir
     from train.run import build_run
+    from train.tuning import enable_compilation_cache
 
+    usable_workdir(config.workdir)  # where the plot goes: refused now, not after the test
     enable_compilation_cache()
     run = build_run(config)
     stream = stream or sys.stdout

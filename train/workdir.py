@@ -36,9 +36,15 @@ import socket
 import sys
 from typing import Any
 
-__all__ = ["Lock", "WorkdirError", "WorkdirBusy", "Unreadable", "read_json", "read_records", "RECORDS_LIMIT_BYTES"]
+__all__ = ["Lock", "WorkdirError", "WorkdirBusy", "Unreadable", "check_layout", "read_json", "read_records",
+           "RECORDS_LIMIT_BYTES"]
 
 LOCK_NAME = ".lock"
+# What a run keeps in its workdir, each name with whether it is a folder.
+LAYOUT = {"checkpoints": True, "corrupt_checkpoints": True, "plots": True, "tensorboard": True, "logs": True,
+          "config.json": False, "metrics.jsonl": False, "metrics.superseded.jsonl": False, LOCK_NAME: False}
+# Settings every config.json a run writes holds (train.config.Config): how a run's own file is told apart.
+_CONFIG_KEYS = {"arch", "dataset", "epochs", "batch_size", "workdir"}
 # metrics.jsonl takes about 500 bytes an epoch: 64 MiB is more than a hundred thousand epochs.
 RECORDS_LIMIT_BYTES = 64 << 20
 
@@ -131,6 +137,49 @@ class Lock:
 
 
 # -- reading files back ----------------------------------------------------------------------------------
+
+def _is_run(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(os.path.join(folder, "checkpoints"))
+
+
+def check_layout(workdir: str, flag: str = "--workdir") -> None:
+    """Raise `WorkdirError` (one sentence) unless the folder ``workdir`` (an absolute path; it need not
+    exist) can hold a run without damage to what is there: it is not inside a folder of another run's
+    workdir (``RUN/checkpoints``, ``RUN/plots``...), each of the names a run writes (`LAYOUT`) is of its kind where it exists (found
+    now, not when the run first writes it), and a folder without checkpoints holds no ``config.json`` and
+    no plots (but a range test's) other than those of an earlier start of a run, which a new run replaces."""
+    child, parent = workdir, os.path.dirname(workdir)
+    while parent != child:
+        if LAYOUT.get(os.path.basename(child)) and _is_run(parent):
+            raise WorkdirError(f"{flag} {workdir} is inside the {os.path.basename(child)} folder of the run in "
+                               f"{parent}: give {parent} to resume that run, or a folder of its own for a new one.")
+        child, parent = parent, os.path.dirname(parent)
+    if not os.path.isdir(workdir):
+        return
+    for name, folder in LAYOUT.items():
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != folder:
+            kind, other = ("a folder", "a file") if folder else ("a file", "a folder")
+            raise WorkdirError(f"{flag} {workdir} holds {other} named {name} where a run keeps {kind}: move it "
+                               "away, or train into another folder.")
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return  # a run: resuming it decides the rest (train.resume)
+    config = os.path.join(workdir, "config.json")
+    ours = False
+    if os.path.exists(config):
+        try:
+            values = read_json(config, RECORDS_LIMIT_BYTES)
+            ours = isinstance(values, dict) and _CONFIG_KEYS <= set(values)
+        except Unreadable:
+            pass
+        if not ours:
+            raise WorkdirError(f"{flag} {workdir} holds a config.json that is not a run's, which a new run would "
+                               "overwrite: move it away, or train into another folder.")
+    plots = os.path.join(workdir, "plots")
+    if not ours and os.path.isdir(plots) and any(not name.startswith("lr_find.") for name in os.listdir(plots)):
+        raise WorkdirError(f"{flag} {workdir} holds plots/ but no run, and a new run would overwrite them: move "
+                           "them away, or train into another folder.")
+
 
 def read_json(path: str, limit: int, what: str | None = None) -> Any:
     """The JSON value in ``path``, or `Unreadable` saying why not: missing, not a file, larger than
