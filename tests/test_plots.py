@@ -124,6 +124,13 @@ def test_samples_show_every_class(tmp_path, capsys):
     assert width > height, "ten classes in rows of five"
     assert plots.main(["samples", "--dataset", "no_such_set"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+    before = path.read_bytes()
+    for out, words in ((path, "already exists; --overwrite replaces it"), (tmp_path, "is a folder"),
+                       (tmp_path / "none" / "s.png", "does not exist")):
+        assert plots.main(["samples", "--dataset", "digits", "--out", str(out)]) == 2
+        assert words in capsys.readouterr().err
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["samples.png"]
+    assert plots.main(["samples", "--dataset", "digits", "--out", str(path), "--overwrite"]) == 0
 
 
 def test_curves_come_from_metrics_jsonl_one_record_per_step(tiny_run):

@@ -630,3 +630,19 @@ def test_a_folder_that_would_lose_files_to_a_new_run_is_refused_before_it_starts
     (mine / "config.json").write_text((run / "config.json").read_text())  # an earlier start of a run
     check_layout(str(mine))
     assert (mine / "plots" / "curves.png").read_bytes() == b"mine"
+
+
+def test_a_refused_path_and_a_closed_pipe_end_a_command_in_one_line(capsys, tmp_path):
+    """`train.exits.run_command`: an OSError is the path and the system's reason; a reader that went away
+    (``| head``) ends the command quietly with SIGPIPE's status, as POSIX tools end."""
+    from train.exits import run_command
+
+    assert run_command(lambda: open(tmp_path / "none" / "x.png", "wb")) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none' / 'x.png'}: No such file or directory.\n"
+    script = ("import sys; from train.exits import run_command; "
+              "sys.exit(run_command(lambda: [print('x' * 99, flush=True) for _ in range(10**6)] and 0))")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.readline() == b"x" * 99 + b"\n"
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141 and process.stderr.read() == b""

@@ -105,8 +105,12 @@ def save_figure(figure, path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.png"
-    figure.savefig(tmp, dpi=DPI, facecolor="white")
-    os.replace(tmp, path)  # a reader never sees half a PNG
+    try:
+        figure.savefig(tmp, dpi=DPI, facecolor="white")
+        os.replace(tmp, path)  # a reader never sees half a PNG
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
     return path
 
 

@@ -26,8 +26,11 @@ __all__ = ["main"]
 def _samples(args: argparse.Namespace) -> int:
     from train.data import load_dataset, sample_in_memory
 
+    if args.out:
+        _check_out_file(args.out, args.overwrite)  # before the data is read
     data = sample_in_memory(load_dataset(args.dataset, args.data_dir), 128, test_limit=0)
     path = args.out or f"samples_{data.name}.png"
+    _check_out_file(path, args.overwrite)
     plot_samples(data.train_images, data.train_labels, data.class_names, path,
                  title=f"{data.name}: one training image per class ({data.num_classes} classes, "
                        f"{data.image_shape[0]}x{data.image_shape[1]} pixels)")
@@ -55,6 +58,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: no confusion matrix nor predictions: {error}", file=sys.stderr)
         data, schedule = None, None
     out_dir, kept = _out_dir(args.out or os.path.join(workdir, "plots"), args.overwrite)
+    existing = next((p for p in (out_dir, os.path.dirname(out_dir)) if os.path.exists(p)), None)
+    if existing is not None and (not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK)):
+        what = "read-only here" if os.path.isdir(existing) else "not a folder"
+        raise ConfigError(f"--out {out_dir}: {existing} is {what}.")
     written = write_run_plots(workdir, variables, meta, data, schedule=schedule, out_dir=out_dir,
                               warn=lambda message: print(message, file=sys.stderr))
     if kept:
@@ -63,6 +70,23 @@ def _run(args: argparse.Namespace) -> int:
     weights = " (the moving average of its weights, which it was ranked by)" if meta["weights"] == "averaged" else ""
     print(f"checkpoint {step} of {workdir}{weights}: {verb} " + ", ".join(written))
     return 0 if written else 1
+
+
+def _check_out_file(path: str, overwrite: bool) -> None:
+    """Refuse, in one sentence, a PNG destination that is a folder, a file already there (without
+    ``overwrite``), or in a folder that does not exist or cannot be written."""
+    from train.config import ConfigError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"--out {path} is a folder; give the PNG file to write, e.g. "
+                          f"{os.path.join(path, 'samples.png')}.")
+    if os.path.lexists(path) and not overwrite:
+        raise ConfigError(f"{path} already exists; --overwrite replaces it, or give another --out.")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: {folder} cannot be written here.")
 
 
 def _out_dir(folder: str, overwrite: bool) -> tuple[str, str | None]:
@@ -85,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples.add_argument("--dataset", required=True, help="digits, mnist, fashion_mnist, ...")
     samples.add_argument("--data-dir", help="folder with the dataset's files")
     samples.add_argument("--out", help="PNG file to write (default: samples_NAME.png here)")
+    samples.add_argument("--overwrite", action="store_true", help="replace the PNG file if it exists")
     run = commands.add_parser("run", help="curves, confusion matrix, predictions and filters of a checkpoint")
     run.add_argument("workdir", help="a run's workdir, or one checkpoint folder in it")
     run.add_argument("--checkpoint", default="latest", help="latest, best, or a step number")

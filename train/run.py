@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 from typing import Any
 
 import jax
@@ -284,10 +283,6 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
                                   dtype=dtype, lighting=config.lighting, eigval=data.eigval, eigvec=data.eigvec,
                                   auto_augment=config.auto_augment, ra_num_ops=config.ra_num_ops,
                                   ra_magnitude=config.ra_magnitude, random_erase=config.random_erase)
-    if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:
-        print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule in "
-              f"{config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
-              flush=True)
     tx, schedule = run_optimizer(config, steps_per_epoch, fence=settings.fence)
     # No larger than the largest split it scores: padding a 360-image test split to 500 costs 39% more.
     largest = max(data.test_size, data.val_size or 0, 1)
