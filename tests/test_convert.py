@@ -333,6 +333,16 @@ def test_num_batches_tracked_is_optional_and_module_prefix_is_stripped():
     assert jax.tree.all(jax.tree.map(np.array_equal, a, b))
 
 
+def test_weights_that_are_not_finite_are_refused_by_name():
+    """A diverged or damaged file would make every prediction NaN (`predict` printed "nan%")."""
+    state_dict = random_state_dict("resnet18")
+    state_dict["layer2.0.bn1.running_var"] = np.asarray(state_dict["layer2.0.bn1.running_var"]).copy()
+    state_dict["layer2.0.bn1.running_var"][[0, 3]] = [np.inf, np.nan]
+    with pytest.raises(convert.StateDictMismatchError, match=r"layer2\.0\.bn1\.running_var holds 2 value\(s\) that are "
+                                                             "not finite"):
+        convert.from_torch("resnet18", state_dict)
+
+
 def test_wrong_variables_are_named_on_the_way_back():
     variables = convert.from_torch("resnet18", random_state_dict("resnet18"))
     del variables["batch_stats"]["layer1_1"]

@@ -289,6 +289,10 @@ def convert_from_torch(spec: ModelSpec, state_dict: Mapping[str, Any], num_class
     flat = {}
     for entry in layout.entries:
         weight = as_numpy(state_dict[entry.torch_key]).astype(np.float32, copy=False)
+        if not np.isfinite(weight).all():  # a diverged or damaged file: every output would be NaN
+            bad = int(weight.size - np.isfinite(weight).sum())
+            raise StateDictMismatchError(f"The state_dict's {entry.torch_key} holds {bad:,} value(s) that are not "
+                                         "finite (NaN or infinite): these weights cannot be used.")
         # A copy: the result must not alias the torch tensors (torch updates running statistics in place).
         flat[(entry.collection, *entry.path)] = jnp.array(entry.to_flax(weight), copy=True)
     return unflatten_dict(flat)
