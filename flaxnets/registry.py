@@ -177,8 +177,8 @@ def create_model(
         raise ValueError(f"num_classes must be a non-negative integer (0 for the model without its class "
                          f"layer), got {num_classes!r}.")
     try:
-        return spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
-                          **overrides)
+        module = spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
+                            **overrides)
     except TypeError as err:
         fields = model_options(name)
         unknown = sorted(set(overrides) - set(fields))
@@ -189,6 +189,31 @@ def create_model(
         raise UnknownOptionError(
             f"{name} has no option {', '.join(map(repr, unknown))};{hint} its options are {', '.join(fields)}."
         ) from err
+    if spec.family != "user":
+        _check_values(name, module, overrides)
+    return module
+
+
+# Fields that are probabilities of dropping (a unit, a path), and so in [0, 1): 1 would drop everything.
+_DROP_RATES = ("dropout", "drop_rate", "drop_path_rate", "aux_dropout")
+
+
+def _check_values(name: str, module: nn.Module, given: dict[str, Any]) -> None:
+    """A `ValueError` for an option given a value of the wrong kind: a flag that is not true or false, a
+    drop rate outside [0, 1), a BatchNorm momentum outside [0, 1]. (The modules compare or multiply these
+    while tracing, where a string or ``2.0`` would build a model that is silently wrong.)"""
+    for field in dataclasses.fields(module):
+        if field.name not in given:
+            continue
+        value = given[field.name]
+        if field.type in (bool, "bool") and not isinstance(value, bool):
+            raise ValueError(f"{name}'s option {field.name} is true or false, got {value!r}.")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if field.name in _DROP_RATES and not (number and 0 <= value < 1):
+            raise ValueError(f"{name}'s option {field.name} is a probability of dropping, at least 0 and below 1, "
+                             f"got {value!r}.")
+        if field.name == "bn_momentum" and not (number and 0 <= value <= 1):
+            raise ValueError(f"{name}'s option bn_momentum is between 0 and 1, got {value!r}.")
 
 
 def _feature_model(arch: str, /, num_classes: int | None, *, out_indices: Sequence[int] | None, **fields: Any

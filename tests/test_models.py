@@ -989,6 +989,21 @@ def test_create_model_rejects_a_bad_class_count(num_classes):
         flaxnets.create_model("lenet5", num_classes=num_classes)
 
 
+@pytest.mark.parametrize("name, option, bad, good, words", [
+    ("squeezenet1_1", "dropout", 1, 0.0, "dropout is a probability of dropping"),
+    ("alexnet", "dropout", -0.1, 0, "dropout is a probability"),
+    ("resnet18", "drop_path_rate", "0.1", 0.1, "drop_path_rate is a probability"),
+    ("densenet121", "drop_rate", True, 0.2, "drop_rate is a probability"),
+    ("googlenet", "aux_logits", "no", False, "aux_logits is true or false"),
+    ("vgg11", "remat", 1, True, "remat is true or false"),
+    ("resnet18", "bn_momentum", 1.5, 0.99, "bn_momentum is between 0 and 1"),
+])
+def test_create_model_refuses_option_values_that_would_build_a_wrong_model(name, option, bad, good, words):
+    with pytest.raises(ValueError, match=f"{name}'s option {words}"):
+        flaxnets.create_model(name, **{option: bad})
+    assert getattr(flaxnets.create_model(name, **{option: good}), option) == good
+
+
 def test_create_model_defaults_to_the_architectures_own_class_count():
     assert flaxnets.create_model("resnet50").num_classes == 1000
     assert flaxnets.create_model("lenet5", num_classes=None).num_classes == flaxnets.get_spec("lenet5").num_classes
