@@ -31,6 +31,10 @@ def test_config_file_and_flags(tmp_path):
     path.write_text('{"arch": "resnet18", "epoch": 3}')
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_args(["--config", str(path)])
+    with pytest.raises(ConfigError, match="--config's JSON must hold a JSON object of settings, not a JSON list"):
+        parse_args(["--config", "[]"])
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        parse_args(["--config", str(tmp_path)])
 
 
 def test_a_count_of_one_is_singular_in_what_the_trainer_says():
@@ -80,3 +84,11 @@ def test_progress_is_updated_in_place_on_a_terminal_and_whole_lines_elsewhere(tm
         assert text.count("\r") >= 2 and all(len(part.rstrip("\n")) <= 50 for part in text.split("\r"))
     else:
         assert "\r" not in text and text.splitlines()[-1].startswith("step 20/20 epoch 1 loss 2.0414")
+
+
+def test_resume_messages_name_the_flags_as_they_are_typed():
+    from train.resume import flags
+
+    assert flags({"model_args": {"width": 8, "act": "relu"}, "lr": 0.1}) == (
+        "--model-arg width=8 --model-arg act=relu, --lr 0.1")
+    assert flags({"model_args": {}, "lr_decay_epochs": ()}) == "no --model-arg, --lr-decay-epochs (none)"

@@ -296,6 +296,27 @@ def test_bad_recipes_are_one_sentence(tmp_path):
     path.write_text(json.dumps({"name": "mine", "version": 1, "reference": "r", "settings": {"epochs": "many"}}))
     with pytest.raises(ConfigError, match="epochs must be a whole number"):
         parse_args(["--recipe", str(path)])
+    for expected in ([1], None, {"lenet5": "high"}, {"lenet5": True}):
+        path.write_text(json.dumps({"name": "mine", "version": 1, "reference": "r", "settings": {},
+                                    "expected_top1": expected}))
+        with pytest.raises(ConfigError, match="expected_top1 map architectures to accuracies"):
+            parse_args(["--recipe", str(path)])
+
+
+def test_a_config_file_naming_a_recipe_starts_from_it(tmp_path):
+    """As ``--recipe NAME --config FILE``: the recipe's settings under the file's (a run's own config.json,
+    which holds every setting, reads back as it was)."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"recipe": "he2016_cifar10", "epochs": 2}))
+    config = parse_args(["--config", str(path)])
+    assert (config.recipe, config.arch, config.lr, config.schedule, config.epochs) == (
+        "he2016_cifar10", "resnet20", 0.1, "step", 2)
+    saved = parse_args(["--recipe", "fashion_mnist_fast", "--lr", "0.3"])
+    path.write_text(saved.to_json())
+    assert parse_args(["--config", str(path)]) == saved
+    path.write_text(json.dumps({"recipe": "no_such_recipe"}))
+    with pytest.raises(ConfigError, match="neither a recipe"):
+        parse_args(["--config", str(path)])
 
 
 def test_the_report_puts_the_run_beside_the_expected_figure(tmp_path):

@@ -607,7 +607,8 @@ def test_a_folder_that_would_lose_files_to_a_new_run_is_refused_before_it_starts
     check_layout(str(run))  # a run: resumed or refused by its own settings
     check_layout(str(run / "finetune"))  # a folder of its own beside the run's
     for inside in (run / "checkpoints", run / "checkpoints" / "11", run / "plots" / "x"):
-        with pytest.raises(WorkdirError, match=f"inside the {inside.relative_to(run).parts[0]} folder of the run in {run}"):
+        folder = inside.relative_to(run).parts[0]
+        with pytest.raises(WorkdirError, match=f"inside the {folder} folder of the run in {run}"):
             usable_workdir(str(inside))
     damaged = tmp_path / "damaged"
     for name, make in ((".lock", "mkdir"), ("config.json", "mkdir"), ("checkpoints", "touch")):

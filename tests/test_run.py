@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,6 +116,13 @@ def test_model_args_reach_the_model_and_bad_ones_are_one_sentence(digits):
         build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropuot": 0.3}).validate(), data=digits)
     with pytest.raises(ConfigError, match=r"lenet5 with \{'activation': 'tanh'\} does not build \(KeyError"):
         build_run(Config(arch="lenet5", batch_size=64, model_args={"activation": "tanh"}).validate(), data=digits)
+    with pytest.raises(ConfigError, match="option dropout is a probability of dropping, at least 0 and below 1, got 1"):
+        build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropout": 1}).validate(), data=digits)
+    for option, by in (("num_classes", "the dataset's class count"), ("dtype", "--dtype")):
+        with pytest.raises(ConfigError, match=f"--model-arg {option} is set by {re.escape(by)}, not by --model-arg"):
+            build_run(Config(arch="lenet5", batch_size=64, model_args={option: 3}).validate(), data=digits)
+    with pytest.raises(ConfigError, match=r"--ten-crop applies to streamed datasets; digits is held in memory\.$"):
+        build_run(Config(batch_size=64, ten_crop=True).validate(), data=digits)
 
 
 def test_model_args_from_the_command_line_and_a_config_file(tmp_path):
@@ -138,6 +147,9 @@ def test_a_user_factory_is_an_architecture(tmp_path, digits):
     assert state.params["conv"]["kernel"].shape == (3, 3, 1, 6)
     with pytest.raises(ConfigError, match="has no callable 'nothing'"):
         build_run(Config(arch=f"{tmp_path / 'mynet.py'}:nothing"), data=digits)
+    (tmp_path / "leaves.py").write_text("raise SystemExit(0)\n")  # a script's exit is no model, and no success
+    with pytest.raises(ConfigError, match=r"importing .*leaves\.py failed \(SystemExit: 0\)"):
+        build_run(Config(arch=f"{tmp_path / 'leaves.py'}:make"), data=digits)
 
 
 # A model of a user's own, as a file: the usual fields, `__call__(x, train)`, a factory.

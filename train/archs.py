@@ -43,13 +43,15 @@ def _load_factory(arch: str) -> Callable:
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as error:  # noqa: BLE001 - the user's file: any failure is theirs to see, in one line
-            raise ArchError(f"--arch {arch}: importing {where} failed ({type(error).__name__}: {error}).") from None
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's file: any failure or exit, in one line
+            raise ArchError(f"--arch {arch}: importing {where} failed ({error_phrase(error)}).") from None
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as error:
             raise ArchError(f"--arch {arch}: cannot import {where} ({error}).") from None
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - as for a file
+            raise ArchError(f"--arch {arch}: importing {where} failed ({error_phrase(error)}).") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ArchError(f"--arch {arch}: {where} has no callable {name!r}.")

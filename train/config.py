@@ -281,20 +281,24 @@ class Config:
         over those of ``base`` (default: the defaults)."""
         where = f"config file {path}"
         try:
-            if path.lstrip().startswith("{"):
+            if path.lstrip().startswith(("{", "[")):
                 where = "--config's JSON"
                 values = json.loads(path)
             else:
                 with open(path) as handle:
                     values = json.load(handle)
-        except (FileNotFoundError, IsADirectoryError):
+        except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist.") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; give a JSON file of settings.") from None
         except (UnicodeDecodeError, OSError) as error:
             raise ConfigError(f"{where} cannot be read ({error}).") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"{where} is not valid JSON ({error.msg}, line {error.lineno}).") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{where} must hold a JSON object of settings.")
+            raise ConfigError(f"{where} must hold a JSON object of settings, not a JSON {type(values).__name__}.")
+        if isinstance(values.get("recipe"), str) and (base is None or base.recipe != values["recipe"]):
+            base = cls.from_recipe(values["recipe"])  # under the file's own settings, as --recipe would put it
         try:
             config = cls.from_dict({**(dataclasses.asdict(base) if base else {}), **values})
         except ConfigError as error:

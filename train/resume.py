@@ -28,7 +28,13 @@ def flags(values: dict[str, Any]) -> str:
         if isinstance(value, tuple):
             return ",".join(map(str, value)) or "(none)"
         return json.dumps(value) if isinstance(value, (dict, bool)) else str(value)
-    return ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in values.items())
+
+    def flag(name, value):
+        if name == "model_args":  # the flag is --model-arg KEY=VALUE, once per option
+            return " ".join(f"--model-arg {k}={v if isinstance(v, str) else json.dumps(v)}"
+                            for k, v in value.items()) or "no --model-arg"
+        return f"--{name.replace('_', '-')} {shown(value)}"
+    return ", ".join(flag(name, value) for name, value in values.items())
 
 
 def check_resume(meta: dict, run: Run, directory: str) -> dict[str, tuple[Any, Any]]:

@@ -228,6 +228,7 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
                          side=config.image_size or spec.input_size, overrides=dict(config.model_args))
     config = with_weights_defaults(config, data.image_shape[-1])
     side = image_side(config, data, config.arch)
+    streamable = not data.in_memory  # before fit_in_memory may read it into memory
     data = fit_in_memory(data, side, config.pipeline)
     if not data.in_memory:
         require_grain()  # before the statistics and the compilations, not at the first batch
@@ -235,8 +236,8 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         if config.mean is None or config.std is None or config.lighting:  # else nothing would use them
             data = ensure_statistics(data, config.data_dir)
     elif config.ten_crop:
-        raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory "
-                          "(--pipeline stream streams it).")
+        raise ConfigError(f"--ten-crop applies to streamed datasets; {data.name} is held in memory"
+                          + (" (--pipeline stream streams it)." if streamable else "."))
     if config.eval_flip and not data.flip:
         raise ConfigError(f"--eval-flip scores mirror images, whose labels in {data.name} would not be the "
                           "same (its training does not flip images either).")
@@ -252,6 +253,10 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
             raise ConfigError(f"{flag} {shown} makes {epochs * steps_per_epoch:,.0f} steps of {data.name}, more "
                               f"than a run counts ({STEPS_LIMIT:,}).")
     overrides = dict(config.model_args)
+    for option, who in (("num_classes", "the dataset's class count"), ("dtype", "--dtype"),
+                        ("bn_axis_name", "the trainer (its device axis)"), ("ops", "the trainer (train.tuning)")):
+        if option in overrides:
+            raise ConfigError(f"--model-arg {option} is set by {who}, not by --model-arg.")
     if config.zero_init_residual:
         if spec.family != "resnet":
             raise ConfigError(f"--zero-init-residual applies to ResNets, not {config.arch}.")

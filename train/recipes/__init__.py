@@ -83,8 +83,10 @@ def load_recipe(name: str) -> Recipe:
     recipe = Recipe(values["name"], values["version"], values["reference"], values["settings"],
                     values.get("expected_top1", {}), values.get("expected_from", ""), values.get("departures", ""),
                     os.path.abspath(path))
-    if not isinstance(recipe.version, int) or not isinstance(recipe.settings, dict) or not all(
-            isinstance(v, (int, float)) and 0 < v <= 1 for v in recipe.expected_top1.values()):
+    expected = recipe.expected_top1
+    if isinstance(recipe.version, bool) or not isinstance(recipe.version, int) or not isinstance(recipe.settings, dict) \
+            or not isinstance(expected, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         and 0 < v <= 1 for v in expected.values()):
         raise RecipeError(f"recipe file {path}: version must be a whole number, settings an object, and "
                           "expected_top1 map architectures to accuracies in (0, 1].")
     if wanted is not None and wanted != recipe.version:
