@@ -716,6 +716,28 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_one_used(c
     assert_same_records(workdir, reference_dir)
 
 
+def test_readers_skip_an_unreadable_latest_checkpoint_for_the_previous_one(reference_run, tmp_path, capsys):
+    """evaluate, predict and plots (`train.inference.open_checkpoint`): the damaged latest checkpoint is left
+    where it is, with a warning; a checkpoint named by step or folder is that one or an error."""
+    from train.checkpoint import CheckpointError
+    from train.inference import open_checkpoint
+
+    reference_dir, _ = reference_run
+    workdir = copy_workdir(reference_dir, tmp_path / "run")
+    latest = workdir / "checkpoints" / str(REF_STEPS)
+    truncate(max((latest / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size))
+    before = snapshot(workdir)
+    found, step, (trained, _, _, meta) = open_checkpoint(str(workdir))
+    previous = REF_STEPS - STEPS_PER_EPOCH
+    assert (found, step, meta["position"]) == (str(workdir), previous, 0) and trained["params"]
+    assert re.search(rf"^warning: .*{REF_STEPS}.*; using checkpoint {previous}, the one before it\.$",
+                     capsys.readouterr().err, re.M)
+    for named in ((str(workdir), str(REF_STEPS)), (str(latest), "latest")):
+        with pytest.raises(CheckpointError):
+            open_checkpoint(*named)
+    assert snapshot(workdir) == before
+
+
 # -- 6. evaluate and predict ----------------------------------------------------------------------------
 
 def test_evaluate_rescores_latest_and_best_checkpoints(compile_cache, reference_run, tmp_path):

@@ -54,12 +54,11 @@ def main(argv=None) -> int:
 
 
 def _checkpoint(args) -> int:
-    from train.inference import load_checkpoint, locate
+    from train.inference import open_checkpoint
     from train.run import build_run
     from train.scores import evaluate_checkpoint
 
-    workdir, step = locate(args.workdir, args.checkpoint)
-    variables, averaged, chosen, meta = load_checkpoint(workdir, step)
+    workdir, step, (variables, averaged, chosen, meta) = open_checkpoint(args.workdir, args.checkpoint)
     if "config" not in meta:
         raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
     config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint_checks.check_meta)

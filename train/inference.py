@@ -25,8 +25,8 @@ from train.checkpoint import CheckpointError, Checkpoints
 from train.config import WEIGHT_SETS
 from train.step import Preprocess, eval_step
 
-__all__ = ["load_checkpoint", "load_variables", "locate", "predict_images", "published_variables",
-           "read_images", "score_split"]
+__all__ = ["choose_weights", "load_checkpoint", "load_variables", "locate", "open_checkpoint", "predict_images",
+           "published_variables", "read_images", "score_split"]
 
 
 def locate(path: str, which: str = "latest") -> tuple[str, int]:
@@ -88,16 +88,41 @@ def load_checkpoint(workdir: str, step: int) -> tuple[dict[str, Any], dict[str, 
     return trained, averaged, "averaged" if ranked_by_average and averaged is not None else "trained", meta
 
 
+def open_checkpoint(path: str, which: str = "latest") -> tuple[str, int, tuple]:
+    """``(workdir, step, load_checkpoint(workdir, step))`` for what `locate` finds. With ``which`` "latest"
+    (and ``path`` a workdir), a checkpoint whose files fail to load, damage that choosing it could not see
+    without reading them, is skipped with a warning for the newest one before it, as training skips it."""
+    workdir, step = locate(path, which)
+    named = os.path.abspath(path) != workdir  # a checkpoint folder: that one or none
+    while True:
+        try:
+            return workdir, step, load_checkpoint(workdir, step)
+        except CheckpointError as error:
+            checkpoints = Checkpoints(workdir, warn=lambda message: None, writable=False)
+            try:
+                earlier = [s for s in checkpoints.steps() if s < step]
+            finally:
+                checkpoints.close()
+            if which != "latest" or named or not earlier:
+                raise
+            _warn(f"warning: {str(error).rstrip('.')}; using checkpoint {earlier[-1]}, the one before it.")
+            step = earlier[-1]
+
+
 def load_variables(workdir: str, step: int, weights: str = "chosen") -> tuple[dict[str, Any], dict]:
     """The model variables (params and batch_stats) and the meta of checkpoint ``step``. ``weights`` (one
     of `WEIGHT_SETS`): the set the checkpoint was ranked by, the trained one, or the moving average;
     ``meta["weights"]`` says which it is."""
+    return choose_weights(load_checkpoint(workdir, step), weights, f"checkpoint {step} in {workdir}")
+
+
+def choose_weights(loaded: tuple, weights: str, where: str) -> tuple[dict[str, Any], dict]:
+    """`load_variables` of what `load_checkpoint` returned for the checkpoint ``where`` names."""
     if weights not in WEIGHT_SETS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_SETS)}, not {weights!r}")
-    trained, averaged, chosen, meta = load_checkpoint(workdir, step)
+    trained, averaged, chosen, meta = loaded
     if weights == "averaged" and averaged is None:
-        raise CheckpointError(f"checkpoint {step} in {workdir} holds no moving average of the weights (its run "
-                              "had no --ema-decay).")
+        raise CheckpointError(f"{where} holds no moving average of the weights (its run had no --ema-decay).")
     name = chosen if weights == "chosen" else weights
     return (averaged if name == "averaged" else trained), {**meta, "weights": name}
 

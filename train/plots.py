@@ -41,11 +41,11 @@ def _samples(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from train.config import Config, ConfigError
     from train.data import DataError
-    from train.inference import load_variables, locate
+    from train.inference import choose_weights, open_checkpoint
     from train.run import build_run
 
-    workdir, step = locate(args.workdir, args.checkpoint)
-    variables, meta = load_variables(workdir, step)
+    workdir, step, loaded = open_checkpoint(args.workdir, args.checkpoint)
+    variables, meta = choose_weights(loaded, "chosen", f"checkpoint {step} in {workdir}")
     if "config" not in meta:
         raise ConfigError(f"checkpoint {step} in {workdir} does not record its run's config.")
     config = Config.recorded(meta["config"])

@@ -40,18 +40,13 @@ def main(argv=None) -> int:
         parser.error("--weights needs --arch, the architecture the weights are for")
 
     def body() -> int:
-        from train.inference import (
-            load_variables,
-            locate,
-            predict_images,
-            published_variables,
-            read_images,
-        )
+        from train.inference import choose_weights, open_checkpoint, predict_images, published_variables, read_images
 
         if args.weights is not None:
             variables, meta = published_variables(args.arch, args.weights)
         else:
-            variables, meta = load_variables(*locate(args.workdir, args.checkpoint), args.weight_set)
+            workdir, step, loaded = open_checkpoint(args.workdir, args.checkpoint)
+            variables, meta = choose_weights(loaded, args.weight_set, f"checkpoint {step} in {workdir}")
             if meta["weights"] == "averaged":
                 print("predicting with the moving average of the weights", file=sys.stderr)
         dataset = meta["dataset"]

@@ -82,7 +82,8 @@ def main(argv=None) -> int:
                     os.replace(path, path + ".previous")
                 data = ensure_statistics(data, args.data_dir, sample=args.sample)
             print(json.dumps({k: getattr(data, k) for k in ("mean", "std", "eigval", "eigvec")}, indent=1))
-            print(f"stored in {path}", file=sys.stderr)
+            if os.path.exists(path):  # else the warning said why it could not be
+                print(f"stored in {path}", file=sys.stderr)
             return 0
         described = {k: v for k, v in data.describe().items() if v != []}  # statistics not computed yet
         described["source"] = "original files" if data.in_memory else (
