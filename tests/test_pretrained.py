@@ -194,6 +194,9 @@ def test_bad_weights_on_the_command_line_are_one_sentence(tmp_path, monkeypatch,
         with pytest.raises(SystemExit) as exit_:
             predict.main(argv)
         assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:  # ignored before: a checkpoint knows its architecture
+        evaluate.main(["--workdir", str(tmp_path), "--arch", "resnet18"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: --arch goes with --weights;")
 
 
 # One weight set of each preprocessing in the table: resize 256 / crop 224, 232 / 224, 342 / 299.

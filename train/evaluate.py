@@ -44,6 +44,12 @@ def main(argv=None) -> int:
         parser.error("give either --workdir (a trained run) or --arch, --weights and --dataset (published weights)")
     if args.weights is not None and (args.arch is None or args.dataset is None):
         parser.error("--weights needs --arch (the architecture the weights are for) and --dataset")
+    published_only = [flag for flag, value in (("--arch", args.arch), ("--dataset", args.dataset),
+                                               ("--split", args.split)) if value is not None]
+    if args.workdir is not None and published_only:
+        verb = "goes" if len(published_only) == 1 else "go"
+        parser.error(f"{', '.join(published_only)} {verb} with --weights; a run's checkpoint knows its architecture "
+                     "and data (--data-dir says where its files are now)")
     if not 1 <= args.batch_size <= 65536 or not 0 <= args.workers <= WORKERS_LIMIT:
         parser.error(f"--batch-size must be from 1 to 65536 and --workers from 0 to {WORKERS_LIMIT}")
 
