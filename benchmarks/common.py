@@ -41,7 +41,9 @@ __all__ = [
     "Step",
     "build_step",
     "add_out_option",
+    "arch_names",
     "write_results",
+    "write_whole",
     "run_cli",
     "parse_dtype",
     "as_request",
@@ -218,23 +220,59 @@ def peak_rss_bytes() -> int:
 # results
 
 
+def _out_folder(text: str) -> Path:
+    """``--out``'s folder, refused while the arguments are read (before anything is measured) where no results
+    file could be written, so that a run's results are never lost at its end."""
+    from flaxnets.cli import unwritable
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("name the folder to write the results into")
+    problem = unwritable(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}, so the results could not be written there")
+    return Path(text)
+
+
 def add_out_option(parser: argparse.ArgumentParser) -> None:
-    """``--out DIR``, where a benchmark writes its results; without it the benchmark only prints them."""
-    parser.add_argument("--out", type=Path, metavar="DIR", help="folder to write the results into (default: print "
-                        "only; --out benchmarks/results replaces the committed ones)")
+    """``--out DIR``, where a benchmark writes its results; without it the benchmark only prints them. A folder
+    where no file can be written is refused as the arguments are read."""
+    parser.add_argument("--out", type=_out_folder, metavar="DIR", help="folder to write the results into (default: "
+                        "print only; --out benchmarks/results replaces the committed ones)")
     # Printing only is the default now; the flag stays so that commands written before still run.
     parser.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)
+
+
+def arch_names(text: str, flag: str = "--arch") -> list[str]:
+    """The names of a comma-separated ``flag`` value; an empty item (``--arch ,``, ``a,,b``) is refused, as it
+    would measure nothing or hide a missing name."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise BenchmarkError(f"{flag} takes comma-separated names, got {text!r}, which has an empty one.")
+    return names
+
+
+def write_whole(folder: Path | str, name: str, text: str) -> Path:
+    """Write ``text`` to ``folder/name`` (the folder made if missing) beside the file, then rename it into place:
+    an earlier result is replaced whole or kept. A failure is a `BenchmarkError` and leaves no partial file."""
+    path = Path(folder) / name
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as error:  # the folder changed after --out was checked, or the disk is full
+        partial.unlink(missing_ok=True)
+        raise BenchmarkError(f"cannot write {path} ({error.strerror or error}).") from None
+    return path
 
 
 def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[str, Any],
                   folder: Path | str) -> tuple[Path, Path]:
     """Write ``rows`` as ``<name>.json`` (with the conditions) and ``<name>.csv`` (one row per line,
     conditions repeated in each row) under ``folder`` (`add_out_option`'s); return both paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     rows = [dict(r) for r in rows]
-    json_path, csv_path = folder / f"{name}.json", folder / f"{name}.csv"
-    _replace_whole(json_path, json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
+    json_path = write_whole(folder, f"{name}.json",
+                            json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
@@ -244,15 +282,7 @@ def write_results(name: str, rows: Iterable[dict[str, Any]], conditions: dict[st
     writer.writeheader()
     for row in rows:
         writer.writerow({**conditions, **row})
-    _replace_whole(csv_path, buffer.getvalue())
-    return json_path, csv_path
-
-
-def _replace_whole(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path`` and rename it into place: an earlier result is replaced whole or kept."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    return json_path, write_whole(folder, f"{name}.csv", buffer.getvalue())
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:

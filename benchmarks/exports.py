@@ -9,6 +9,7 @@ and are deleted.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -17,8 +18,27 @@ import jax
 import jax.numpy as jnp
 
 import flaxnets
+from benchmarks.common import BenchmarkError, arch_names
 from flaxnets.export import ExportError, export
 from train.arguments import CommandParser
+
+
+def parse_archs(text: str) -> list[tuple[str, int | None]]:
+    """``--arch``'s ``NAME[:SIDE]`` items as ``(name, side or None)``, every one checked before anything is
+    exported: a known name, and a side of whole pixels no smaller than the architecture's minimum input."""
+    items = []
+    for item in arch_names(text):
+        name, colon, side = item.partition(":")
+        flaxnets.get_spec(name)  # an unknown name is refused with the registry's suggestions
+        if not colon:
+            items.append((name, None))
+            continue
+        smallest = flaxnets.min_input_size(name)
+        if not re.fullmatch(r"[0-9]+", side) or int(side) < smallest:
+            raise BenchmarkError(f"--arch {item!r}: SIDE must be a whole number of pixels of at least {smallest}, "
+                                 f"{name}'s minimum input.")
+        items.append((name, int(side)))
+    return items
 
 
 def export_one(name: str, side: int | None, fmt: str, folder: str) -> str:
@@ -40,13 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", required=True, help="comma-separated NAME or NAME:SIDE")
     parser.add_argument("--format", choices=("stablehlo", "onnx"), default="stablehlo")
     args = parser.parse_args(argv)
+    try:
+        items = parse_archs(args.arch)
+    except (BenchmarkError, flaxnets.UnknownModelError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print("| arch | input | format | export + check (s) | MiB | max error / largest output |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
-        for item in args.arch.split(","):
-            name, _, side = item.partition(":")
+        for name, side in items:
             try:
-                print(export_one(name, int(side) if side else None, args.format, folder), flush=True)
+                print(export_one(name, side, args.format, folder), flush=True)
             except (ExportError, ValueError) as error:
                 print(f"error: {name}: {error}", file=sys.stderr)
                 return 2

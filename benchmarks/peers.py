@@ -29,10 +29,10 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli
+from benchmarks.common import (BenchmarkError, add_out_option, arch_names, environment, markdown_table, run_cli,
+                               write_whole)
 from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
@@ -252,14 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         import flaxnets
 
-        peers = [p for p in args.peers.split(",") if p]
+        peers = arch_names(args.peers, "--peers")
         for peer in peers:
             if peer not in PEERS:
                 raise BenchmarkError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}.")
         for name in ("batch", "steps", "repeats", "warmup"):
             if getattr(args, name) < 1:
                 raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-        archs = [a for a in args.arch.split(",") if a]
+        archs = arch_names(args.arch)
         for arch in archs:
             flaxnets.get_spec(arch)  # an unknown name fails before anything compiles
         # JAX takes most of a GPU's memory at start unless told not to; the torch peers need their share.
@@ -273,12 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch = sys.modules.get("torch")
             conditions = {**environment(), "torch": getattr(torch, "__version__", None),
                           "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv)}
-            folder = Path(args.out)
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"peers_{'_'.join(archs)}_b{args.batch}_{args.dtype}.json"
-            partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
-            os.replace(partial, path)
+            path = write_whole(args.out, f"peers_{'_'.join(archs)}_b{args.batch}_{args.dtype}.json",
+                               json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
             print(f"wrote {path}")
         return 0
 

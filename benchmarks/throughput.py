@@ -13,8 +13,8 @@ own count of the compiled step, which skips padding taps and adds the elementwis
 MFU divides the achieved rate by the device's peak from `benchmarks.common.PEAK_TFLOPS` (``--peak-tflops``
 overrides it; a CPU has no entry, so its MFU is left empty unless given).
 
-``--all`` runs every registered architecture at the input size and class count it is meant for.
-``--model-arg KEY=VALUE`` (repeatable) passes an option to every architecture measured, e.g.
+``--all`` (instead of ``--arch``) runs every registered architecture at the input size and class count it is
+meant for. ``--model-arg KEY=VALUE`` (repeatable) passes an option to every architecture measured, e.g.
 ``--arch lenet5 --model-arg batch_norm=true``.
 Results with ``--out DIR``: DIR/throughput_<tag>.{json,csv}; the tables in benchmarks/RESULTS.md.
 """
@@ -22,13 +22,15 @@ Results with ``--out DIR``: DIR/throughput_<tag>.{json,csv}; the tables in bench
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, as_request, environment, kernels_argument,
-                               markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli, write_results)
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, as_request, environment,
+                               kernels_argument, markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli,
+                               write_results)
 from train.arguments import CommandParser
 
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flaxnets.cli import add_model_arguments
 
     parser = CommandParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[1])
-    parser.add_argument("--arch", default="resnet50", help="architecture(s), comma-separated")
+    parser.add_argument("--arch", default=None, help="architecture(s), comma-separated (default: resnet50)")
     parser.add_argument("--all", action="store_true", help="every registered architecture at its native size")
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch (default 256 on an accelerator, 16 on a CPU)")
@@ -139,12 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}.")
         if args.batch is not None and args.batch < 1:
             raise BenchmarkError(f"--batch must be a positive integer, got {args.batch}.")
-        if args.peak_tflops is not None and args.peak_tflops <= 0:
-            raise BenchmarkError(f"--peak-tflops must be positive, got {args.peak_tflops}.")
+        if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+            raise BenchmarkError(f"--peak-tflops must be a finite number above 0, got {args.peak_tflops}.")
+        if args.all and args.arch is not None:  # one of them would be ignored
+            raise BenchmarkError("--all measures every architecture: give it or --arch, not both.")
         import flaxnets
         from flaxnets.cli import request_from_args
 
-        archs = flaxnets.list_models() if args.all else [a for a in args.arch.split(",") if a]
+        archs = flaxnets.list_models() if args.all else arch_names(args.arch or "resnet50")
         # An unknown name or option, or too small a --size, fails before anything compiles.
         requests = [as_request(request_from_args(arch, args), args.size).checked() for arch in archs]
         import jax

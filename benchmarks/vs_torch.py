@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, environment, kernels_argument, run_cli,
-                               write_results)
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, environment,
+                               kernels_argument, run_cli, write_results)
 from train.arguments import CommandParser
 
 __all__ = ["load_torch", "compare", "main"]
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         import flaxnets
 
-        archs = list(DEFAULT_ARCHS) if args.arch == "all" else [a for a in args.arch.split(",") if a]
+        archs = list(DEFAULT_ARCHS) if args.arch == "all" else arch_names(args.arch)
         for arch in archs:
             if flaxnets.get_spec(arch).torchvision is None:
                 _torch_model(None, arch, None)  # raises the user error

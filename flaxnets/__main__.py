@@ -1,5 +1,5 @@
-"""``python -m flaxnets [PATTERN]``: the table of architectures; ``python -m flaxnets summary NAME``: one layer by layer;
-``python -m flaxnets export NAME --out FILE``: the model as StableHLO or ONNX (`flaxnets.export`).
+"""``python -m flaxnets [PATTERN ...]``: the table of architectures; ``python -m flaxnets summary NAME``: one layer
+by layer; ``python -m flaxnets export NAME --out FILE``: the model as StableHLO or ONNX (`flaxnets.export`).
 
 ``summary`` takes ``--input-size``, ``--channels``, ``--num-classes`` and ``--model-arg KEY=VALUE``
 (repeatable) to look at the network an exercise asks for, e.g. ``summary nin --channels 1 --num-classes 10``,
@@ -15,22 +15,32 @@ what the JAX model computes (``--tolerance``, relative to the largest output).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import jax
 
 from flaxnets.analysis import step_memory, summary
-from flaxnets.cli import ModelRequestError, PlainParser, add_model_arguments, request_from_args
+from flaxnets.cli import (ModelRequestError, PlainParser, add_model_arguments, closed_pipe_status, request_from_args,
+                          unwritable)
 from flaxnets.registry import UnknownModelError, get_spec, list_models
 
+# The largest count of pixels over a batch that a layer may take: BatchNorm counts them in an int32, JAX's
+# integer unless jax_enable_x64 is set.
+MAX_PIXELS = 2**31 - 1
 
-def model_table(pattern: str = "*") -> str:
-    """One line per architecture, from the registry's data alone (nothing is traced, so it prints at once):
-    parameters at its usual class count, input size, smallest input, torchvision's count, description."""
+
+def model_table(patterns: str | Sequence[str] = "*") -> str:
+    """One line per architecture that any of ``patterns`` matches, by name, from the registry's data alone
+    (nothing is traced, so it prints at once): parameters at its usual class count, input size, smallest
+    input, torchvision's count, description."""
+    patterns = [patterns] if isinstance(patterns, str) else patterns
     header = f"{'name':<17}{'params':>14}  {'classes':>7}  {'input':>9}  {'min':>4}  {'torchvision':>12}  description"
     lines = [header, "-" * len(header)]
-    for name in list_models(pattern):
+    for name in sorted({name for pattern in patterns for name in list_models(pattern)}):
         spec = get_spec(name)
         side = f"{spec.input_size}x{spec.input_size}x{spec.in_channels}"
         params = f"{spec.default_params:,}" if spec.default_params is not None else "?"
@@ -45,6 +55,10 @@ def print_summary(name: str, args: argparse.Namespace) -> None:
     """The layer table of the network the arguments ask for and, with ``--batch``, its memory."""
     request = request_from_args(name, args).checked()
     shape = request.input_shape()
+    if args.batch is not None and args.batch * request.side**2 > MAX_PIXELS:  # refused before the table is printed
+        raise ModelRequestError(f"--batch {args.batch} is too large: its {request.side}x{request.side} images hold "
+                                f"more pixels than JAX's 32-bit counts reach (2**31-1); give at most "
+                                f"{MAX_PIXELS // request.side**2}.")
     summary(request.name, shape, num_classes=request.classes, **request.options)
     if args.batch is not None:
         memory = step_memory(request.name, shape, batch=args.batch, num_classes=request.classes, **request.options)
@@ -74,16 +88,27 @@ def export_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         # What can be refused before building anything is refused first.
+        if not (math.isfinite(args.tolerance) and args.tolerance > 0):  # nan would pass every check
+            raise ExportError(f"--tolerance must be a finite number above 0, got {args.tolerance:g}.")
         if Path(args.out).exists():
             raise ExportError(f"{args.out} already exists; choose another name (nothing is overwritten).")
         if args.format is None and Path(args.out).suffix not in FORMATS:
             raise ExportError(f"cannot tell the format of {args.out}: name it .stablehlo or .onnx, or pass --format.")
+        problem = unwritable(Path(args.out).parent)
+        if problem:
+            raise ExportError(f"cannot write {args.out}: {problem}.")
         request = request_from_args(args.name, args).checked()
         if args.weights and Path(args.weights).is_dir():
             saved = read_config(args.weights)["architecture"]
             if saved != args.name:
                 raise ExportError(f"{args.weights} holds {saved} weights, not {args.name}'s.")
             model, variables = from_pretrained(args.weights, num_classes=request.num_classes, **request.options)
+        elif args.weights and not get_spec(args.name).torchvision:
+            # Only a torchvision architecture's weights file can be converted; say so about the file named.
+            reason = ("there is no such file or folder" if not os.path.lexists(args.weights) else
+                      f"{args.name} has no torchvision counterpart whose weights files could be converted")
+            raise ExportError(f"cannot read the weights {args.weights}: {reason}; pass the folder "
+                              f"flaxnets.save_pretrained wrote for {args.name}.")
         elif args.pretrained or args.weights:
             model, variables = from_pretrained(args.name, args.pretrained or args.weights,
                                                num_classes=request.num_classes, **request.options)
@@ -101,12 +126,22 @@ def export_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m flaxnets``."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader gone fails here, not in the interpreter's last flush, past any except
+        return status
+    except BrokenPipeError:  # the reader left (``| head -1``): stop without a word
+        return closed_pipe_status()
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
     parser = PlainParser(prog="python -m flaxnets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("words", nargs="*", help="a glob over names (default '*'), 'summary NAME', or 'export NAME' "
-                                                 "(python -m flaxnets export --help)")
+    parser.add_argument("words", nargs="*", help="globs over names (default '*'; every name any matches is listed), "
+                                                 "'summary NAME', or 'export NAME' (python -m flaxnets export --help)")
     parser.add_argument("--batch", type=int, default=None,
                         help="with summary: also print the memory a training step and a prediction need at this batch")
     add_model_arguments(parser)
@@ -123,11 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                                                       args.num_classes)):
             raise ModelRequestError("--batch, --model-arg, --input-size, --channels and --num-classes apply to "
                                     "'python -m flaxnets summary NAME'.")
-        pattern = args.words[0] if args.words else "*"
-        if not list_models(pattern):
-            print(f"no architecture matches {pattern!r}; try 'python -m flaxnets' for the list.", file=sys.stderr)
-            return 2
-        print(model_table(pattern))
+        patterns = args.words or ["*"]
+        for pattern in patterns:  # a pattern that matches nothing is most likely a typo: said, not skipped
+            if not list_models(pattern):
+                raise ModelRequestError(f"no architecture matches {pattern!r}; try 'python -m flaxnets' for the list.")
+        print(model_table(patterns))
         print("\nparams: the default build at its usual class count; min: the smallest square input it takes; "
               "torchvision: the count torchvision publishes at 1000 classes (GoogLeNet's without its auxiliary "
               "heads). tests/test_models.py checks every number against the traced model.")

@@ -14,8 +14,12 @@ flaxnets: a streamed run's Grain workers import the trainer's command line again
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import re
+import secrets
+import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -24,7 +28,7 @@ from flaxnets.analysis import abstract_variables, min_input_size
 from flaxnets.registry import ModelSpec, UnknownOptionError, create_model, get_spec, parse_model_arg
 
 __all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "error_phrase", "plain",
-           "request_from_args"]
+           "request_from_args", "closed_pipe_status", "unwritable"]
 
 
 # ``code`` and `name` (reST's literal and interpreted text) around anything but a backtick.
@@ -37,6 +41,39 @@ def error_phrase(error: BaseException, limit: int = 200) -> str:
     says nothing."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why no file can be written into ``folder`` (made with its parents where missing), as a phrase for a
+    one-sentence message, e.g. ``"results/a is not a folder"``; None when one can.
+
+    A file is made and removed in the nearest folder that exists: permission bits do not tell, as root
+    ignores them while /proc, /sys and read-only mounts refuse files all the same.
+    """
+    existing = os.path.normpath(folder)  # relative stays relative: the message names the folder as it was given
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing) or os.curdir
+    if not os.path.isdir(existing):
+        return f"{existing} is not a folder"
+    probe = os.path.join(existing, f".flaxnets-probe.{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as error:
+        return f"no file can be made in {existing} ({error.strerror or error})"
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
+def closed_pipe_status() -> int:
+    """After a `BrokenPipeError` (the reader of the output left, as ``| head`` does): stdout pointed at
+    /dev/null, so that the interpreter's last flush fails no more, and the status a shell shows for a POSIX
+    tool that SIGPIPE ended (128 + 13)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + 13
 
 
 def plain(text: str) -> str:

@@ -27,8 +27,10 @@ import contextlib
 import dataclasses
 import io
 import logging
+import math
+import numbers
 import os
-import tempfile
+import secrets
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxnets.cli import unwritable
 from flaxnets.features import FeatureNet
 from flaxnets.layers import MaxPool, Ops
 
@@ -54,6 +57,21 @@ class ExportError(ValueError):
 
 class ExportCheckError(ExportError):
     """The exported program computes something else than the JAX model: nothing was written."""
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write ``data`` beside ``path`` and rename it into place, so that no partial file is ever seen there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    # "x": a new file with the mode a plain open() gives (0666 less the umask), not mkstemp's 0600; opened before
+    # the try, as a name another process took is not this one's to remove.
+    file = open(temporary, "xb")
+    try:
+        with file:
+            file.write(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +192,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], path: str | os.PathLi
 
     Raises:
       ExportCheckError: the exported program disagrees with the JAX model (nothing is written).
-      ExportError: a missing package, an unknown format, or a file already there.
+      ExportError: a missing package, an unknown format, a tolerance that is not a finite number above 0, a
+        file already there, or a folder where no file can be written.
     """
     path = Path(path)
     kind = format or FORMATS.get(path.suffix)
@@ -183,20 +202,22 @@ def export(model: nn.Module, variables: Mapping[str, Any], path: str | os.PathLi
                           f"({' or '.join(_SERIALIZERS)}).")
     if path.exists() and not overwrite:
         raise ExportError(f"{path} already exists; choose another name or pass overwrite=True.")
+    finite = isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool) and math.isfinite(tolerance)
+    if not (finite and tolerance > 0):  # nan would pass every comparison, a negative tolerance none
+        raise ExportError(f"tolerance must be a finite number above 0, got {tolerance!r}.")
     shape = tuple(int(side) for side in input_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ExportError(f"input_shape is (height, width, channels), got {tuple(input_shape)!r}.")
+    problem = unwritable(path.parent)
+    if problem:  # found out now, not after minutes of conversion
+        raise ExportError(f"cannot write {path}: {problem}.")
     variables = {c: variables[c] for c in ("params", "batch_stats") if c in variables}
     reference_fn = jax.jit(lambda images: model.apply(variables, images, train=False))
     exported_model = _with_ops(model, _ONNX_OPS) if kind == "onnx" else model
     data, run_exported = _SERIALIZERS[kind](lambda images: exported_model.apply(variables, images, train=False), shape)
     error, scale = _check(run_exported, reference_fn, shape, tuple(sorted({1, batch})), seed, tolerance)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+        _write_new(path, data)
+    except OSError as error:  # the folder changed since the check, or the disk is full
+        raise ExportError(f"cannot write {path} ({error.strerror or error}); nothing was written.") from None
     return ExportReport(path, kind, (None, *shape), error, scale, tolerance, len(data))

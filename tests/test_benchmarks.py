@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, costs, cpu_kernels, flops, peers, profile, step_variants, throughput, vs_torch
+from benchmarks import common, costs, cpu_kernels, exports, flops, peers, profile, step_variants, throughput, vs_torch
 from flaxnets.analysis import abstract_variables, count_params, trace_layers
+from test_export import read_only_folder  # noqa: F401 - a fixture
 
 
 def _xla_flops(module, input_shape) -> float:
@@ -138,18 +139,61 @@ def test_cpu_kernel_variants_are_timed_side_by_side():
     (throughput, ["--arch", "resnet5O"], "unknown model"),
     (throughput, ["--arch", "lenet5", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "lenet5", "--devices", "999"], "--devices"),
+    (throughput, ["--arch", "lenet5", "--peak-tflops", "nan"], "--peak-tflops must be a finite number above 0"),
+    (throughput, ["--arch", "lenet5", "--peak-tflops", "inf"], "--peak-tflops must be a finite number above 0"),
+    (throughput, ["--arch", "lenet5", "--all"], "--all measures every architecture"),
+    (throughput, ["--arch", ","], "has an empty one"),
+    (throughput, ["--arch", "lenet5,,lenet5_bn"], "has an empty one"),
+    (exports, ["--arch", "lenet5_bn:-3"], "'lenet5_bn:-3'"),
+    (exports, ["--arch", "lenet5_bn:0"], "at least 12, lenet5_bn's minimum input"),
+    (exports, ["--arch", "lenet5_bn:abc"], "'lenet5_bn:abc'"),
+    (exports, ["--arch", "lenet5_bn:11"], "'lenet5_bn:11'"),
+    (exports, ["--arch", "lenet5_bn:"], "'lenet5_bn:'"),
+    (exports, ["--arch", ","], "has an empty one"),
+    (exports, ["--arch", "lenet5_bn:28,lenet6"], "unknown model 'lenet6'"),
     (flops, ["--arch", "nothing*"], "no architecture"),
     (profile, ["--arch", "alexnet", "--size", "8"], "minimum input"),
     (vs_torch, ["--arch", "lenet5"], "torchvision has no lenet5"),
     (peers, ["--arch", "resnet18", "--peers", "flaxnets,jax"], "unknown peer"),
     (peers, ["--arch", "resnet18", "--steps", "0"], "--steps"),
+    (peers, ["--arch", "resnet18", "--peers", ","], "--peers takes comma-separated names"),
+    (vs_torch, ["--arch", "resnet18,"], "has an empty one"),
     (step_variants, ["--arch", "vgg11"], "ResNet-family"),
     (step_variants, ["--variant", "library:fast"], "unknown kernel set"),
 ])
-def test_bad_arguments_get_one_sentence_and_exit_2(module, argv, needle, capsys):
+def test_bad_arguments_get_one_sentence_and_exit_2(module, argv, needle, capsys, monkeypatch):
+    for measured in ("measure", "export_one"):  # refused before anything is timed or exported
+        if hasattr(module, measured):
+            monkeypatch.setattr(module, measured, lambda *args, name=measured, **kwargs: pytest.fail(f"{name} ran"))
     assert module.main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    captured = capsys.readouterr()
+    err = captured.err.strip()
     assert err.startswith("error: ") and needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert module is not exports or captured.out == ""  # not even the table's header
+
+
+@pytest.mark.parametrize("module,argv", [(throughput, ["--arch", "lenet5_bn"]), (flops, ["--arch", "lenet5_bn"]),
+                                         (profile, ["--arch", "lenet5_bn"]), (peers, ["--arch", "lenet5_bn"]),
+                                         (vs_torch, ["--arch", "resnet18"]), (cpu_kernels, ["--arch", "lenet5_bn"])])
+def test_an_out_where_no_results_can_be_written_is_refused_before_measuring(module, argv, tmp_path, read_only_folder,
+                                                                             capsys):
+    (tmp_path / "afile").write_text("mine\n")
+    for out, words in ((tmp_path / "afile", "afile is not a folder"),
+                       (tmp_path / "afile" / "sub", "afile is not a folder"),
+                       (read_only_folder / "results", "no file can be made in"), ("", "name the folder")):
+        with pytest.raises(SystemExit) as refused:  # while the arguments are read: nothing has run yet
+            module.main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and err.startswith("error: argument --out: ") and words in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_results_that_cannot_be_written_are_one_sentence_and_leave_no_partial_file(tmp_path):
+    (tmp_path / "lenet.json").mkdir()  # in the way of the file
+    with pytest.raises(common.BenchmarkError, match="cannot write .*lenet.json"):
+        common.write_results("lenet", [{"arch": "lenet5"}], {"device": "cpu"}, folder=tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["lenet.json"]
 
 
 def test_vs_torch_keeps_the_maths_of_torchvision():

@@ -8,6 +8,8 @@ the sweep recorded in benchmarks/RESULTS.md (``python -m benchmarks.exports``).
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +149,109 @@ def test_the_command_exports_a_saved_folder(tmp_path, capsys):
     restored = jax.export.deserialize(out.read_bytes())
     x = jnp.ones((3, *shape))
     np.testing.assert_allclose(restored.call(x), model.apply(variables, x, False), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad requests, refused before any export; and the rest of `python -m flaxnets`'s own command line
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder no file can be made in: one without write permission, or /proc where root ignores permissions."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/proc/self").is_dir():
+        yield Path("/proc")
+    else:
+        pytest.skip("root ignores permissions here and there is no /proc")
+
+
+def _one_sentence(err: str, words: str) -> None:
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_destination_without_room_is_refused_before_exporting(tmp_path, read_only_folder, capsys, monkeypatch):
+    def never(fn, shape):
+        raise AssertionError("exported before the destination was checked")
+
+    monkeypatch.setitem(exporting._SERIALIZERS, "stablehlo", never)
+    (tmp_path / "afile").write_text("mine\n")
+    for out, words in ((read_only_folder / "m.stablehlo", "no file can be made in"),
+                       (read_only_folder / "new" / "m.stablehlo", "no file can be made in"),
+                       (tmp_path / "afile" / "m.stablehlo", "afile is not a folder")):
+        assert main(["export", "lenet5_bn", "--out", str(out)]) == 2
+        _one_sentence(capsys.readouterr().err, words)
+        model, variables, shape = _model("lenet")
+        with pytest.raises(exporting.ExportError, match=words):
+            exporting.export(model, variables, out, input_shape=shape)
+    assert (tmp_path / "afile").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] + (["read-only"] if os.geteuid() else [])
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "-1", "0", "inf"])
+def test_a_tolerance_that_checks_nothing_is_refused_first(tolerance, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(exporting, "export", lambda *args, **kwargs: pytest.fail("exported with a bad tolerance"))
+    assert main(["export", "lenet5_bn", "--out", str(tmp_path / "m.onnx"), "--tolerance", tolerance]) == 2
+    _one_sentence(capsys.readouterr().err, "--tolerance must be a finite number above 0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_refuses_a_tolerance_that_checks_nothing(tmp_path):
+    model, variables, shape = _model("lenet")
+    for tolerance in (float("nan"), -1.0, 0, True):
+        with pytest.raises(exporting.ExportError, match="tolerance must be a finite number above 0"):
+            exporting.export(model, variables, tmp_path / "m.stablehlo", input_shape=shape, tolerance=tolerance)
+
+
+def test_a_weights_file_an_architecture_cannot_read_is_named_with_the_reason(tmp_path, capsys):
+    (tmp_path / "garbage.pth").write_bytes(b"not weights")
+    for weights, words in ((tmp_path / "garbage.pth", "lenet5_bn has no torchvision counterpart"),
+                           (tmp_path / "missing.pth", "there is no such file or folder")):
+        assert main(["export", "lenet5_bn", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 2
+        err = capsys.readouterr().err
+        _one_sentence(err, words)
+        assert f"cannot read the weights {weights}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.pth"]
+
+
+@needs_flatbuffers
+def test_the_file_gets_the_mode_open_would_give_and_nothing_else_is_left(tmp_path):
+    model, variables, shape = _model("lenet")
+    previous = os.umask(0o027)
+    try:
+        exporting.export(model, variables, tmp_path / "model.stablehlo", input_shape=shape)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.stablehlo").stat().st_mode) == 0o640  # 0666 less the umask, not 0600
+    assert [p.name for p in tmp_path.iterdir()] == ["model.stablehlo"]
+
+
+def test_every_pattern_given_is_listed_and_one_matching_nothing_is_an_error(capsys):
+    assert main(["resnet1*", "vgg11"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()][:-1]
+    assert names == sorted(flaxnets.list_models("resnet1*") + ["vgg11"])
+    assert main(["vgg11", "nothing*"]) == 2
+    captured = capsys.readouterr()
+    _one_sentence(captured.err, "no architecture matches 'nothing*'")
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("batch,words", [("100000000000", "give at most 2739137"), ("0", "positive integer")])
+def test_summary_refuses_a_batch_out_of_range_before_the_table(batch, words, capsys):
+    assert main(["summary", "lenet5_bn", "--batch", batch]) == 2
+    captured = capsys.readouterr()
+    _one_sentence(captured.err, words)
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("pattern", ["lenet*", "*"])  # less than a pipe's buffer, and more
+def test_a_reader_that_leaves_early_ends_the_listing_quietly(pattern):
+    process = subprocess.Popen([sys.executable, "-m", "flaxnets", pattern], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the listing is written: every write meets a pipe without a reader
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and err == "", err  # as a POSIX tool ended by SIGPIPE

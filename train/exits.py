@@ -16,6 +16,7 @@ import sys
 import traceback
 from typing import Callable
 
+from flaxnets.cli import closed_pipe_status
 from flaxnets.convert import StateDictMismatchError, WeightsFileError
 from flaxnets.registry import UnknownModelError
 from train.checkpoint import CheckpointError
@@ -48,8 +49,7 @@ def run_command(body: Callable[[], int]) -> int:
     except Interrupted as stop:
         code = 128 + stop.signum
     except BrokenPipeError:  # the reader of the output went away (``| head``): end quietly, as POSIX tools do
-        _quiet_stdout()
-        code = 128 + 13  # SIGPIPE
+        code = closed_pipe_status()
     except OSError as error:  # a file or folder the system refused (a path given, the disk, permissions)
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}.", file=sys.stderr)
@@ -83,13 +83,6 @@ _PEER_FAILURE = re.compile(r"Gloo|NCCL|\bMPI\b|barrier|coordination service|hear
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return re.sub(r"\[external/[^\]]*\]\s*", "", text)[:200]
-
-
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def _multi_process() -> bool:
