@@ -25,7 +25,8 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from benchmarks.common import BenchmarkError, add_out_option, environment, markdown_table, run_cli, write_results
+from benchmarks.common import (BenchmarkError, add_out_option, arch_names, environment, markdown_table, run_cli,
+                               write_results)
 from train.arguments import CommandParser
 
 __all__ = ["VARIANTS", "compare_variants", "main"]
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or (args.size is not None and args.size < 1):
             raise BenchmarkError("--batch, --repeats and --size must be positive integers, --warmup 0 or more.")
-        archs = [a for a in args.arch.split(",") if a]
+        archs = arch_names(args.arch)
         for arch in archs:
             flaxnets.get_spec(arch)  # an unknown name fails before anything compiles
         if not flaxnets.cpu.is_cpu_backend():

@@ -135,6 +135,7 @@ def test_cpu_kernel_variants_are_timed_side_by_side():
 
 @pytest.mark.parametrize("module,argv,needle", [
     (cpu_kernels, ["--arch", "lenet5", "--batch", "0"], "--batch"),
+    (cpu_kernels, ["--arch", "lenet5,,alexnet"], "has an empty one"),
     (throughput, ["--arch", "lenet5", "--kernels", "plain", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "resnet5O"], "unknown model"),
     (throughput, ["--arch", "lenet5", "--batch", "0"], "--batch"),
