@@ -304,3 +304,16 @@ def test_a_flat_sweep_says_what_to_try_and_its_plot_marks_no_rate(tmp_path):
     csv_path, png_path = lr_find.write_finding(finding, str(tmp_path), "flat")
     assert_sensible_png(png_path)
     assert not lr_range.suggest(LRS[:3], np.full(3, np.nan))[0]  # never finite: no rate either
+
+
+def test_a_second_range_test_keeps_the_first_ones_plot_and_table(tmp_path):
+    lrs = np.geomspace(1e-4, 1.0, 12)
+    losses = np.concatenate([np.linspace(2.3, 0.5, 9), [0.8, 2.0, 9.0]])
+    finding = lr_range.LRFinding(lrs, losses, lr_range.smooth(losses), 0.01, "steepest descent", 0.1, "diverged")
+    first = lr_find.write_finding(finding, str(tmp_path), "first")
+    second = lr_find.write_finding(finding, str(tmp_path), "second")
+    assert [os.path.basename(p) for p in first + second] == ["lr_find.csv", "lr_find.png", "lr_find-2.csv",
+                                                             "lr_find-2.png"]
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in first + second)  # nothing else
+    with open(second[0]) as handle:
+        assert len(list(csv.DictReader(handle))) == 12

@@ -51,14 +51,19 @@ def plot_finding(finding: LRFinding, path: str, title: str) -> str:
 
 
 def write_finding(finding: LRFinding, out_dir: str, title: str) -> tuple[str, str]:
-    """``lr_find.csv`` (step, lr, loss, smoothed_loss) and ``lr_find.png`` in ``out_dir``; returns both paths."""
+    """``lr_find.csv`` (step, lr, loss, smoothed_loss) and ``lr_find.png`` in ``out_dir``; returns both paths.
+    An earlier test's pair is kept: this one is then ``lr_find-2.*`` (or the next free number)."""
     os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "lr_find.csv")
-    with open(csv_path, "w") as handle:
+    stem, number = "lr_find", 2
+    while any(os.path.lexists(os.path.join(out_dir, f"{stem}.{suffix}")) for suffix in ("csv", "png")):
+        stem, number = f"lr_find-{number}", number + 1
+    csv_path = os.path.join(out_dir, f"{stem}.csv")
+    with open(csv_path + ".tmp", "w") as handle:
         handle.write("step,lr,loss,smoothed_loss\n")
         for k, (lr, loss, smoothed) in enumerate(zip(finding.lrs, finding.losses, finding.smoothed)):
             handle.write(f"{k},{lr:.6g},{loss:.6g},{smoothed:.6g}\n")
-    return csv_path, plot_finding(finding, os.path.join(out_dir, "lr_find.png"), title)
+    os.replace(csv_path + ".tmp", csv_path)
+    return csv_path, plot_finding(finding, os.path.join(out_dir, f"{stem}.png"), title)
 
 
 def lr_find(config: Config, *, stream: TextIO | None = None) -> dict:

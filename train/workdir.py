@@ -176,7 +176,7 @@ def check_layout(workdir: str, flag: str = "--workdir") -> None:
             raise WorkdirError(f"{flag} {workdir} holds a config.json that is not a run's, which a new run would "
                                "overwrite: move it away, or train into another folder.")
     plots = os.path.join(workdir, "plots")
-    if not ours and os.path.isdir(plots) and any(not name.startswith("lr_find.") for name in os.listdir(plots)):
+    if not ours and os.path.isdir(plots) and any(not name.startswith("lr_find") for name in os.listdir(plots)):
         raise WorkdirError(f"{flag} {workdir} holds plots/ but no run, and a new run would overwrite them: move "
                            "them away, or train into another folder.")
 
