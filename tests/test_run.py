@@ -114,7 +114,7 @@ def test_model_args_reach_the_model_and_bad_ones_are_one_sentence(digits):
     assert run.model.dropout == 0.3
     with pytest.raises(ConfigError, match=r"--model-arg: alexnet_small has no option 'dropuot'; Did you mean 'dropout'\?"):
         build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropuot": 0.3}).validate(), data=digits)
-    with pytest.raises(ConfigError, match=r"lenet5 with \{'activation': 'tanh'\} does not build \(KeyError"):
+    with pytest.raises(ConfigError, match=r"lenet5 cannot be built with \{'activation': 'tanh'\}: LeNet-5's activ"):
         build_run(Config(arch="lenet5", batch_size=64, model_args={"activation": "tanh"}).validate(), data=digits)
     with pytest.raises(ConfigError, match="option dropout is a probability of dropping, at least 0 and below 1, got 1"):
         build_run(Config(arch="alexnet_small", batch_size=64, model_args={"dropout": 1}).validate(), data=digits)

@@ -50,6 +50,14 @@ class LeNet5(nn.Module):
     bn_axis_name: str | None = None
     ops: Ops = PLAIN
 
+    def __post_init__(self):
+        # Refused when built, in one sentence, rather than as a KeyError while it is traced.
+        for field, choices in (("activation", ("sigmoid", "relu")), ("pool", ("avg", "max"))):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"LeNet-5's {field} is {' or '.join(map(repr, choices))}, "
+                                 f"got {getattr(self, field)!r}.")
+        super().__post_init__()
+
     @property
     def num_features(self) -> int:
         """Width of the features returned with ``num_classes=0``: the second hidden dense layer's."""
