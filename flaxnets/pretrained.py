@@ -19,6 +19,7 @@ name, for the variables of any architecture, trained here or converted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,7 +37,7 @@ from flaxnets.convert import (StateDictMismatchError, head_paths, load_pretraine
                               save_state_dict)
 from flaxnets.convert.finetune import initialise
 from flaxnets.pth import WeightsFileError
-from flaxnets.registry import create_model, field_value, get_spec
+from flaxnets.registry import create_model, field_value, get_spec, list_models
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "Misfit", "class_count", "from_pretrained", "misfit", "read_config",
            "reset_classifier", "save_pretrained"]
@@ -66,15 +67,19 @@ def _json_option(key: str, value: Any) -> Any:
 
 
 def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[str, Any], *,
-                    input_shape: tuple[int, int, int] | None = None, overwrite: bool = False, **options: Any) -> Path:
+                    model: nn.Module | None = None, input_shape: tuple[int, int, int] | None = None,
+                    overwrite: bool = False, **options: Any) -> Path:
     """Write ``variables`` of ``create_model(arch, **options)`` as ``model.safetensors`` and ``config.json``.
 
     ``options`` are the `create_model` keywords the variables were made under (``num_classes`` included:
     it is read from the variables when left out). Their values must be JSON or dtypes; ``ops`` (a kernel
-    set, not a property of the weights) is left out. ``input_shape`` is the ``(H, W, C)`` of the images
-    the model takes, by default the architecture's own: the variables are checked against the model at
-    that shape now (a grey-image model has one input channel), and the config records it. Arrays are
-    written in their own dtype. Files already there are kept unless ``overwrite``; both files are written
+    set, not a property of the weights) is left out. ``model``, the module the variables belong to (as
+    `create_model` or `from_pretrained` returned it), adds every field in which it differs from ``arch``'s
+    own build: options that change no shape, such as the ``transform_input=True`` `from_pretrained` sets
+    for torchvision's GoogLeNet and Inception v3 weights, cannot be read off the variables.
+    ``input_shape`` is the ``(H, W, C)`` of the images the model takes, by default the architecture's own:
+    the variables are checked against the model at that shape now (a grey-image model has one input
+    channel), and the config records it. Arrays are written in their own dtype. Files already there are kept unless ``overwrite``; both files are written
     under temporary names and renamed into place, so an interrupted save leaves the folder as it was.
     Returns the folder.
     """
@@ -86,10 +91,12 @@ def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[
     if existing and not overwrite:
         raise FileExistsError(f"{directory} already holds {' and '.join(existing)}; pass overwrite=True to replace "
                               "them, or choose another folder.")
+    if model is not None:
+        options = {**_own_fields(arch, model), **options}
     options = {key: value for key, value in options.items() if key not in ("ops", "name")}
     if "num_classes" not in options:
         options["num_classes"] = class_count(arch, variables)
-    _check_fits(arch, create_model(arch, **options), variables, shape)
+    _check_fits(arch, create_model(arch, **options), variables, shape, saving=True)
     config = {"format": _FORMAT, "architecture": arch, "family": spec.family,
               "options": {key: _json_option(key, value) for key, value in sorted(options.items())},
               "input_shape": list(shape)}
@@ -109,6 +116,16 @@ def save_pretrained(directory: str | os.PathLike, arch: str, variables: Mapping[
         for temporary in written:
             temporary.unlink(missing_ok=True)
     return directory
+
+
+def _own_fields(arch: str, model: nn.Module) -> dict[str, Any]:
+    """The fields of ``model`` (``num_classes`` always) that differ from ``create_model(arch)``'s."""
+    base = create_model(arch, num_classes=model.num_classes)
+    if type(base) is not type(model):
+        raise ValueError(f"model is a {type(model).__name__}, but {arch} builds a {type(base).__name__}.")
+    fields = {f.name for f in dataclasses.fields(model) if f.init} - {"parent", "name", "ops"}
+    return {"num_classes": model.num_classes,
+            **{name: getattr(model, name) for name in sorted(fields) if getattr(model, name) != getattr(base, name)}}
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -177,6 +194,10 @@ def from_pretrained(source: str | os.PathLike, weights: Any = None, *, num_class
             raise ValueError(f"{text} is a folder of weights: weights= and in_channels= apply to an "
                              "architecture's name.")
         return _load_folder(Path(text), num_classes, rng, options)
+    if text not in list_models() and (os.sep in text or os.path.lexists(text)):  # meant as a folder
+        what = "is a file" if os.path.lexists(text) else "does not exist"
+        raise FileNotFoundError(f"{text} {what}: from_pretrained reads a folder save_pretrained wrote (config.json "
+                                "and model.safetensors), or takes an architecture's name.")
     spec = get_spec(text)
     if not spec.torchvision:
         raise WeightsFileError(f"{text} has no published weights and {text!r} is no folder: pass the folder "
@@ -214,6 +235,11 @@ class Misfit(NamedTuple):
                 f"{self.expected or 'absent'} in the model")
 
 
+def _head_leaves(arch: str) -> tuple[str, ...]:
+    """Path endings of the class layers' leaves: a mismatch there is a class count, not an input size."""
+    return tuple("/".join(("params", *path, leaf)) for path in head_paths(arch) for leaf in ("kernel", "bias"))
+
+
 def misfit(model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> Misfit | None:
     """What first keeps ``variables`` from being those of ``model`` on ``shape`` (H, W, C) images: a leaf the
     model has and they lack, one shaped otherwise, or one they have and the model lacks; None when they fit.
@@ -227,12 +253,14 @@ def misfit(model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int
     return Misfit("/".join(extra[0]), given[extra[0]], None) if extra else None
 
 
-def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int]) -> None:
+def _check_fits(arch: str, model: nn.Module, variables: Mapping[str, Any], shape: tuple[int, int, int],
+                saving: bool = False) -> None:
     """`StateDictMismatchError` naming the first leaf of ``variables`` that ``model`` on ``shape`` (H, W, C)
-    images lacks or shapes otherwise."""
+    images lacks or shapes otherwise; ``saving``: the caller took ``input_shape``, which may be the cause."""
     found = misfit(model, variables, shape)
     if found is not None:
-        hint = " (pass input_shape=(H, W, C) of the images it takes)" if found.given and found.expected else ""
+        hint = (" (if the images are not the architecture's own size, pass input_shape=(H, W, C))"
+                if saving and found.given and found.expected and not found.path.endswith(_head_leaves(arch)) else "")
         raise StateDictMismatchError(f"the variables do not fit {arch} on {'x'.join(map(str, shape))} images: "
                                      f"{found.describe()}{hint}.")
 

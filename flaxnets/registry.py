@@ -10,10 +10,12 @@ import dataclasses
 import difflib
 import fnmatch
 import json
+import numbers
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from flaxnets import features
 from flaxnets.torch_layout import TorchLayout
@@ -173,15 +175,16 @@ def create_model(
     if out_indices is not None:
         raise ValueError("out_indices chooses feature maps: it applies with features_only=True.")
     num_classes = spec.num_classes if num_classes is None else num_classes
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, (bool, np.bool_)) or num_classes < 0:
         raise ValueError(f"num_classes must be a non-negative integer (0 for the model without its class "
                          f"layer), got {num_classes!r}.")
+    num_classes = int(num_classes)  # labels.max() + 1 is a NumPy integer: a module field must be hashable and plain
     try:
         module = spec.build(num_classes=num_classes, dtype=dtype, param_dtype=param_dtype, bn_axis_name=bn_axis_name,
                             **overrides)
     except TypeError as err:
         fields = model_options(name)
-        unknown = sorted(set(overrides) - set(fields))
+        unknown = sorted(set(overrides) - set(fields) - {"parent"})  # parent: Flax's own, passed by feature models
         if not unknown:
             raise
         close = difflib.get_close_matches(unknown[0], fields, n=1, cutoff=0.6)

@@ -133,6 +133,8 @@ def test_bad_feature_requests_are_one_sentence(options):
         flaxnets.create_model("resnet18_cifar", features_only=True, **options)
     with pytest.raises(ValueError, match="features_only"):
         flaxnets.create_model("resnet18_cifar", out_indices=(1,))
+    with pytest.raises(ValueError, match=r"no option 'widht'; Did you mean 'width'\?"):  # not Flax's own 'parent'
+        flaxnets.create_model("resnet18_cifar", features_only=True, widht=8)
 
 
 # name, options, side: the three ways `remat=True` is wired (a block class, a layer taking `train`, a method);

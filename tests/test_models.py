@@ -1006,6 +1006,7 @@ def test_create_model_refuses_option_values_that_would_build_a_wrong_model(name,
 
 def test_create_model_defaults_to_the_architectures_own_class_count():
     assert flaxnets.create_model("resnet50").num_classes == 1000
+    assert type(flaxnets.create_model("lenet5", num_classes=np.int64(5)).num_classes) is int  # labels.max() + 1
     assert flaxnets.create_model("lenet5", num_classes=None).num_classes == flaxnets.get_spec("lenet5").num_classes
 
 

@@ -257,10 +257,27 @@ def test_variables_that_do_not_fit_are_named_by_their_first_odd_leaf(tmp_path):
     assert misfit(model, missing, (28, 28, 1)).given is None
     extra = {**variables, "params": {**variables["params"], "probe": {"kernel": np.zeros(3)}}}
     assert misfit(model, extra, (28, 28, 1)) == ("params/probe/kernel", (3,), None)
-    with pytest.raises(StateDictMismatchError, match=r"lenet5_bn on 32x32x1 images: .* \(pass input_shape"):
+    with pytest.raises(StateDictMismatchError, match=r"lenet5_bn on 32x32x1 images: .* pass input_shape"):
         flaxnets.save_pretrained(tmp_path / "lenet", "lenet5_bn", variables, input_shape=(32, 32, 1))
     assert not (tmp_path / "lenet").exists()
     meta = {"arch": "lenet5_bn", "num_classes": 12, "image_side": 28, "dataset": {"image_shape": [28, 28, 1]},
             "config": {"model_args": {}}}
     with pytest.raises(CheckpointError, match=r"^checkpoint 7 holds variables that do not fit lenet5_bn: params/"):
         _check_fit(variables, meta, "checkpoint 7")
+
+
+def test_save_pretrained_records_the_options_of_the_module_it_is_given(tmp_path):
+    """Options that change no shape (LeNet-5's activation here; GoogLeNet's transform_input, which
+    from_pretrained sets for torchvision's weights) are read off the module, or the folder would load as
+    the default build and compute something else."""
+    model = flaxnets.create_model("lenet5", activation="relu", num_classes=7)
+    x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+    variables = jax.jit(lambda key: model.init(key, x, False))(jax.random.key(0))
+    flaxnets.save_pretrained(tmp_path / "relu", "lenet5", variables, model=model)
+    loaded, again = flaxnets.from_pretrained(tmp_path / "relu")
+    assert (loaded.activation, loaded.num_classes) == ("relu", 7)
+    np.testing.assert_array_equal(loaded.apply(again, x, False), model.apply(variables, x, False))
+    with pytest.raises(ValueError, match="model is a LeNet5, but resnet18 builds a ResNet"):
+        flaxnets.save_pretrained(tmp_path / "other", "resnet18", variables, model=model)
+    with pytest.raises(FileNotFoundError, match="does not exist: from_pretrained reads a folder save_pretrained wrote"):
+        flaxnets.from_pretrained(tmp_path / "nothere")
