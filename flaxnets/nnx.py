@@ -76,9 +76,20 @@ class Model(nnx.Module):
         self.options = tuple(sorted((options or {}).items()))  # static, so hashable
         for collection, kind in _STATE.items():
             setattr(self, collection, nnx.data(jax.tree.map(kind, dict(variables.get(collection, {})))))
-        self.rngs = rngs["dropout"].fork() if rngs is not None else nnx.data(None)
+        # Dropout's stream, else the default one; an Rngs of parameters alone gives a model with no dropout keys
+        # (dropout in training mode then says it needs them).
+        has_stream = rngs is not None and ("dropout" in rngs or "default" in rngs)
+        self.rngs = rngs["dropout"].fork() if has_stream else nnx.data(None)
         self.use_running_average = False
         self.deterministic = False
+
+    def set_view(self, deterministic: bool | None = None, use_running_average: bool | None = None) -> None:
+        """How `nnx.view` sets the mode (``nnx.view(model, deterministic=True, use_running_average=True)``, or
+        on a module holding this one): dropout's and BatchNorm's flags, which must end up alike."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
     @property
     def training(self) -> bool:

@@ -149,3 +149,28 @@ def test_input_shape_is_one_images_as_elsewhere():
         assert flaxnets.nnx.create_model("lenet5_bn", input_shape=given).input_shape == (28, 28, 1)
     with pytest.raises(ValueError, match="input_shape is one image's"):
         flaxnets.nnx.create_model("lenet5_bn", input_shape=(28, 28))
+
+
+def test_nnx_view_sets_the_mode_and_params_only_rngs_build_a_model_without_dropout():
+    """``nnx.view(..., deterministic=True, use_running_average=True)`` reaches the model, on its own and
+    inside a module of the user's (which `nnx.view` switches with it); ``nnx.Rngs(params=0)`` suffices for
+    a model that draws no dropout keys."""
+    model = flaxnets.nnx.create_model("lenet5_bn", rngs=nnx.Rngs(params=0))
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    before = jax.tree.map(np.asarray, model.batch_stats)
+    evaluating = nnx.view(model, deterministic=True, use_running_average=True)
+    assert model.training and not evaluating.training
+    np.testing.assert_array_equal(evaluating(x), nnx.view(model, deterministic=True, use_running_average=True)(x))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                   jax.tree.leaves(jax.tree.map(np.asarray, model.batch_stats))))
+    model(x)  # training mode: the statistics move
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before),
+                                                       jax.tree.leaves(jax.tree.map(np.asarray, model.batch_stats))))
+
+    class Probe(nnx.Module):
+        def __init__(self):
+            self.net = flaxnets.nnx.create_model("lenet5_bn", rngs=nnx.Rngs(params=1))
+            self.norm = nnx.BatchNorm(10, rngs=nnx.Rngs(0))
+
+    probe = nnx.view(Probe(), deterministic=True, use_running_average=True)
+    assert not probe.net.training and probe.norm.use_running_average
