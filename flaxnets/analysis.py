@@ -31,7 +31,11 @@ def count_params(tree: Any) -> int:
 def _resolve(model: str | nn.Module, input_shape, num_classes: int | None, overrides: dict) -> tuple[nn.Module, tuple]:
     if isinstance(model, str):
         spec = get_spec(model)
-        module = create_model(model, num_classes=spec.num_classes if num_classes is None else num_classes, **overrides)
+        if overrides.get("features_only"):  # the maps of the model without its class layer: no class count
+            module = create_model(model, num_classes=num_classes, **overrides)
+        else:
+            module = create_model(model, num_classes=spec.num_classes if num_classes is None else num_classes,
+                                  **overrides)
         default = (1, spec.input_size, spec.input_size, spec.in_channels)
     else:
         if overrides:

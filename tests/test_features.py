@@ -190,3 +190,9 @@ def test_num_classes_defaults_to_the_architectures_own():
     assert flaxnets.create_model("resnet50").num_classes == 1000
     assert flaxnets.create_model("resnet18_cifar").num_classes == 10
     assert flaxnets.create_model("lenet5").num_classes == 10
+
+
+def test_a_feature_model_has_a_summary(capsys):
+    """`flaxnets.summary` builds it without a class count, as `create_model(features_only=True)` requires."""
+    flaxnets.summary("lenet5_bn", features_only=True)
+    assert "total parameters: 61,308" in capsys.readouterr().out  # LeNet-5 less its 850-parameter class layer
