@@ -19,7 +19,9 @@ oversized (a disk that filled up, a copy cut short, an edit by hand). One policy
 - ``metrics.jsonl``: a line that is not a whole JSON record of a step moves to ``metrics.superseded.jsonl``
   (`read_records`); a file larger than any run writes is refused in one sentence;
 - ``.lock``: its content only names the holder; an unreadable one names "an unknown process";
-- ``config.json``, ``tensorboard/`` and ``plots/`` are written, never read back.
+- ``config.json``, ``tensorboard/`` and ``plots/`` are written, never read back, but for `check_layout`
+  telling a run's own ``config.json`` from another file before a new run would replace it (an unreadable
+  one is another file).
 
 Nothing here imports JAX: the lock is taken before the runtime starts its threads.
 """
