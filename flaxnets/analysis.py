@@ -25,7 +25,11 @@ __all__ = ["LayerRow", "StepMemory", "abstract_variables", "compiled_memory_byte
 
 def count_params(tree: Any) -> int:
     """Number of scalars in a pytree of arrays or `jax.ShapeDtypeStruct` (e.g. ``variables["params"]``)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+    leaves = jax.tree_util.tree_leaves(tree)
+    if isinstance(tree, (str, nn.Module)) or not all(hasattr(leaf, "shape") for leaf in leaves):
+        raise TypeError("count_params counts the arrays of a variables tree (variables['params']); an "
+                        "architecture's count is flaxnets.model_info(name)['params'].")
+    return sum(math.prod(leaf.shape) for leaf in leaves)
 
 
 def _resolve(model: str | nn.Module, input_shape, num_classes: int | None, overrides: dict) -> tuple[nn.Module, tuple]:

@@ -102,6 +102,9 @@ def resolve_indices(count: int, indices: Sequence[int] | None, arch: str) -> tup
     """``indices`` (None: all; negative ones count from the end) as indices into ``count`` points."""
     if indices is None:
         return tuple(range(count))
+    if isinstance(indices, (int, str)) or not isinstance(indices, Sequence):
+        raise ValueError(f"out_indices is a sequence of feature points, e.g. (1, 2, 3) or ({indices!r},); "
+                         f"got {indices!r}.")
     chosen = []
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxnets import features
+from flaxnets.layers import Ops
 from flaxnets.torch_layout import TorchLayout
 
 __all__ = ["ModelSpec", "UnknownModelError", "UnknownOptionError", "register", "get_spec", "list_models", "model_info",
@@ -217,6 +218,9 @@ def _check_values(name: str, module: nn.Module, given: dict[str, Any]) -> None:
                              f"got {value!r}.")
         if field.name == "bn_momentum" and not (number and 0 <= value <= 1):
             raise ValueError(f"{name}'s option bn_momentum is between 0 and 1, got {value!r}.")
+        if field.name == "ops" and not isinstance(value, Ops):
+            raise ValueError(f"{name}'s option ops is a kernel set (flaxnets.layers.Ops), such as "
+                             f"flaxnets.cpu.ops() or flaxnets.gpu.ops(), got {value!r}.")
 
 
 def _feature_model(arch: str, /, num_classes: int | None, *, out_indices: Sequence[int] | None, **fields: Any
