@@ -28,7 +28,7 @@ def count_params(tree: Any) -> int:
     leaves = jax.tree_util.tree_leaves(tree)
     if isinstance(tree, (str, nn.Module)) or not all(hasattr(leaf, "shape") for leaf in leaves):
         raise TypeError("count_params counts the arrays of a variables tree (variables['params']); an "
-                        "architecture's count is flaxnets.model_info(name)['params'].")
+                        "architecture's count is flaxnets.model_info(name)['default_params'].")
     return sum(math.prod(leaf.shape) for leaf in leaves)
 
 

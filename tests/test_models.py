@@ -1004,6 +1004,15 @@ def test_create_model_refuses_option_values_that_would_build_a_wrong_model(name,
     assert getattr(flaxnets.create_model(name, **{option: good}), option) == good
 
 
+def test_misused_library_calls_say_what_they_take():
+    with pytest.raises(ValueError, match=r"ops is a kernel set .* got 'cpu'"):
+        flaxnets.create_model("resnet18", ops="cpu")
+    with pytest.raises(TypeError, match=r"model_info\(name\)\['default_params'\]"):
+        flaxnets.count_params("lenet5_bn")
+    with pytest.raises(ValueError, match=r"out_indices is a sequence of feature points, e.g. \(1, 2, 3\) or \(1,\)"):
+        flaxnets.create_model("resnet18", features_only=True, out_indices=1)
+
+
 def test_create_model_defaults_to_the_architectures_own_class_count():
     assert flaxnets.create_model("resnet50").num_classes == 1000
     assert type(flaxnets.create_model("lenet5", num_classes=np.int64(5)).num_classes) is int  # labels.max() + 1
