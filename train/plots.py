@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Sequence
 
+from flaxnets.cli import unwritable
 from train.arguments import CommandParser
 from train.exits import run_command
 from train.figures import plot_samples, write_run_plots
@@ -58,10 +59,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: no confusion matrix nor predictions: {error}", file=sys.stderr)
         data, schedule = None, None
     out_dir, kept = _out_dir(args.out or os.path.join(workdir, "plots"), args.overwrite)
-    existing = next((p for p in (out_dir, os.path.dirname(out_dir)) if os.path.exists(p)), None)
-    if existing is not None and (not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK)):
-        what = "read-only here" if os.path.isdir(existing) else "not a folder"
-        raise ConfigError(f"--out {out_dir}: {existing} is {what}.")
+    problem = unwritable(out_dir)
+    if problem:
+        raise ConfigError(f"--out {out_dir}: {problem}.")
     written = write_run_plots(workdir, variables, meta, data, schedule=schedule, out_dir=out_dir,
                               warn=lambda message: print(message, file=sys.stderr))
     if kept:
@@ -85,8 +85,9 @@ def _check_out_file(path: str, overwrite: bool) -> None:
         raise ConfigError(f"{path} already exists; --overwrite replaces it, or give another --out.")
     if not os.path.isdir(folder):
         raise ConfigError(f"--out {path}: the folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: {folder} cannot be written here.")
+    problem = unwritable(folder)  # by trying: root passes every permission check, /proc refuses all the same
+    if problem:
+        raise ConfigError(f"--out {path}: {problem}.")
 
 
 def _out_dir(folder: str, overwrite: bool) -> tuple[str, str | None]:
