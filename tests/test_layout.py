@@ -24,6 +24,7 @@ times what ``benchmarks.vs_torch`` builds), so among themselves they are not hel
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,15 @@ def test_the_models_never_import_the_cpu_kernels():
     models = [name for name in graph if name.startswith("flaxnets.models")] + ["flaxnets.layers", "flaxnets.registry"]
     for name in models:
         assert not {t for t in graph[name] if t == "flaxnets.cpu" or t.startswith("flaxnets.cpu.")}, name
+
+
+def test_derivatives_of_their_own_live_only_in_the_cpu_kernels():
+    """The models are JAX's primitives composed, differentiated by JAX (tests/test_transforms.py compares
+    forward and reverse mode on the layers written here and traces every mode through every architecture);
+    a `jax.custom_vjp` or `custom_jvp` is a kernel set's, which the caller opts into."""
+    own = [path.relative_to(ROOT).as_posix() for path in sorted((ROOT / "flaxnets").rglob("*.py"))
+           if re.search(r"custom_[jv]jp\b", re.sub(r"#.*|\"\"\"[\s\S]*?\"\"\"", "", path.read_text()))]
+    assert own and all(path.startswith("flaxnets/cpu/") for path in own), own
 
 
 def test_import_flaxnets_imports_neither_optax_nor_the_optional_parts():

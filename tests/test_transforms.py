@@ -1,9 +1,11 @@
 """Every JAX transformation on every architecture, with the default settings and no environment variable:
 what research code that imports flaxnets relies on.
 
-Forward mode is checked against reverse mode in float64 by the identity ``<u, J t> = <J^T u, t>`` for
-random tangents ``t`` (on parameters and images together) and cotangents ``u``; the smooth LeNet-5 also
-against central finite differences. ReLU and max-pool kinks make finite differences unreliable elsewhere.
+Forward and reverse mode trace through every architecture in float64; on the members whose layers are
+written here, forward mode (and `jax.linearize`) is checked against reverse mode by the identity ``<u, J t>
+= <J^T u, t>`` for random tangents ``t`` (on parameters and images together) and cotangents ``u``; the
+smooth LeNet-5 also against central finite differences. ReLU and max-pool kinks make finite differences
+unreliable elsewhere.
 """
 
 from __future__ import annotations
@@ -52,34 +54,26 @@ def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
-# ResNeXt-29's grouped convolutions on maps of 16 to 4 pixels at a 16-pixel input cost over 200 s in float64
-# on two cores; from a 4-pixel input (maps of 4, 2 and 1 pixels) some 13 s.
-SIDES = {"resnext29_8x64d": 4}
-# Model fields of this file's float64 checks. Inception v3's auxiliary head trains only from 299 pixels up
-# (tests/test_models.py runs it there); at the small inputs of this file the model trains without it, as
-# its docstring says to. The CIFAR networks of the newer families keep every kind of layer with fewer or
-# narrower ones: DenseNet-BC with two dense layers per block (its 48 layers, each of another width, take
-# 30-60 s to compile in float64), ResNeXt-29 with 4 channels per group instead of 64 (23 s -> 5 s). VGG's
-# classifier runs its two hidden layers at 64 units instead of 4,096: the same layers, a thousandth of the
-# parameters that vgg11_bn's tangents cover (10 s less each).
-FIELDS = {
-    "inception_v3": {"aux_logits": False},
-    "vgg11": {"hidden": (64, 64)},
-    "vgg11_bn": {"hidden": (64, 64)},
-    "densenet_bc100_k12": {"block_sizes": (2, 2, 2)},
-    "resnext29_8x64d": {"width_per_group": 4},
-}
+# Inception v3's auxiliary head trains only from 299 pixels up (tests/test_models.py runs it there); at the
+# small inputs of this file the model trains without it, as its docstring says to. DenseNet-BC with two
+# dense layers per block has every kind of layer of its 48 (tracing all of them in every mode took 10 s).
+FIELDS = {"inception_v3": {"aux_logits": False}, "densenet_bc100_k12": {"block_sizes": (2, 2, 2)}}
+
+
+def _float64_model(name: str) -> nn.Module:
+    return flaxnets.create_model(name, num_classes=min(flaxnets.get_spec(name).num_classes, 10), dtype=jnp.float64,
+                                 param_dtype=jnp.float64, **FIELDS.get(name, {}))
+
+
+def _image_shape(name: str, batch: int = 2) -> tuple[int, int, int, int]:
+    """A small input: 16 pixels, or the architecture's smallest if that is larger."""
+    side = max(flaxnets.min_input_size(name), 16)
+    return batch, side, side, flaxnets.get_spec(name).in_channels
 
 
 def _float64_setup(name: str, batch: int = 2):
-    """A float64 model at a small input (16 pixels or its smallest), its variables drawn from their
-    shapes, and an image batch."""
-    spec = flaxnets.get_spec(name)
-    num_classes = min(spec.num_classes, 10)
-    model = flaxnets.create_model(name, num_classes=num_classes, dtype=jnp.float64, param_dtype=jnp.float64,
-                                  **FIELDS.get(name, {}))
-    side = SIDES.get(name, max(flaxnets.min_input_size(name), 16))
-    shapes = abstract_variables(model, (1, side, side, spec.in_channels))
+    """A float64 model at a small input, its variables drawn from their shapes, and an image batch."""
+    model = _float64_model(name)
     rng = np.random.default_rng(1)
 
     def draw(path, leaf):
@@ -89,35 +83,41 @@ def _float64_setup(name: str, batch: int = 2):
         fan_in = math.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 1  # He-like scale: activations stay O(1)
         return jnp.asarray(values * math.sqrt(2.0 / fan_in), leaf.dtype)
 
-    variables = jax.tree_util.tree_map_with_path(draw, shapes)
-    images = jax.random.normal(jax.random.key(2), (batch, side, side, spec.in_channels), jnp.float64)
+    variables = jax.tree_util.tree_map_with_path(draw, abstract_variables(model, _image_shape(name, 1)))
+    images = jax.random.normal(jax.random.key(2), _image_shape(name, batch), jnp.float64)
     return model, variables, images
 
 
-# One architecture of each family also takes tangents on every parameter; the rest on the images alone,
-# which runs through the same layers at half the cost (the suite's time is the limit).
-WITH_PARAMETER_TANGENTS = ("lenet5_bn", "alexnet_paper", "vgg11_bn", "nin", "googlenet_paper", "resnet18_cifar",
-                           "densenet_bc100_k12")
-# The ImageNet members of the newer families are made of layers that members checked here have: DenseNet-BC's
+# The default library defines no derivative of its own (no `jax.custom_jvp`/`custom_vjp`: those live in the
+# opt-in kernel sets, tests/test_cpu.py and test_gpu_ops.py), so forward and reverse mode of a model agree
+# wherever they agree for JAX's primitives. What each architecture must show is that every mode traces
+# through it, in float64 where asked; the numbers are compared on the members whose layers are written
+# here rather than composed from Flax's: BatchNorm (LeNet-5-BN, ResNet-20), Local Response Normalization
+# and dropout (AlexNet 2012, NiN), option A's zero-padded strided shortcuts (ResNet-20). Compiling the
+# comparison for every architecture took 170 s of the suite (Inception v3 and GoogLeNet near 20 s each).
+COMPARED = ("lenet5_bn", "alexnet_paper", "nin", "resnet20")
+# These take tangents on every parameter as well as on the images (AlexNet's 58 million, in float64, on the
+# images alone: its Local Response Normalization has no parameters).
+WITH_PARAMETER_TANGENTS = ("lenet5_bn", "nin", "resnet20")
+# The ImageNet members of the newer families are made of layers that members traced here have: DenseNet-BC's
 # dense layers and transitions, ResNeXt-29's grouped bottlenecks, ResNet-50's bottlenecks (Wide ResNet's are
-# twice as wide inside) and stem (DenseNet's is the same convolution and pool). Compiling these checks for
-# them in float64 takes 10-50 s each on two cores, for no layer not already checked.
+# twice as wide inside) and stem (DenseNet's is the same convolution and pool).
 _STAND_INS = {"densenet121": "densenet_bc100_k12", "resnext50_32x4d": "resnext29_8x64d", "wide_resnet50_2": "resnet50"}
-# ResNet-50 for CIFAR is ResNet-50 with the CIFAR stem (checked on resnet18_cifar, resnet20 and
+# ResNet-50 for CIFAR is ResNet-50 with the CIFAR stem (traced on resnet18_cifar, resnet20 and
 # resnext29_8x64d): it differs from its stand-in in the one field named here, which the test below asserts
-# (the deeper ResNets and VGGs are in siblings.DEEPER). Their float64 checks took 250 s of the suite
-# (ResNet-152 89 s) for no layer the stand-ins do not run.
+# (the deeper ResNets and VGGs are in siblings.DEEPER).
 SAME_MODULE_AS = {"resnet50_cifar": ("resnet50", "stem")}
 SAME_LAYERS_AS = {**_STAND_INS, **{deeper: _STAND_INS.get(smaller, smaller) for deeper, smaller in DEEPER.items()},
                   **{name: stand_in for name, (stand_in, _) in SAME_MODULE_AS.items()}}
-# The largest programs (Inception v3, whose 11 modules all differ, both GoogLeNets and ResNet-50) compare
-# forward and reverse mode in training alone (the mode with batch statistics; evaluation differs only in
-# BatchNorm, checked in both modes by the smaller members) and without `linearize`: about half the time.
+TRACED = [name for name in MODELS if name not in SAME_LAYERS_AS]
+# The largest programs (Inception v3, whose 11 modules all differ, both GoogLeNets and ResNet-50) are traced
+# in training alone, the mode with batch statistics: evaluation differs only in BatchNorm, which the smaller
+# members trace in both modes. A third of the trace test's time.
 TRAINING_ONLY = ("inception_v3", "googlenet", "googlenet_paper", "resnet50")
 
 
-def test_every_architecture_is_checked_in_float64_or_made_of_checked_layers():
-    assert set(SAME_LAYERS_AS.values()) <= set(MODELS) - set(SAME_LAYERS_AS)
+def test_every_architecture_is_traced_in_float64_or_made_of_traced_layers():
+    assert set(SAME_LAYERS_AS.values()) <= set(TRACED) and set(COMPARED) <= set(TRACED)
 
 
 @pytest.mark.parametrize("name", sorted(SAME_MODULE_AS))
@@ -128,36 +128,58 @@ def test_a_stood_in_for_architecture_differs_from_its_stand_in_in_one_field(name
     assert {f.name for f in dataclasses.fields(model) if getattr(model, f.name) != getattr(checked, f.name)} == {field}
 
 
-@pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("name", [name for name in MODELS if name not in SAME_LAYERS_AS])
-def test_forward_mode_agrees_with_reverse_mode_in_float64(name):
-    """`jax.jvp` and `jax.linearize` through ``apply``, in eval and train mode, against `jax.vjp` (`jax.jvp` in
-    train mode alone for `TRAINING_ONLY`)."""
-    model, variables, images = _float64_setup(name)
+def _modes(name: str, linearize: bool = True, modes: tuple[bool, ...] = (False, True)):
+    """``check(variables, images, tangents)``: in each of ``modes`` (eval, train), the float64 logits, `jax.jvp`'s and
+    `jax.linearize`'s tangents (`jax.jvp`'s again without ``linearize``), and ``<u, J t>`` and ``<J^T u,
+    t>`` (the latter by `jax.vjp`) for tangents ``t`` on the images (and first on every parameter for
+    `WITH_PARAMETER_TANGENTS`) and fixed cotangents ``u``."""
+    model = _float64_model(name)
     on_params = name in WITH_PARAMETER_TANGENTS
-    reduced = name in TRAINING_ONLY
 
-    def check(params, images, tangents):
+    def check(variables, images, tangents):
         results = []
-        for train in (True,) if reduced else (False, True):
+        for train in modes:
             def f(*inputs):
-                state = {**variables, "params": inputs[0] if on_params else params}
-                out = model.apply(state, inputs[-1], train, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
-                return out[0]
+                state = {**variables, "params": inputs[0]} if on_params else variables
+                return model.apply(state, inputs[-1], train, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.key(3)})[0]
 
-            primals = (params, images) if on_params else (images,)
+            primals = (variables["params"], images) if on_params else (images,)
             out, jt = jax.jvp(f, primals, tangents)
-            linearized = jt if reduced else jax.linearize(f, *primals)[1](*tangents)
+            linearized = jax.linearize(f, *primals)[1](*tangents) if linearize else jt
             cotangent = jnp.cos(jnp.arange(out.size, dtype=out.dtype)).reshape(out.shape)
             _, vjp = jax.vjp(f, *primals)
             results.append((out, jt, linearized, jnp.vdot(cotangent, jt), _vdot(vjp(cotangent), tangents)))
         return results
 
+    return check, on_params
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", TRACED)
+def test_forward_and_reverse_mode_trace_in_float64(name):
+    """Traced only (`jax.eval_shape`, on shapes): forward and reverse mode go through the architecture and
+    give float64 results of the logits' shape (`jax.linearize`, forward mode partially evaluated, is
+    compared on `COMPARED`: tracing it too took a third more time)."""
+    check, on_params = _modes(name, linearize=False, modes=(True,) if name in TRAINING_ONLY else (False, True))
+    variables = abstract_variables(_float64_model(name), _image_shape(name, 1))
+    images = jax.ShapeDtypeStruct(_image_shape(name), jnp.float64)
+    tangents = (variables["params"], images) if on_params else (images,)
+    for out, jt, linearized, forward, reverse in jax.eval_shape(check, variables, images, tangents):
+        assert out.dtype == jt.dtype == linearized.dtype == forward.dtype == reverse.dtype == jnp.float64
+        assert jt.shape == linearized.shape == out.shape and forward.shape == reverse.shape == ()
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("name", COMPARED)
+def test_forward_mode_agrees_with_reverse_mode_in_float64(name):
+    """``<u, J t> = <J^T u, t>`` and `jax.linearize` equal to `jax.jvp`, in eval and train mode, for random
+    tangents."""
+    check, on_params = _modes(name)
+    _, variables, images = _float64_setup(name)
     tangents = (_random_like(variables["params"], 4),) if on_params else ()
     tangents += (_random_like(images, 5),)
-    args = (variables["params"], images, tangents)
-    for out, jt, linearized, forward, reverse in jax.jit(check)(*args):
-        assert out.dtype == jnp.float64 and jt.dtype == jnp.float64
+    for out, jt, linearized, forward, reverse in jax.jit(check)(variables, images, tangents):
         assert np.isfinite(float(forward)) and abs(float(forward)) > 0
         np.testing.assert_allclose(linearized, jt, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(jt))))
         np.testing.assert_allclose(float(forward), float(reverse), rtol=1e-9)
