@@ -19,6 +19,10 @@ import jax  # noqa: E402
 # `run_cli`, `python -m train`'s main) then cannot switch this worker to Eigen halfway through the suite
 # (`flaxnets.cpu.prefer_eigen` leaves a started backend alone). tests/test_cpu.py covers both libraries.
 jax.devices()
+# For the commands the tests start (JAX read its variables above, so this worker keeps JAX's default):
+# every program goes into the compilation cache, not only those that compiled for a second or more. Most
+# runs repeat a few small configurations, whose programs each compile in well under a second.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402

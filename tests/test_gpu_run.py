@@ -24,7 +24,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_dry_run_runs_every_step_and_prints_the_summary(tmp_path):
     out = tmp_path / "run"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHON": sys.executable,
-           "TMPDIR": str(tmp_path), "XLA_FLAGS": FAST_COMPILE}
+           "TMPDIR": str(tmp_path), "XLA_FLAGS": FAST_COMPILE,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # as tests/conftest.py sets it
     result = subprocess.run(["bash", "benchmarks/gpu_run.sh", "--dry-run", "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -106,7 +106,8 @@ def enable_compilation_cache() -> str | None:
     XLA takes 10-30 s to compile a CNN's train step on a 2-core CPU and more on large models; the cache
     turns a rerun's wait into a file read. The folder is ``$JAX_COMPILATION_CACHE_DIR`` when set (an
     empty value turns the cache off), else ``xla`` in flaxnets' cache folder (`flaxnets.hub.cache_dir`:
-    ``~/.cache/flaxnets``, or ``$FLAXNETS_CACHE_DIR``).
+    ``~/.cache/flaxnets``, or ``$FLAXNETS_CACHE_DIR``). Programs that compiled in under a second are not
+    kept, unless ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` sets another threshold.
     """
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if folder is None:
@@ -116,5 +117,6 @@ def enable_compilation_cache() -> str | None:
     if not folder:
         return None
     jax.config.update("jax_compilation_cache_dir", folder)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own variable wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     return folder
