@@ -39,7 +39,7 @@ mkdir -p "$out" && rm -rf "$out/xla-cache"  # compile times are measured from an
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 export JAX_COMPILATION_CACHE_DIR="$out/xla-cache"  # empty at first; tune reuses what throughput compiled
 
-if (( ${#dry[@]} )) && "$python" -c "import flaxnets" 2>/dev/null; then
+if (( ${#dry[@]} )) && "$python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('flaxnets') is None)" 2>/dev/null; then
     echo "install: skipped (dry run, flaxnets already importable)"
 elif ! "$python" -m pip --version >/dev/null 2>&1; then
     echo "install: skipped (no pip here; the steps import the checkout directly)"

@@ -17,7 +17,7 @@ time limits; `benchmarks.gpu.runner` what they share:
 * ``tune``: ResNet-50's step built several ways (kernel sets, compiler settings, batch), with a profile;
 * ``peers``: flaxnets beside a plain Flax model and torchvision, eager and compiled (`benchmarks.peers`);
 * ``accuracy``: variants of the Fashion-MNIST recipe, one seed each; the one the validation split
-  prefers with every seed; and the README's digits run;
+  prefers with every seed;
 * ``pipeline``: the streamed input pipeline's images/s on the host's cores;
 * ``throughput``: every torchvision architecture, train and inference, bfloat16 and float32.
 """

@@ -1,8 +1,7 @@
 """Step ``accuracy``: ``python -m train`` with resnet18_cifar on the original Fashion-MNIST files. Each
 candidate (a variant of the shipped recipe) trains once with the first seed; the one with the
 best validation top-1 (the held-out tenth of the training images: the test split decides nothing) trains
-with the other seeds too, and its seeds' test top-1 and wall times are held against the targets. Then the
-README's LeNet-5 run on the digits (for the CPU/GPU comparison)."""
+with the other seeds too, and its seeds' test top-1 and wall times are held against the targets."""
 
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ class Sizes:
     needs_files: bool  # whether it reads --data-dir's Fashion-MNIST files
     target: float  # test top-1 every seed must reach
     median_target: float  # and their median
-    digits: tuple[str, ...] | None  # the README's LeNet-5 run, for the CPU/GPU comparison; None: not run
     # What the chosen candidate's settings are stated against (the recipe as shipped); empty: ``train``.
     baseline: tuple[str, ...] = ()
 
@@ -55,15 +53,13 @@ REAL = Sizes(train=("--recipe", "fashion_mnist_fast", "--eval-flip"),
              candidates=(Candidate("72 epochs", ("--epochs", "72"), 1.0),
                          Candidate("72 epochs, cutmix", ("--epochs", "72", "--cutmix-alpha", "1.0", "--mix-prob",
                                                          "0.5"), 1.05)),
-             seeds=(0, 1, 2), needs_files=True, target=0.95, median_target=0.958, digits=None,
+             seeds=(0, 1, 2), needs_files=True, target=0.95, median_target=0.958,
              baseline=("--recipe", "fashion_mnist_fast"))
 DRY = Sizes(
     train=("--arch", "lenet5_bn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--warmup-epochs", "0",
            "--image-size", "12", "--val-split", "0.1", "--no-plots"),
     candidates=(Candidate("as given", (), 1.0), Candidate("label smoothing", ("--label-smoothing", "0.1"), 1.0)),
     seeds=(0, 1), needs_files=False, target=0.0, median_target=0.0,
-    digits=("--arch", "lenet5_relu", "--dataset", "digits", "--epochs", "1", "--image-size", "12", "--warmup-epochs",
-            "0", "--no-plots"),
 )
 LIMIT_S, DRY_LIMIT_S = 420, 150  # REAL: 51-65 s for 36 epochs on the H200 (version 1), so about 4 x 90 s here
 
@@ -138,13 +134,12 @@ def recipe_changes(baseline: Sequence[str], args: Sequence[str]) -> dict[str, An
     return {name: value for name, value in after.items() if before[name] != value}
 
 
-def _runs_left(record: Record, estimate: float, reserve: float) -> bool:
-    return record.remaining() - reserve >= 1.1 * estimate
+def _runs_left(record: Record, estimate: float) -> bool:
+    return record.remaining() >= 1.1 * estimate
 
 
 def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, str]:
-    """Every candidate with the first seed, the other seeds of the one the validation split prefers, then
-    the digits."""
+    """Every candidate with the first seed, then the other seeds of the one the validation split prefers."""
     import shutil
 
     folder = Path(args.out) / "accuracy"
@@ -157,14 +152,13 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
             return False, (f"{data_dir} lacks Fashion-MNIST's IDX files: copy the four .gz files there "
                            "(benchmarks/gpu_run.sh --help)")
         base += ["--data-dir", str(data_dir)]
-    reserve = 30 if sizes.digits and not args.dry_run else 0  # seconds kept for the LeNet-5 run
     cache = folder / "xla-cache"  # one for all runs: a candidate's later seeds load its first seed's programs
 
     def train(candidate: Candidate, seed: int) -> dict[str, Any]:
         record.doing(f"{candidate.name}, seed {seed}")
         row = _train_run(f"{candidate.name}, seed {seed}", [*base, *candidate.args, "--seed", str(seed)],
                          folder / f"{re.sub(r'[^a-z0-9]+', '-', candidate.name)}-seed{seed}",
-                         record.remaining() - reserve, cache)
+                         record.remaining(), cache)
         row.update(candidate=candidate.name, seed=seed)
         record.data["runs"].append(row)
         record.save()
@@ -173,7 +167,7 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     record.data["runs"], screened = [], []
     unit = None  # the first candidate's wall time
     for candidate in sizes.candidates:
-        if unit is not None and not _runs_left(record, unit * candidate.cost, reserve):
+        if unit is not None and not _runs_left(record, unit * candidate.cost):
             record.data.setdefault("skipped", []).append(candidate.name)
             continue
         row = train(candidate, sizes.seeds[0])
@@ -188,16 +182,10 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
                                                            [*sizes.train, *chosen.args])
     runs = [first]
     for seed in sizes.seeds[1:]:
-        if not _runs_left(record, runs[-1]["wall_s"], reserve):
+        if not _runs_left(record, runs[-1]["wall_s"]):
             record.data.setdefault("skipped", []).append(f"{chosen.name}, seed {seed}")
             continue
         runs.append(train(chosen, seed))
-    digits = None
-    if sizes.digits:  # the README's command into an empty compilation cache, as its CPU figure was measured
-        digits = _train_run("digits", sizes.digits, folder / "digits", max(record.remaining(), 10),
-                            folder / "xla-cache-digits")
-        digits["cpu_reference"] = "the README's first command's figure in benchmarks/RESULTS.md, 'Training accuracy'"
-        record.data["digits"] = digits
     top1 = [r["test_top1"] or 0.0 for r in runs]
     median = statistics.median(top1)
     record.data["median_top1"] = median
@@ -205,8 +193,7 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     if one_view and len(one_view) == len(runs):
         record.data["median_top1_one_view"] = statistics.median(one_view)
     reached = len(runs) == len(sizes.seeds) and min(top1) >= sizes.target and median >= sizes.median_target
-    ok = all(r["rc"] == 0 for r in record.data["runs"]) and (digits is None or digits["rc"] == 0) and (
-        args.dry_run or reached)
+    ok = all(r["rc"] == 0 for r in record.data["runs"]) and (args.dry_run or reached)
     screening = "; ".join(f"{c.name} {v:.2%}" for v, _, c, _ in screened)
     line = (f"validation top-1 with seed {sizes.seeds[0]}: {screening}; chosen: {chosen.name}, {len(runs)} seed(s): "
             f"test top-1 " + ", ".join(f"{t:.2%}" for t in top1) + f" (median {median:.2%}; targets "
@@ -218,6 +205,4 @@ def run(record: Record, sizes: Sizes, args: argparse.Namespace) -> tuple[bool, s
     changes = record.data["settings_over_baseline"]
     line += "; its settings over " + (" ".join(sizes.baseline) or "the arguments every run shares") + ": " + (
         ", ".join(f"{name} {value}" for name, value in changes.items()) or "none")
-    if digits:
-        line += f"; digits {digits['test_top1'] or 0:.2%} in {digits['wall_s']:.0f} s"
     return ok, line
