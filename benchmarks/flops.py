@@ -75,9 +75,10 @@ def flops_row(arch: str | ModelRequest) -> dict[str, Any]:
     model = model_for(request, jnp.float32)
     inference = model.clone(aux_logits=False) if hasattr(model, "aux_logits") else model
     shape = request.input_shape()
-    params = count_params(abstract_variables(model, shape)["params"])
+    variables = abstract_variables(inference, shape)  # traced once: DenseNet-201's trace takes seconds
+    params = count_params((variables if inference is model else abstract_variables(model, shape))["params"])
     total = totals(layer_costs(inference, shape))
-    flops = xla_forward_flops(inference, shape, abstract_variables(inference, shape))
+    flops = xla_forward_flops(inference, shape, variables)
     gmacs, valid = total["macs"] / 1e9, total["macs_valid"] / 1e9
     xla_gmacs = flops / 2e9
     elementwise = (flops - 2 * total["macs_valid"] - total["bias_adds"]) / 1e9

@@ -74,7 +74,17 @@ FULL_SIZE = ("alexnet", "resnet18")
 # used) and its auxiliary heads, whose outputs are compared too.
 TORCH_KWARGS = {"googlenet": {"init_weights": True, "transform_input": True, "aux_logits": True},
                 "inception_v3": {"init_weights": True, "transform_input": True}}
-FLAX_OVERRIDES = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True}}
+FLAX_OVERRIDES = {"googlenet": {"transform_input": True}, "inception_v3": {"transform_input": True},
+                  "vgg11": {"hidden": (64, 64)}, "vgg11_bn": {"hidden": (64, 64)},
+                  "densenet121": {"block_sizes": (2, 2, 2, 2)}}
+# Smaller members built with torchvision's own classes, compared at the same fields (the full-size keys
+# and shapes are compared with torchvision's in test_keys_and_shapes_match_torchvision):
+# - VGG's classifier at 64 hidden units instead of 4,096: the same three layers and the same flattening of
+#   the 512x7x7 map into the first, a fiftieth of the 133 million parameters to initialise, convert, compare;
+# - DenseNet-121 with two dense layers a block instead of 6, 12, 24 and 16: every kind of layer and key,
+#   a program a fifth the size to compile.
+NARROW_CLASSIFIER = {"vgg11": 64, "vgg11_bn": 64}
+TORCH_BUILDERS = {"densenet121": lambda models: models.DenseNet(32, (2, 2, 2, 2), 64)}
 # GoogLeNet and Inception v3 have hundreds of differently shaped operations, and DenseNet's layers all differ
 # in width: compiled as a whole they run 2-3x sooner than op by op. The ResNets repeat a few block shapes,
 # so op by op is quicker than compiling 150 layers.
@@ -97,7 +107,16 @@ def torch_model(arch: str, seed: int = 0, **kwargs):
     """torchvision's ``arch`` with its own random initialisation and random BatchNorm parameters and statistics."""
     torch, torchvision = torchvision_or_skip()
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, flaxnets.get_spec(arch).torchvision)(**{**TORCH_KWARGS.get(arch, {}), **kwargs})
+    if arch in TORCH_BUILDERS:
+        model = TORCH_BUILDERS[arch](torchvision.models)
+    else:
+        builder = getattr(torchvision.models, flaxnets.get_spec(arch).torchvision)
+        model = builder(**{**TORCH_KWARGS.get(arch, {}), **kwargs})
+    if arch in NARROW_CLASSIFIER:
+        hidden, layers = NARROW_CLASSIFIER[arch], model.classifier
+        for index, (fan_in, fan_out) in {0: (layers[0].in_features, hidden), 3: (hidden, hidden),
+                                         6: (hidden, layers[6].out_features)}.items():
+            layers[index] = torch.nn.Linear(fan_in, fan_out)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -195,7 +214,7 @@ def test_matches_torchvision(arch, side, fields):
     torch, _ = torchvision_or_skip()
     reference = torch_model(arch, **fields).eval()
     state_dict = state_dict_numpy(reference)
-    variables = convert.from_torch(arch, reference.state_dict())
+    variables = convert.from_torch(arch, reference.state_dict(), **FLAX_OVERRIDES.get(arch, {}))
     x = images(side)
 
     # Eval mode: running statistics, no dropout.
@@ -219,12 +238,12 @@ def test_matches_torchvision(arch, side, fields):
         torch_outputs = logits_and_aux(outputs)
         train_err = max(rel_err(a, b.numpy()) for a, b in zip([logits, *collect_aux_logits(mutated)], torch_outputs))
         assert len(collect_aux_logits(mutated)) == len(torch_outputs) - 1
-        torch_stats = convert.from_torch(arch, reference.state_dict())["batch_stats"]
+        torch_stats = convert.from_torch(arch, reference.state_dict(), **FLAX_OVERRIDES.get(arch, {}))["batch_stats"]
         stats_err = max_err(mutated["batch_stats"], torch_stats)
         report += f", train {train_err:.1e}, running stats {stats_err:.1e}"
 
     # The way back is exact and loads strictly into torchvision (restoring its weights before training).
-    back = convert.to_torch(arch, variables)
+    back = convert.to_torch(arch, variables, **FLAX_OVERRIDES.get(arch, {}))
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
         if not key.endswith("num_batches_tracked"):
@@ -257,7 +276,7 @@ def torch_float32_error(arch, reference, x, outputs32, stats32) -> float:
     torch = torch_or_skip()
     with torch.no_grad():
         outputs64 = logits_and_aux(reference.double().train()(torch.from_numpy(x).double()))
-    stats64 = convert.from_torch(arch, reference.state_dict())["batch_stats"]
+    stats64 = convert.from_torch(arch, reference.state_dict(), **FLAX_OVERRIDES.get(arch, {}))["batch_stats"]
     return max(*(rel_err(a.numpy(), b.numpy()) for a, b in zip(outputs32, outputs64)), max_err(stats32, stats64))
 
 

@@ -1067,7 +1067,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", MODELS)
 def test_recorded_parameter_count_is_the_traced_one(name):
     spec = flaxnets.get_spec(name)
-    assert spec.default_params == count_params(abstract_variables(name)["params"])
+    assert spec.default_params == param_count(name)
 
 
 def test_cli_table():
