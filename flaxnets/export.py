@@ -60,18 +60,26 @@ class ExportCheckError(ExportError):
 
 
 def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it into place, so that no partial file is ever seen there."""
+    """Write ``data`` beside ``path`` and rename it into place, so that no partial file is ever seen there;
+    the folders made for it are removed again if the file cannot be written."""
+    made = [folder for folder in path.parents if not folder.exists()]  # innermost first
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    # "x": a new file with the mode a plain open() gives (0666 less the umask), not mkstemp's 0600; opened before
-    # the try, as a name another process took is not this one's to remove.
-    file = open(temporary, "xb")
     try:
-        with file:
-            file.write(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        # "x": a new file with the mode a plain open() gives (0666 less the umask), not mkstemp's 0600; opened
+        # before the inner try, as a name another process took is not this one's to remove.
+        file = open(temporary, "xb")
+        try:
+            with file:
+                file.write(data)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else is in it now
+                folder.rmdir()
+        raise
 
 
 @dataclasses.dataclass(frozen=True)

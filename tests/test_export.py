@@ -8,6 +8,7 @@ the sweep recorded in benchmarks/RESULTS.md (``python -m benchmarks.exports``).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -228,6 +229,20 @@ def test_the_file_gets_the_mode_open_would_give_and_nothing_else_is_left(tmp_pat
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "model.stablehlo").stat().st_mode) == 0o640  # 0666 less the umask, not 0600
     assert [p.name for p in tmp_path.iterdir()] == ["model.stablehlo"]
+
+
+@needs_flatbuffers
+def test_a_file_that_cannot_be_written_leaves_no_folder_made_for_it(tmp_path, monkeypatch):
+    model, variables, shape = _model("lenet")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporting.os, "replace", disk_full)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(exporting.ExportError, match=r"No space left on device\); nothing was written"):
+        exporting.export(model, variables, tmp_path / "kept" / "new" / "deeper" / "m.stablehlo", input_shape=shape)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
 
 
 def test_every_pattern_given_is_listed_and_one_matching_nothing_is_an_error(capsys):
