@@ -59,9 +59,10 @@ class ExportCheckError(ExportError):
     """The exported program computes something else than the JAX model: nothing was written."""
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it into place, so that no partial file is ever seen there;
-    the folders made for it are removed again if the file cannot be written."""
+def _write_new(path: Path, data: bytes, replace: bool) -> None:
+    """Write ``data`` beside ``path`` and move it into place, so that no partial file is ever seen there;
+    the folders made for it are removed again if the file cannot be written. Without ``replace``, a file
+    that appeared at ``path`` meanwhile (another process's) is kept and this one refused."""
     made = [folder for folder in path.parents if not folder.exists()]  # innermost first
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
@@ -72,7 +73,10 @@ def _write_new(path: Path, data: bytes) -> None:
         try:
             with file:
                 file.write(data)
-            os.replace(temporary, path)
+            if replace:
+                os.replace(temporary, path)
+            else:
+                _link_new(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
     except BaseException:
@@ -80,6 +84,21 @@ def _write_new(path: Path, data: bytes) -> None:
             with contextlib.suppress(OSError):  # not empty: something else is in it now
                 folder.rmdir()
         raise
+
+
+def _link_new(source: Path, path: Path) -> None:
+    # A hard link is made only where no file is: the check and the write are one step, unlike exists()
+    # then rename. On a file system without hard links, the check just before the rename has to do.
+    try:
+        os.link(source, path)
+        return
+    except FileExistsError:
+        pass
+    except OSError:
+        if not path.exists():
+            os.replace(source, path)
+            return
+    raise ExportError(f"{path} appeared while exporting; it is kept, and nothing was written.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +244,7 @@ def export(model: nn.Module, variables: Mapping[str, Any], path: str | os.PathLi
     data, run_exported = _SERIALIZERS[kind](lambda images: exported_model.apply(variables, images, train=False), shape)
     error, scale = _check(run_exported, reference_fn, shape, tuple(sorted({1, batch})), seed, tolerance)
     try:
-        _write_new(path, data)
+        _write_new(path, data, replace=overwrite)
     except OSError as error:  # the folder changed since the check, or the disk is full
         raise ExportError(f"cannot write {path} ({error.strerror or error}); nothing was written.") from None
     return ExportReport(path, kind, (None, *shape), error, scale, tolerance, len(data))

@@ -238,11 +238,33 @@ def test_a_file_that_cannot_be_written_leaves_no_folder_made_for_it(tmp_path, mo
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(exporting.os, "link", disk_full)
     monkeypatch.setattr(exporting.os, "replace", disk_full)
     (tmp_path / "kept").mkdir()
     with pytest.raises(exporting.ExportError, match=r"No space left on device\); nothing was written"):
         exporting.export(model, variables, tmp_path / "kept" / "new" / "deeper" / "m.stablehlo", input_shape=shape)
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and list((tmp_path / "kept").iterdir()) == []
+
+
+@needs_flatbuffers
+def test_a_file_made_at_the_destination_during_the_export_is_kept(tmp_path, monkeypatch):
+    """Without overwrite, the file another process wrote meanwhile wins; with it, the export replaces it."""
+    model, variables, shape = _model("lenet")
+    out = tmp_path / "m.stablehlo"
+    serialize = exporting._SERIALIZERS["stablehlo"]
+
+    def and_meanwhile(fn, shape):
+        result = serialize(fn, shape)
+        out.write_text("mine\n")
+        return result
+
+    monkeypatch.setitem(exporting._SERIALIZERS, "stablehlo", and_meanwhile)
+    with pytest.raises(exporting.ExportError, match="appeared while exporting; it is kept"):
+        exporting.export(model, variables, out, input_shape=shape)
+    assert out.read_text() == "mine\n" and [p.name for p in tmp_path.iterdir()] == ["m.stablehlo"]
+    out.unlink()
+    exporting.export(model, variables, out, input_shape=shape, overwrite=True)
+    assert out.read_bytes() != b"mine\n" and [p.name for p in tmp_path.iterdir()] == ["m.stablehlo"]
 
 
 def test_every_pattern_given_is_listed_and_one_matching_nothing_is_an_error(capsys):
