@@ -451,7 +451,7 @@ def test_nnx_bridge_trains_a_model_with_batch_norm():
                                             mutable=["batch_stats"])
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), updates
 
-    (value, updates), grads = jax.value_and_grad(linen_loss, has_aux=True)(linen_variables["params"])
+    (value, updates), grads = jax.jit(jax.value_and_grad(linen_loss, has_aux=True))(linen_variables["params"])
     params = optax.apply_updates(linen_variables["params"], tx.update(grads, tx.init(grads))[0])
     np.testing.assert_allclose(nnx_loss, value, rtol=1e-6)
     for got, expected in ((nnx.to_pure_dict(nnx.state(model, nnx.Param)), params),
