@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxnets.layers import InputTooSmallError
+from flaxnets.layers import BatchTooSmallError, InputTooSmallError
 
 __all__ = ["checks_input_size", "smallest_input", "InputTooSmallError"]
 
@@ -57,6 +57,8 @@ def checks_input_size(call: Callable) -> Callable:
             with nn.intercept_methods(_interceptor):
                 return call(self, x, *args, **kwargs)
         except _SHAPE_ERRORS as error:
+            if isinstance(error, BatchTooSmallError):  # the batch, not the input's side
+                raise
             if getattr(x, "ndim", 0) != 4:
                 raise ValueError(
                     f"{type(self).__name__} takes NHWC images (4 dimensions); got shape {tuple(x.shape)}."
@@ -79,7 +81,8 @@ def checks_input_size(call: Callable) -> Callable:
 def _traces(module: nn.Module, side: int, channels: int, train: bool = False) -> bool:
     token = _SEARCHING.set(True)
     try:
-        images = jax.ShapeDtypeStruct((1, side, side, channels), jnp.float32)
+        # Training traces a batch of 2: BatchNorm refuses one value per channel, a property of the batch.
+        images = jax.ShapeDtypeStruct((2 if train else 1, side, side, channels), jnp.float32)
         rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
         # Intercepted here, not only inside `checks_input_size`: a module of the user's own (``--arch
         # FILE.py:FACTORY``) has no guard, and an empty activation reaching its dense layer fails inside the
@@ -119,8 +122,9 @@ def _smallest_cached(key: tuple, module: nn.Module, channels: int, train: bool) 
 
 
 def smallest_input(module: nn.Module, channels: int = 3, train: bool = False) -> int:
-    """The smallest square side ``s`` such that ``module`` traces on ``(1, s, s, channels)`` input, in
-    inference or, with ``train``, in training mode (Inception v3's auxiliary head needs more then).
+    """The smallest square side ``s`` such that ``module`` traces on ``(1, s, s, channels)`` input in
+    inference or, with ``train``, on ``(2, s, s, channels)`` in training mode (Inception v3's auxiliary head
+    needs more then; BatchNorm refuses a batch of 1 whose map is 1x1, see `flaxnets.layers.BatchNorm`).
 
     Assumes larger inputs keep working once one does, which holds for every convolution-and-pooling
     stack (each output side is non-decreasing in its input side).

@@ -31,11 +31,16 @@ __all__ = [
     "pool_output_size",
     "padding",
     "InputTooSmallError",
+    "BatchTooSmallError",
 ]
 
 
 class InputTooSmallError(ValueError):
     """Raised while tracing a model when its input is too small for some layer's window."""
+
+
+class BatchTooSmallError(ValueError):
+    """Raised while tracing a training step whose batch gives a `BatchNorm` one value per channel."""
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -259,7 +264,8 @@ class BatchNorm(nn.Module):
     ``dtype``. With ``axis_name`` set (under ``shard_map``/``pmap``) both moments are averaged over that
     device axis in one collective, so every device normalises with the statistics of the whole global
     batch. ``momentum`` is flax's (the weight of the old running value): PyTorch's ``momentum=0.1`` is
-    ``0.9`` here.
+    ``0.9`` here. In training mode a batch with one value per channel (a batch of 1 whose map is 1x1) is
+    refused with a `ValueError`, as PyTorch refuses it; initialisation and inference take any batch.
     """
 
     use_running_average: bool | None = None
@@ -296,8 +302,13 @@ class BatchNorm(nn.Module):
             mean = shift + moments[0]
             var = jnp.maximum(moments[1] - jnp.square(moments[0]), 0)
             if not self.is_initializing():
+                # Values per channel over the whole batch: a static int (psum of a constant is the axis size).
                 count = math.prod(x.shape[:-1]) * (lax.psum(1, self.axis_name) if synced else 1)
-                unbiased = var * (count / jnp.maximum(count - 1, 1))
+                if count == 1:  # the variance would be 0 and every output ``bias``: refused, as PyTorch does
+                    raise BatchTooSmallError(f"BatchNorm in training mode needs more than one value per channel, "
+                                             f"got input of shape {tuple(x.shape)}: train with a batch of 2 or more, "
+                                             "or a larger input.")
+                unbiased = var * (count / (count - 1))
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
         inv = scale * lax.rsqrt(var + self.epsilon)

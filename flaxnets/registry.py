@@ -46,8 +46,8 @@ class ModelSpec:
         auxiliary heads, as torchvision counts its pretrained weights).
       min_input_size: the smallest square input side the default build accepts, as data (the tracing
         search of `flaxnets.input_size` finds it again in tests/test_models.py).
-      min_train_input_size: the same in training mode, where it is larger (Inception v3's auxiliary head);
-        None where training takes what inference takes.
+      min_train_input_size: the same in training mode (a batch of 2), where it is larger (Inception v3's
+        auxiliary head); None where training takes what inference takes.
       default_params: parameters of the default build at ``num_classes`` classes, as data (checked by
         tests/test_models.py against `jax.eval_shape`), so tables print without tracing any model.
       aux_loss_weight: the weight of each auxiliary head's loss in training, for architectures that sow

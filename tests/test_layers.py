@@ -21,6 +21,7 @@ from flaxnets.layers import (
     AdaptiveAvgPool,
     AvgPool,
     BatchNorm,
+    BatchTooSmallError,
     GlobalAvgPool,
     InputTooSmallError,
     LocalResponseNorm,
@@ -378,6 +379,29 @@ def test_batch_norm_matches_torch(running_mean_offset):
     expected = nhwc(reference(to_nchw(x)))
     got = layer.apply({"params": variables["params"], **updates}, jnp.asarray(x), use_running_average=True)
     np.testing.assert_allclose(np.asarray(got), expected, atol=atol, rtol=0)
+
+
+def test_batch_norm_refuses_one_value_per_channel_in_training_only():
+    """PyTorch raises for a training batch with one value per channel, whose variance is 0 and whose every
+    output would be ``bias``; so does this layer, counting the values over the device axis when synced.
+    Initialisation and inference take a batch of one."""
+    layer = BatchNorm()
+    one = jnp.ones((1, 1, 1, 3))
+    variables = layer.init(jax.random.key(0), one, use_running_average=False)
+    with pytest.raises(BatchTooSmallError, match="more than one value per channel"):
+        layer.apply(variables, one, use_running_average=False, mutable=["batch_stats"])
+    assert layer.apply(variables, one, use_running_average=True).shape == one.shape
+    two = jnp.asarray([1.0, 3.0]).reshape(1, 2, 1, 1) * jnp.ones(3)  # biased variance 1, unbiased 2
+    _, updates = layer.apply(variables, two, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(updates["batch_stats"]["var"], np.full(3, 0.9 * 1 + 0.1 * 2), rtol=1e-6)
+
+    synced = BatchNorm(axis_name="devices")
+    apply = lambda x: synced.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    with pytest.raises(BatchTooSmallError):
+        jax.vmap(apply, axis_name="devices")(one[None])
+    images = jnp.asarray([[1.0, 2.0, 3.0], [-1.0, 0.0, 5.0]]).reshape(2, 1, 1, 1, 3)  # two devices of one value
+    out, _ = jax.vmap(apply, axis_name="devices")(images)
+    np.testing.assert_allclose(np.asarray(out).reshape(2, 3), [[1, 1, -1], [-1, -1, 1]], atol=1e-4)
 
 
 def test_batch_norm_keeps_float32_statistics_for_bfloat16_compute():

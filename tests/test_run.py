@@ -24,6 +24,16 @@ def test_batch_must_split_over_devices(digits):
         build_run(Config(batch_size=12), data=digits, device_count=8)
 
 
+def test_a_batch_of_one_is_refused_where_batch_norm_would_see_one_value(digits):
+    """LeNet-5-BN normalises its dense features (one value per channel per image); LeNet-5 has no BatchNorm
+    and ResNet-20's last maps are 2x2 at the digits' 8 pixels, so both train on single images."""
+    with pytest.raises(ConfigError, match=r"^--batch-size 1 leaves a BatchNorm layer of lenet5_bn one value per "
+                                          r"channel at 12x12 input, .* a batch of 2 or more\.$"):
+        build_run(Config(arch="lenet5_bn", batch_size=1).validate(), data=digits, device_count=1)
+    for arch in ("lenet5", "resnet20"):
+        assert build_run(Config(arch=arch, batch_size=1).validate(), data=digits, device_count=1).config.batch_size == 1
+
+
 def test_image_side_is_raised_to_the_architecture_minimum(digits):
     assert image_side(Config(arch="lenet5_relu"), digits, "lenet5_relu") == flaxnets.min_input_size("lenet5_relu", 1)
     # ImageNet networks see at least 16 pixels (their last maps 1x1), small-image ones the data's own 8.

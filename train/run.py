@@ -22,6 +22,7 @@ from flax.traverse_util import flatten_dict
 
 import flaxnets
 from flaxnets.cli import error_phrase
+from flaxnets.layers import BatchTooSmallError
 from flaxnets.registry import ModelSpec, UnknownOptionError
 from train.archs import check_user_model, resolve_arch
 from train import step as steps
@@ -282,6 +283,8 @@ def build_run(config: Config, data: Dataset | None = None, device_count: int | N
         raise ConfigError(f"{config.arch} cannot be built with {overrides or 'its defaults'}: {error}") from None
     if config.model_args or spec.family == "user":  # options are read when the model is traced: trace it now
         _check_traces(model, config.arch, overrides, side, data.image_shape[-1])
+    if config.batch_size == 1:
+        _check_batch_of_one(model, config.arch, side, data.image_shape[-1])
     on_device = data.in_memory  # streamed examples arrive cropped and flipped by the host
     preprocess = steps.Preprocess(mean=data.mean, std=data.std, size=side, augment=config.augment,
                                   crop_padding=data.crop_padding if on_device else 0, flip=data.flip and on_device,
@@ -359,6 +362,23 @@ def _check_traces(model, arch: str, options: dict, side: int, channels: int) -> 
         jax.eval_shape(functools.partial(model.init, train=False), {"params": jax.random.key(0)}, images)
     except Exception as error:  # noqa: BLE001 - whatever the module raises, it is about these options
         raise ConfigError(f"{arch} with {options or 'its defaults'} does not build ({error_phrase(error)}).") from None
+
+
+def _check_batch_of_one(model, arch: str, side: int, channels: int) -> None:
+    """Trace a training apply on one image (nothing computed): a BatchNorm whose map is then 1x1 would have
+    one value per channel, which it refuses (`flaxnets.layers.BatchNorm`); one sentence now, not a traceback
+    from the first step."""
+
+    def trained(images):
+        variables = model.init({"params": jax.random.key(0)}, images, train=False)
+        return model.apply(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+
+    images = jax.ShapeDtypeStruct((1, 1, side, side, channels), jnp.float32)  # one device of one image
+    try:
+        jax.eval_shape(jax.vmap(trained, axis_name=AXIS), images)
+    except BatchTooSmallError:
+        raise ConfigError(f"--batch-size 1 leaves a BatchNorm layer of {arch} one value per channel at "
+                          f"{side}x{side} input, which normalises to nothing; train with a batch of 2 or more.") from None
 
 
 def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple[optax.GradientTransformation,
