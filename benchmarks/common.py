@@ -57,14 +57,16 @@ __all__ = [
 
 
 def run_cli(body: Callable[[], int]) -> int:
-    """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2.
+    """Run a command's ``body``; a user error prints ``error: <sentence>`` on stderr and returns 2, a batch
+    that does not fit in memory the same sentence-long report and 1.
 
     When JAX will run on the CPU, its CPU backend is first given Eigen's convolutions and YNNPACK's
     reductions, as the trainer does (`flaxnets.cpu.prefer_eigen`), so the benchmarks measure what training
     runs; ``XLA_FLAGS`` naming the option overrides it.
     """
-    from flaxnets.cli import ModelRequestError
+    from flaxnets.cli import ModelRequestError, error_phrase, out_of_memory
     from flaxnets.cpu import cpu_backend_ahead, prefer_eigen
+    from flaxnets.layers import BatchTooSmallError
     from flaxnets.registry import UnknownModelError
 
     if cpu_backend_ahead():  # an accelerator's run keeps XLA_FLAGS as it was
@@ -72,9 +74,14 @@ def run_cli(body: Callable[[], int]) -> int:
 
     try:
         return body()
-    except (BenchmarkError, UnknownModelError, ModelRequestError) as error:
+    except (BenchmarkError, UnknownModelError, ModelRequestError, BatchTooSmallError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # noqa: BLE001 - out of memory is the batch asked for; anything else re-raised
+        if not out_of_memory(error):
+            raise
+        print(f"error: out of memory ({error_phrase(error)}); a smaller --batch needs less.", file=sys.stderr)
+        return 1
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import flax.linen as nn
 from flaxnets.analysis import abstract_variables, min_input_size
 from flaxnets.registry import ModelSpec, UnknownOptionError, create_model, get_spec, parse_model_arg
 
-__all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "error_phrase", "plain",
-           "request_from_args", "closed_pipe_status", "unwritable"]
+__all__ = ["ModelRequest", "ModelRequestError", "PlainParser", "add_model_arguments", "error_phrase", "out_of_memory",
+           "plain", "request_from_args", "closed_pipe_status", "unwritable"]
 
 
 # ``code`` and `name` (reST's literal and interpreted text) around anything but a backtick.
@@ -41,6 +41,19 @@ def error_phrase(error: BaseException, limit: int = 200) -> str:
     says nothing."""
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is XLA's report of memory a device could not allocate, when compiling or running,
+    on any backend (a GPU's ``RESOURCE_EXHAUSTED``, a CPU's "Out of memory allocating ... bytes"), or the
+    host's `MemoryError`."""
+    if isinstance(error, MemoryError):
+        return True
+    import jax
+
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text
+                                                               or "out of memory" in text.lower())
 
 
 def unwritable(folder: str | os.PathLike) -> str | None:

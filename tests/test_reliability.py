@@ -633,6 +633,29 @@ def test_a_folder_that_would_lose_files_to_a_new_run_is_refused_before_it_starts
     assert (mine / "plots" / "curves.png").read_bytes() == b"mine"
 
 
+def test_out_of_memory_ends_a_command_in_one_line_saying_what_needs_less(capsys):
+    """A batch the device cannot hold is the user's setting, not a defect: the trainer's commands and the
+    benchmarks say so in one sentence (XLA's own words on a GPU, then on a CPU), and any other runtime error
+    keeps its traceback."""
+    from benchmarks.common import run_cli as run_benchmark
+    from train.exits import run_command
+
+    def fails(text):
+        def body():
+            raise jax.errors.JaxRuntimeError(text)
+        return body
+
+    gpu = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.00GiB."
+    assert run_command(fails(gpu), memory_advice="a smaller --batch-size needs less") == 1
+    assert capsys.readouterr().err == f"error: out of memory ({gpu}); a smaller --batch-size needs less.\n"
+    cpu = "INTERNAL: Error dispatching computation: Out of memory allocating 60211201348 bytes."
+    assert run_benchmark(fails(cpu)) == 1
+    assert capsys.readouterr().err == f"error: out of memory (JaxRuntimeError: {cpu}); a smaller --batch needs less.\n"
+    for command in (run_command, run_benchmark):
+        with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: a defect"):
+            command(fails("INTERNAL: a defect"))
+
+
 def test_a_refused_path_and_a_closed_pipe_end_a_command_in_one_line(capsys, tmp_path):
     """`train.exits.run_command`: an OSError is the path and the system's reason; a reader that went away
     (``| head``) ends the command quietly with SIGPIPE's status, as POSIX tools end."""

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
             print(recipe)
         return 0
 
-    return run_command(body)
+    return run_command(body, memory_advice="a smaller --batch-size or --eval-batch-size needs less, as do --dtype "
+                       "bfloat16 and --model-arg remat=true (activations recomputed; not LeNet-5 nor AlexNet)")
 
 
 if __name__ == "__main__":

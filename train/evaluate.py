@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     def body() -> int:
         return _published(args) if args.weights is not None else _checkpoint(args)
 
-    return run_command(body)
+    return run_command(body, memory_advice="a smaller --batch-size needs less")
 
 
 def _checkpoint(args) -> int:

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable
 
-from flaxnets.cli import closed_pipe_status
+from flaxnets.cli import closed_pipe_status, out_of_memory
 from flaxnets.convert import StateDictMismatchError, WeightsFileError
 from flaxnets.registry import UnknownModelError
 from train.checkpoint import CheckpointError
@@ -29,8 +29,9 @@ USER_ERRORS = (ConfigError, DataError, UnknownModelError, CheckpointError, State
                WorkdirError)
 
 
-def run_command(body: Callable[[], int]) -> int:
-    """Run ``body``; a user error prints ``error: <sentence>`` and returns 2 instead of a traceback.
+def run_command(body: Callable[[], int], memory_advice: str = "a smaller batch needs less") -> int:
+    """Run ``body``; a user error prints ``error: <sentence>`` and returns 2 instead of a traceback. A device
+    (or the host) out of memory is one sentence too, ending with ``memory_advice``, and returns 1.
 
     In a run of several processes, a failed collective (another process died) is one sentence too, and a
     process that fails leaves at once (`os._exit`): JAX's exit handler would otherwise wait at a shutdown
@@ -54,23 +55,32 @@ def run_command(body: Callable[[], int]) -> int:
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}.", file=sys.stderr)
         code = 1
-    except Exception as error:  # noqa: BLE001 - only in a multi-process run; re-raised otherwise
-        if not _multi_process():
+    except Exception as error:  # noqa: BLE001 - memory, or a multi-process run's peers; re-raised otherwise
+        if out_of_memory(error):  # the settings asked for more than the machine has: no defect to trace
+            print(f"error: out of memory ({_first_line(error)}); {memory_advice}.", file=sys.stderr)
+            code = 1
+        elif not _multi_process():
             raise
-        import jax
-
-        if isinstance(error, jax.errors.JaxRuntimeError) or _PEER_FAILURE.search(str(error)):
-            print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: an operation with the "
-                  f"other processes failed ({_first_line(error)}), most likely because one of them died; "
-                  f"{RESTART}.", file=sys.stderr)
         else:
-            traceback.print_exc()
-        code = 1
+            code = _peer_failure(error)
     if code and _multi_process():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _peer_failure(error: Exception) -> int:
+    """Report a failed collective of a multi-process run (another process died) in one sentence."""
+    import jax
+
+    if isinstance(error, jax.errors.JaxRuntimeError) or _PEER_FAILURE.search(str(error)):
+        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: an operation with the "
+              f"other processes failed ({_first_line(error)}), most likely because one of them died; "
+              f"{RESTART}.", file=sys.stderr)
+    else:
+        traceback.print_exc()
+    return 1
 
 
 # How a collective or a barrier with a process that died fails when JAX re-raises it as another type (a

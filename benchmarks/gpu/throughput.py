@@ -49,11 +49,6 @@ def _torchvision_archs() -> list[str]:
     return ranked + sorted(set(names) - set(ranked))
 
 
-def _out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
 def measure_row(arch: str, mode: str, dtype: str, batch: int, sizes: Sizes, ceiling: float | None,
                 retry_smaller: bool = True, **options: Any) -> dict[str, Any]:
     """`benchmarks.throughput.throughput_row`, plus MFU against the measured ceiling and the process's
@@ -62,14 +57,14 @@ def measure_row(arch: str, mode: str, dtype: str, batch: int, sizes: Sizes, ceil
     import jax
 
     from benchmarks.throughput import throughput_row
-    from flaxnets.cli import error_phrase
+    from flaxnets.cli import error_phrase, out_of_memory
 
     try:
         row = throughput_row(arch, mode, batch, dtype=dtype, repeats=sizes.repeats, warmup=1,
                              steps=sizes.steps, log=say, **options)
     except Exception as error:  # noqa: BLE001 - any row may fail; the table goes on
         jax.clear_caches()
-        if retry_smaller and _out_of_memory(error) and batch > sizes.small_batch:
+        if retry_smaller and out_of_memory(error) and batch > sizes.small_batch:
             say(f"{arch} {mode} {dtype}: batch {batch} does not fit; batch {sizes.small_batch}")
             row = measure_row(arch, mode, dtype, sizes.small_batch, sizes, ceiling, **options)
             row["note"] = f"batch {batch} did not fit in device memory"
