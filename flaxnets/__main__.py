@@ -26,6 +26,7 @@ import jax
 from flaxnets.analysis import step_memory, summary
 from flaxnets.cli import (ModelRequestError, PlainParser, add_model_arguments, closed_pipe_status, request_from_args,
                           unwritable)
+from flaxnets.layers import BatchTooSmallError
 from flaxnets.registry import UnknownModelError, get_spec, list_models
 
 # The largest count of pixels over a batch that a layer may take: BatchNorm counts them in an int32, JAX's
@@ -167,7 +168,7 @@ def _main(argv: list[str] | None) -> int:
               "torchvision: the count torchvision publishes at 1000 classes (GoogLeNet's without its auxiliary "
               "heads). tests/test_models.py checks every number against the traced model.")
         return 0
-    except (UnknownModelError, ModelRequestError) as error:
+    except (UnknownModelError, ModelRequestError, BatchTooSmallError) as error:  # the last: summary --batch 1
         print(f"error: {error}", file=sys.stderr)
         return 2
 

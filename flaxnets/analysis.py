@@ -259,7 +259,8 @@ def step_memory(
     ones. The prediction is ``apply(variables, images, train=False)`` on uint8 images. ``model``,
     ``input_shape`` (its batch dimension is replaced by ``batch``), ``num_classes`` and ``overrides`` are
     as for `summary`. The trainer's own step (its metrics, per-example random keys) differs by well under
-    a percent (tests/test_exercises.py compares it with `benchmarks.common.build_step`).
+    a percent (tests/test_exercises.py compares it with `benchmarks.common.build_step`). A ``batch`` that
+    leaves a BatchNorm layer one value per channel cannot train: `flaxnets.layers.BatchTooSmallError`.
     """
     import optax  # only this estimate needs an optimizer: `import flaxnets` does not import optax
 

@@ -97,6 +97,8 @@ def test_summary_batch_prints_xla_memory_of_a_training_step_and_a_prediction(cap
     assert "training step (SGD with momentum" in out and "prediction: " in out
     assert command.main(["summary", "lenet5", "--batch", "0"]) == 2
     assert "--batch" in one_sentence(capsys)
+    assert command.main(["summary", "lenet5_bn", "--batch", "1"]) == 2  # its dense BatchNorm: one value a channel
+    assert "more than one value per channel" in one_sentence(capsys)
 
 
 def test_step_memory_is_the_trainer_step_and_grows_with_the_batch():
