@@ -264,8 +264,9 @@ class BatchNorm(nn.Module):
     ``dtype``. With ``axis_name`` set (under ``shard_map``/``pmap``) both moments are averaged over that
     device axis in one collective, so every device normalises with the statistics of the whole global
     batch. ``momentum`` is flax's (the weight of the old running value): PyTorch's ``momentum=0.1`` is
-    ``0.9`` here. In training mode a batch with one value per channel (a batch of 1 whose map is 1x1) is
-    refused with a `ValueError`, as PyTorch refuses it; initialisation and inference take any batch.
+    ``0.9`` here. As in PyTorch, training refuses a batch with one value per channel (a batch of 1 whose
+    map is 1x1: `BatchTooSmallError`) and an empty batch leaves the statistics unchanged; initialisation
+    and inference take any batch.
     """
 
     use_running_average: bool | None = None
@@ -308,9 +309,10 @@ class BatchNorm(nn.Module):
                     raise BatchTooSmallError(f"BatchNorm in training mode needs more than one value per channel, "
                                              f"got input of shape {tuple(x.shape)}: train with a batch of 2 or more, "
                                              "or a larger input.")
-                unbiased = var * (count / (count - 1))
-                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
-                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
+                if count:  # an empty batch (its moments NaN) leaves the statistics as they were, as in PyTorch
+                    unbiased = var * (count / (count - 1))
+                    running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                    running_var.value = self.momentum * running_var.value + (1 - self.momentum) * unbiased
         inv = scale * lax.rsqrt(var + self.epsilon)
         return (xc * inv + (bias - mean * inv)).astype(self.dtype or x.dtype)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -384,13 +385,16 @@ def test_batch_norm_matches_torch(running_mean_offset):
 def test_batch_norm_refuses_one_value_per_channel_in_training_only():
     """PyTorch raises for a training batch with one value per channel, whose variance is 0 and whose every
     output would be ``bias``; so does this layer, counting the values over the device axis when synced.
-    Initialisation and inference take a batch of one."""
+    Initialisation and inference take a batch of one; an empty batch leaves the statistics alone."""
     layer = BatchNorm()
     one = jnp.ones((1, 1, 1, 3))
     variables = layer.init(jax.random.key(0), one, use_running_average=False)
     with pytest.raises(BatchTooSmallError, match="more than one value per channel"):
         layer.apply(variables, one, use_running_average=False, mutable=["batch_stats"])
     assert layer.apply(variables, one, use_running_average=True).shape == one.shape
+    empty, updates = layer.apply(variables, one[:0], use_running_average=False, mutable=["batch_stats"])
+    assert empty.shape == (0, 1, 1, 3)  # and the statistics stay as they were, not NaN
+    chex.assert_trees_all_equal(updates["batch_stats"], variables["batch_stats"])
     two = jnp.asarray([1.0, 3.0]).reshape(1, 2, 1, 1) * jnp.ones(3)  # biased variance 1, unbiased 2
     _, updates = layer.apply(variables, two, use_running_average=False, mutable=["batch_stats"])
     np.testing.assert_allclose(updates["batch_stats"]["var"], np.full(3, 0.9 * 1 + 0.1 * 2), rtol=1e-6)
