@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import re
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flaxnets.layers import BatchTooSmallError, InputTooSmallError
 
-__all__ = ["checks_input_size", "smallest_input", "InputTooSmallError"]
+__all__ = ["checks_input_size", "smallest_input", "InputTooSmallError", "VariablesMisfitError"]
 
 _SEARCHING: contextvars.ContextVar[bool] = contextvars.ContextVar("flaxnets_min_size_search", default=False)
 _LARGEST_SIDE = 4096
@@ -56,8 +58,10 @@ def checks_input_size(call: Callable) -> Callable:
         try:
             with nn.intercept_methods(_interceptor):
                 return call(self, x, *args, **kwargs)
+        except flax.errors.ScopeParamShapeError as error:
+            raise VariablesMisfitError(_misfit(self, x, error)) from None
         except _SHAPE_ERRORS as error:
-            if isinstance(error, BatchTooSmallError):  # the batch, not the input's side
+            if isinstance(error, (BatchTooSmallError, VariablesMisfitError)):  # not the input's side
                 raise
             if getattr(x, "ndim", 0) != 4:
                 raise ValueError(
@@ -72,10 +76,30 @@ def checks_input_size(call: Callable) -> Callable:
                 raise
             raise ValueError(
                 f"{type(self).__name__} needs an input of at least {smallest}x{smallest} pixels; "
-                f"got {height}x{width}."
+                f"got {height}x{width}{_nchw_hint(x.shape)}."
             ) from None
 
     return guarded
+
+
+class VariablesMisfitError(ValueError):
+    """Raised when a model's variables were made for inputs of another kind than those it is applied to."""
+
+
+def _misfit(model: nn.Module, x: Any, error: Exception) -> str:
+    """Flax's report of a parameter of the wrong shape, as the likely cause: images with other channels than
+    the variables were made for, often PyTorch's NCHW layout (or, behind a flattening, another size)."""
+    shape = tuple(getattr(x, "shape", ()))
+    detail = re.sub(r"\s*\(https?://[^)]*\)\s*$", "", str(error)).strip()
+    return (f"{type(model).__name__}'s variables were made for other images than these, of shape "
+            f"{shape}{_nchw_hint(shape)} ({detail})")
+
+
+def _nchw_hint(shape: tuple[int, ...]) -> str:
+    """A clause for images that look like PyTorch's layout (few channels first, many last), else ``""``."""
+    if len(shape) == 4 and shape[1] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        return "; they look like PyTorch's NCHW layout, and the models take NHWC: x.transpose(0, 2, 3, 1)"
+    return ""
 
 
 def _traces(module: nn.Module, side: int, channels: int, train: bool = False) -> bool:

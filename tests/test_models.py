@@ -31,7 +31,7 @@ import pytest
 
 import flaxnets
 from flaxnets.analysis import abstract_variables, count_params
-from flaxnets.input_size import _traces, smallest_input
+from flaxnets.input_size import VariablesMisfitError, _traces, smallest_input
 from flaxnets.models.googlenet import collect_aux_logits
 from flaxnets.models.inception import AUX_MIN_INPUT
 from flaxnets.models.vgg import CONFIGS, D2L_CONV_ARCH
@@ -591,6 +591,24 @@ def test_smallest_input_of_a_module_without_the_guard():
             return nn.Dense(NUM_CLASSES)(x.reshape((x.shape[0], -1)))
 
     assert smallest_input(Pooled(), 1) == 2
+
+
+def test_variables_applied_to_other_images_name_the_cause():
+    """Images of other channels than the variables were made for meet Flax's parameter-shape error in the
+    first convolution; the guard says so, and says "NCHW" where the images look like PyTorch's layout."""
+    model = flaxnets.create_model("resnet18", num_classes=NUM_CLASSES)
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    apply = functools.partial(model.apply, train=False)
+    with pytest.raises(VariablesMisfitError, match=r"^ResNet's variables were made for other images than these, of "
+                                                   r"shape \(2, 32, 32, 1\) \(For parameter \"kernel\" in \"/conv1\""):
+        jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((2, 32, 32, 1), jnp.float32))
+    with pytest.raises(VariablesMisfitError, match=r"of shape \(2, 3, 32, 32\); they look like PyTorch's NCHW "
+                                                   r"layout, and the models take NHWC: x.transpose\(0, 2, 3, 1\) \("):
+        jax.eval_shape(apply, variables, jax.ShapeDtypeStruct((2, 3, 32, 32), jnp.float32))
+    with pytest.raises(ValueError, match=r"at least 32x32 pixels; got 3x224; they look like PyTorch's NCHW"):
+        jax.eval_shape(functools.partial(flaxnets.create_model("vgg11").init, train=False), jax.random.key(0),
+                       jax.ShapeDtypeStruct((1, 3, 224, 224), jnp.float32))
 
 
 def test_wrong_rank_input_is_a_clear_error():
