@@ -219,9 +219,15 @@ def export(model: nn.Module, variables: Mapping[str, Any], path: str | os.PathLi
 
     Raises:
       ExportCheckError: the exported program disagrees with the JAX model (nothing is written).
-      ExportError: a missing package, an unknown format, a tolerance that is not a finite number above 0, a
+      ExportError: a model that is not a linen module (an NNX one: pass ``model.module, model.variables``),
+        a missing package, an unknown format, a tolerance that is not a finite number above 0, a
         file already there, or a folder where no file can be written.
     """
+    if not isinstance(model, nn.Module) or not isinstance(variables, Mapping):
+        nnx_model = hasattr(model, "module") and hasattr(model, "variables")  # flaxnets.nnx.Model, say
+        raise ExportError(f"export takes a flax.linen model and its variables, got a {type(model).__name__} and a "
+                          f"{type(variables).__name__}"
+                          + ("; for an NNX model pass model.module, model.variables." if nnx_model else "."))
     path = Path(path)
     kind = format or FORMATS.get(path.suffix)
     if kind not in _SERIALIZERS:

@@ -22,6 +22,7 @@ import pytest
 
 import flaxnets
 from flaxnets import export as exporting
+from flaxnets import nnx as flaxnets_nnx
 from flaxnets.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,14 @@ def test_the_library_refuses_a_tolerance_that_checks_nothing(tmp_path):
     for tolerance in (float("nan"), -1.0, 0, True):
         with pytest.raises(exporting.ExportError, match="tolerance must be a finite number above 0"):
             exporting.export(model, variables, tmp_path / "m.stablehlo", input_shape=shape, tolerance=tolerance)
+
+
+def test_the_library_says_how_to_export_an_nnx_model(tmp_path):
+    model = flaxnets_nnx.create_model("lenet5", num_classes=10, input_shape=(28, 28, 1))
+    with pytest.raises(exporting.ExportError, match=r"got a Model and a NoneType; for an NNX model pass "
+                                                    r"model.module, model.variables\.$"):
+        exporting.export(model, None, tmp_path / "m.onnx", input_shape=(28, 28, 1))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_weights_file_an_architecture_cannot_read_is_named_with_the_reason(tmp_path, capsys):
