@@ -156,15 +156,19 @@ class FeatureNet(nn.Module):
 
     def __call__(self, x: jnp.ndarray, train: bool) -> list[jnp.ndarray]:
         path = tuple(self.model.path)
-        # The layers after the last chosen point run only in `init`, which makes the headless model's variables.
-        stop_after = None if self.is_initializing() else max(self.out_indices) + 1
+        # The layers after the last chosen point run only in `init`, which makes the headless model's variables
+        # (and where an index counts from the end, which only the whole network's points resolve).
+        indices = self.out_indices
+        counted = isinstance(indices, Sequence) and indices and all(isinstance(i, int) and i >= 0 for i in indices)
+        stop_after = max(indices) + 1 if counted and not self.is_initializing() else None
         with _listening(path, stop_after) as taps:
             try:
                 self.model(x, train)
             except _Enough:
                 pass
         own = _own(taps, path)
-        return [own[index].value for index in self.out_indices]
+        # Early stops leave exactly the points asked for; a whole run, all there are (an index too large says so).
+        return [own[index].value for index in resolve_indices(len(own), indices, type(self.model).__name__)]
 
 
 def forward_intermediates(model: nn.Module, variables: Any, x: jnp.ndarray, train: bool = False, *,

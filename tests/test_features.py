@@ -15,6 +15,7 @@ import pytest
 
 import flaxnets
 from flaxnets import models
+from flaxnets.features import FeatureNet
 
 # (name, options, input side): a small member of each family, each class of `flaxnets.models` at least once.
 MEMBERS = [
@@ -135,6 +136,19 @@ def test_bad_feature_requests_are_one_sentence(options):
         flaxnets.create_model("resnet18_cifar", out_indices=(1,))
     with pytest.raises(ValueError, match=r"no option 'widht'; Did you mean 'width'\?"):  # not Flax's own 'parent'
         flaxnets.create_model("resnet18_cifar", features_only=True, widht=8)
+
+
+def test_a_feature_net_built_by_hand_resolves_its_indices_like_create_model():
+    """`FeatureNet(backbone, out_indices)` without `create_model`: indices from the end pick the same maps,
+    and one past the last point is the same sentence, not an IndexError."""
+    backbone = flaxnets.create_model("resnet18_cifar", num_classes=0, width=8)
+    x = jnp.ones((1, 8, 8, 3))
+    variables = jax.eval_shape(lambda k: backbone.init(k, x, False), jax.random.key(0))
+    maps = lambda indices: [m.shape for m in jax.eval_shape(lambda v: FeatureNet(backbone, indices).apply(v, x, False),
+                                                            variables)]
+    assert maps((1, -1)) == maps((1, 4))
+    with pytest.raises(ValueError, match=r"ResNet has 5 feature points .* got out_indices=\(7,\)"):
+        maps((7,))
 
 
 # name, options, side: the three ways `remat=True` is wired (a block class, a layer taking `train`, a method);
