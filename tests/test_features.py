@@ -144,8 +144,10 @@ def test_a_feature_net_built_by_hand_resolves_its_indices_like_create_model():
     backbone = flaxnets.create_model("resnet18_cifar", num_classes=0, width=8)
     x = jnp.ones((1, 8, 8, 3))
     variables = jax.eval_shape(lambda k: backbone.init(k, x, False), jax.random.key(0))
-    maps = lambda indices: [m.shape for m in jax.eval_shape(lambda v: FeatureNet(backbone, indices).apply(v, x, False),
-                                                            variables)]
+
+    def maps(indices):
+        return [m.shape for m in jax.eval_shape(lambda v: FeatureNet(backbone, indices).apply(v, x, False), variables)]
+
     assert maps((1, -1)) == maps((1, 4))
     with pytest.raises(ValueError, match=r"ResNet has 5 feature points .* got out_indices=\(7,\)"):
         maps((7,))

@@ -377,8 +377,8 @@ def _check_batch_of_one(model, arch: str, side: int, channels: int) -> None:
     try:
         jax.eval_shape(jax.vmap(trained, axis_name=AXIS), images)
     except BatchTooSmallError:
-        raise ConfigError(f"--batch-size 1 leaves a BatchNorm layer of {arch} one value per channel at "
-                          f"{side}x{side} input, which normalises to nothing; train with a batch of 2 or more.") from None
+        raise ConfigError(f"--batch-size 1 leaves a BatchNorm layer of {arch} one value per channel at {side}x{side} "
+                          "input, which normalises to nothing; train with a batch of 2 or more.") from None
 
 
 def run_optimizer(config: Config, steps_per_epoch: int, *, fence: bool) -> tuple[optax.GradientTransformation,
