@@ -18,6 +18,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxnets.layers import BatchTooSmallError, InputTooSmallError
 
@@ -55,6 +56,8 @@ def checks_input_size(call: Callable) -> Callable:
     def guarded(self, x, *args, **kwargs):
         if _SEARCHING.get():  # the search below already rejects empty activations
             return call(self, x, *args, **kwargs)
+        if args or "train" in kwargs:  # else Python's own error names the missing argument
+            _check_train_flag(self, args[0] if args else kwargs["train"])
         try:
             with nn.intercept_methods(_interceptor):
                 return call(self, x, *args, **kwargs)
@@ -80,6 +83,19 @@ def checks_input_size(call: Callable) -> Callable:
             ) from None
 
     return guarded
+
+
+def _check_train_flag(model: nn.Module, train: Any) -> None:
+    """``train`` chooses Python branches (dropout, batch statistics), so it must be a concrete bool: a string
+    would pass as truthy and a traced one fail deep inside with JAX's own error."""
+    if isinstance(train, (bool, np.bool_)):
+        return
+    name = type(model).__name__
+    if isinstance(train, jax.core.Tracer):
+        raise TypeError(f"{name}'s train flag was traced (an argument of jit, vmap, ...): pass it as a static "
+                        "Python bool, e.g. jax.jit(functools.partial(model.apply, train=True)) or "
+                        "jax.jit(model.apply, static_argnames='train').")
+    raise TypeError(f"{name}'s train flag is True or False, got {train!r}.")
 
 
 class VariablesMisfitError(ValueError):

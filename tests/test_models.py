@@ -611,6 +611,19 @@ def test_variables_applied_to_other_images_name_the_cause():
                        jax.ShapeDtypeStruct((1, 3, 224, 224), jnp.float32))
 
 
+def test_the_train_flag_is_a_concrete_bool():
+    """It chooses Python branches: a string would count as True, a traced one fail inside with JAX's error."""
+    model = flaxnets.create_model("lenet5_bn", num_classes=NUM_CLASSES)
+    images = jnp.zeros((2, 28, 28, 1))
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    with pytest.raises(TypeError, match=r"^LeNet5's train flag is True or False, got 'no'\."):
+        model.apply(variables, images, "no")
+    with pytest.raises(TypeError, match=r"train flag was traced .* static_argnames='train'\)\."):
+        jax.eval_shape(model.apply, variables, images, False)
+    static = jax.eval_shape(functools.partial(model.apply, train=np.bool_(False)), variables, images)
+    assert static.shape == (2, NUM_CLASSES)
+
+
 def test_wrong_rank_input_is_a_clear_error():
     model = flaxnets.create_model("lenet5", num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="NHWC"):
