@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import re
+import warnings
 from typing import Any, Callable
 
 import flax
@@ -60,7 +61,7 @@ def checks_input_size(call: Callable) -> Callable:
             _check_train_flag(self, args[0] if args else kwargs["train"])
         try:
             with nn.intercept_methods(_interceptor):
-                return call(self, x, *args, **kwargs)
+                out = call(self, x, *args, **kwargs)
         except flax.errors.ScopeParamShapeError as error:
             raise VariablesMisfitError(_misfit(self, x, error)) from None
         except _SHAPE_ERRORS as error:
@@ -81,6 +82,11 @@ def checks_input_size(call: Callable) -> Callable:
                 f"{type(self).__name__} needs an input of at least {smallest}x{smallest} pixels; "
                 f"got {height}x{width}{_nchw_hint(x.shape)}."
             ) from None
+        shape = tuple(getattr(x, "shape", ()))
+        if self.is_initializing() and _nchw_hint(shape) and shape[2] == shape[3]:  # e.g. (1, 3, 224, 224)
+            warnings.warn(f"{type(self).__name__} was initialised for {shape[1]}x{shape[2]} images of {shape[3]} "
+                          f"channels{_nchw_hint(shape)}.", stacklevel=2)
+        return out
 
     return guarded
 

@@ -595,7 +595,8 @@ def test_smallest_input_of_a_module_without_the_guard():
 
 def test_variables_applied_to_other_images_name_the_cause():
     """Images of other channels than the variables were made for meet Flax's parameter-shape error in the
-    first convolution; the guard says so, and says "NCHW" where the images look like PyTorch's layout."""
+    first convolution; the guard says so, and says "NCHW" where the images look like PyTorch's layout (a
+    warning where such images make a model at all)."""
     model = flaxnets.create_model("resnet18", num_classes=NUM_CLASSES)
     images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
@@ -609,6 +610,10 @@ def test_variables_applied_to_other_images_name_the_cause():
     with pytest.raises(ValueError, match=r"at least 32x32 pixels; got 3x224; they look like PyTorch's NCHW"):
         jax.eval_shape(functools.partial(flaxnets.create_model("vgg11").init, train=False), jax.random.key(0),
                        jax.ShapeDtypeStruct((1, 3, 224, 224), jnp.float32))
+    # A ResNet takes 3x32 images of 32 channels, so that initialisation is no error; it is very likely a mistake.
+    with pytest.warns(UserWarning, match=r"^ResNet was initialised for 3x32 images of 32 channels; they look like "):
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                       jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32))
 
 
 def test_the_train_flag_is_a_concrete_bool():
