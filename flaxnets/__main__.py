@@ -29,9 +29,9 @@ from flaxnets.cli import (ModelRequestError, PlainParser, add_model_arguments, c
 from flaxnets.layers import BatchTooSmallError
 from flaxnets.registry import UnknownModelError, get_spec, list_models
 
-# The largest count of pixels over a batch that a layer may take: BatchNorm counts them in an int32, JAX's
-# integer unless jax_enable_x64 is set.
-MAX_PIXELS = 2**31 - 1
+# The largest activation --batch may ask for, in float32 bytes: no device holds a pebibyte, and XLA's compiler
+# ends the process (no exception to report) on arrays whose byte counts approach 2**63.
+MAX_ACTIVATION_BYTES = 2**50
 
 
 def model_table(patterns: str | Sequence[str] = "*") -> str:
@@ -56,11 +56,15 @@ def print_summary(name: str, args: argparse.Namespace) -> None:
     """The layer table of the network the arguments ask for and, with ``--batch``, its memory."""
     request = request_from_args(name, args).checked()
     shape = request.input_shape()
-    if args.batch is not None and args.batch * request.side**2 > MAX_PIXELS:  # refused before the table is printed
-        raise ModelRequestError(f"--batch {args.batch} is too large: its {request.side}x{request.side} images hold "
-                                f"more pixels than JAX's 32-bit counts reach (2**31-1); give at most "
-                                f"{MAX_PIXELS // request.side**2}.")
-    summary(request.name, shape, num_classes=request.classes, **request.options)
+    table: list[str] = []  # printed once the batch is known to fit XLA's shapes
+    rows = summary(request.name, shape, num_classes=request.classes, print_fn=table.append, **request.options)
+    if args.batch is not None:
+        largest = 4 * max([math.prod(shape[1:])] + [math.prod(row.output_shape[1:]) for row in rows])  # an image's
+        if args.batch * largest > MAX_ACTIVATION_BYTES:
+            raise ModelRequestError(f"--batch {args.batch} is too large: {request.name}'s largest activation would "
+                                    f"take more than a pebibyte (2**50 bytes) in float32; give at most "
+                                    f"{MAX_ACTIVATION_BYTES // largest:,}.")
+    print("\n".join(table))
     if args.batch is not None:
         memory = step_memory(request.name, shape, batch=args.batch, num_classes=request.classes, **request.options)
         print(memory.describe())
