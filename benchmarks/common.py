@@ -42,6 +42,7 @@ __all__ = [
     "build_step",
     "add_out_option",
     "arch_names",
+    "check_batch",
     "write_results",
     "write_whole",
     "run_cli",
@@ -247,6 +248,17 @@ def add_out_option(parser: argparse.ArgumentParser) -> None:
                         "print only; --out benchmarks/results replaces the committed ones)")
     # Printing only is the default now; the flag stays so that commands written before still run.
     parser.add_argument("--no-write", action="store_true", help=argparse.SUPPRESS)
+
+
+# No device holds 2**24 images, and far past it XLA's compiler ends the process without an exception to report.
+BATCH_LIMIT = 2**24
+
+
+def check_batch(batch: int | None) -> None:
+    """Refuse a ``--batch`` below 1 or past `BATCH_LIMIT` in one sentence (None: the benchmark's default)."""
+    if batch is not None and not 1 <= batch <= BATCH_LIMIT:
+        raise BenchmarkError(f"--batch must be a whole number from 1 to {BATCH_LIMIT:,} (2**24, more images than any "
+                             f"device holds), got {batch}.")
 
 
 def arch_names(text: str, flag: str = "--arch") -> list[str]:

@@ -24,6 +24,7 @@ from flax import nnx
 import flaxnets
 import flaxnets.nnx
 
+from benchmarks.common import BenchmarkError, check_batch, run_cli
 from train.arguments import CommandParser
 
 
@@ -136,17 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--reverse", action="store_true", help="compile the variants in the opposite order")
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1:
-        print("error: --batch and --repeats must be positive integers.", file=sys.stderr)
-        return 2
-    print(f"resnet18_cifar train step, 32x32, batch {args.batch}, float32, {jax.devices()[0].device_kind}, "
-          f"jax {jax.__version__}")
-    print("| variant | compile (s) | step median (ms) | step min-max (ms) |\n| --- | --- | --- | --- |")
-    for row in measure(args.batch, args.repeats, args.reverse):
-        times = [t * 1e3 for t in row["times"]]
-        print(f"| {row['variant']} | {row['compile_s']:.1f} | {statistics.median(times):.0f} | "
-              f"{min(times):.0f}-{max(times):.0f} |")
-    return 0
+
+    def body() -> int:
+        check_batch(args.batch)
+        if args.repeats < 1:
+            raise BenchmarkError(f"--repeats must be a positive integer, got {args.repeats}.")
+        print(f"resnet18_cifar train step, 32x32, batch {args.batch}, float32, {jax.devices()[0].device_kind}, "
+              f"jax {jax.__version__}")
+        print("| variant | compile (s) | step median (ms) | step min-max (ms) |\n| --- | --- | --- | --- |")
+        for row in measure(args.batch, args.repeats, args.reverse):
+            times = [t * 1e3 for t in row["times"]]
+            print(f"| {row['variant']} | {row['compile_s']:.1f} | {statistics.median(times):.0f} | "
+                  f"{min(times):.0f}-{max(times):.0f} |")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from benchmarks.common import (BenchmarkError, add_out_option, arch_names, environment, markdown_table, run_cli,
-                               write_whole)
+from benchmarks.common import (BenchmarkError, add_out_option, arch_names, check_batch, environment, markdown_table,
+                               run_cli, write_whole)
 from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
@@ -256,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for peer in peers:
             if peer not in PEERS:
                 raise BenchmarkError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}.")
-        for name in ("batch", "steps", "repeats", "warmup"):
+        check_batch(args.batch)
+        for name in ("steps", "repeats", "warmup"):
             if getattr(args, name) < 1:
                 raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
         archs = arch_names(args.arch)

@@ -30,7 +30,8 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import BenchmarkError, add_out_option, as_request, environment, run_cli, write_results
+from benchmarks.common import (add_out_option, as_request, check_batch, environment, run_cli,
+                               write_results)
 from train.arguments import CommandParser
 
 if TYPE_CHECKING:
@@ -142,8 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flaxnets.analysis import abstract_variables, count_params
         from flaxnets.cli import request_from_args
 
-        if args.batch < 1:
-            raise BenchmarkError(f"--batch must be a positive integer, got {args.batch}.")
+        check_batch(args.batch)
         request = request_from_args(args.arch, args).checked()
         size = request.side
         dtype_bytes = 2 if args.dtype == "bfloat16" else 4

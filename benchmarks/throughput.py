@@ -28,9 +28,9 @@ import statistics
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, as_request, environment,
-                               kernels_argument, markdown_table, measure, mfu, peak_rss_bytes, peak_tflops, run_cli,
-                               write_results)
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, as_request, check_batch,
+                               environment, kernels_argument, markdown_table, measure, mfu, peak_rss_bytes, peak_tflops,
+                               run_cli, write_results)
 from train.arguments import CommandParser
 
 if TYPE_CHECKING:
@@ -139,8 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
         if args.warmup < 0:
             raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}.")
-        if args.batch is not None and args.batch < 1:
-            raise BenchmarkError(f"--batch must be a positive integer, got {args.batch}.")
+        check_batch(args.batch)
         if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
             raise BenchmarkError(f"--peak-tflops must be a finite number above 0, got {args.peak_tflops}.")
         if args.all and args.arch is not None:  # one of them would be ignored

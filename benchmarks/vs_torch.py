@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, environment,
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, check_batch, environment,
                                kernels_argument, run_cli, write_results)
 from train.arguments import CommandParser
 
@@ -191,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for arch in archs:
             if flaxnets.get_spec(arch).torchvision is None:
                 _torch_model(None, arch, None)  # raises the user error
-        if args.batch < 1 or args.repeats < 1 or args.size < 1:
-            raise BenchmarkError("--batch, --size and --repeats must be positive integers.")
+        check_batch(args.batch)
+        if args.repeats < 1 or args.size < 1:
+            raise BenchmarkError("--size and --repeats must be positive integers.")
         torch, _, reason = load_torch()
         if reason:
             print(f"skipped: {reason}")

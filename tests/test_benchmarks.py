@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, costs, cpu_kernels, exports, flops, peers, profile, step_variants, throughput, vs_torch
+from benchmarks import (common, costs, cpu_kernels, exports, flops, nnx, peers, profile, step_variants, throughput,
+                        vs_torch)
 from flaxnets.analysis import abstract_variables, count_params, trace_layers
 from test_export import read_only_folder  # noqa: F401 - a fixture
 
@@ -138,6 +139,9 @@ def test_cpu_kernel_variants_are_timed_side_by_side():
     (cpu_kernels, ["--arch", "lenet5,,alexnet"], "has an empty one"),
     (throughput, ["--arch", "lenet5", "--kernels", "plain", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "resnet5O"], "unknown model"),
+    (vs_torch, ["--arch", "resnet18", "--batch", str(2**24 + 1)], "--batch must be a whole number from 1 to 16,777,216"),
+    (nnx, ["--batch", "0"], "--batch must be a whole number from 1 to"),
+    (nnx, ["--repeats", "0"], "--repeats must be a positive integer, got 0"),
     (throughput, ["--arch", "lenet5", "--batch", "0"], "--batch"),
     (throughput, ["--arch", "lenet5", "--devices", "999"], "--devices"),
     (throughput, ["--arch", "lenet5", "--peak-tflops", "nan"], "--peak-tflops must be a finite number above 0"),
