@@ -5,10 +5,8 @@ other test runs on the first device as usual. Programs compile without XLA's slo
 (tests/compiling.py says why).
 """
 
-import contextlib
 import os
 import pathlib
-import tempfile
 
 from compiling import xla_flags
 
@@ -40,19 +38,6 @@ def _registry_as_it_was():
     yield
     registry._REGISTRY.clear()
     registry._REGISTRY.update(before)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_tfds_leftovers():
-    """tensorflow-datasets makes an empty temporary folder for every builder of a dataset whose info files
-    are not on disk (`DatasetInfo.initialize_from_bucket`, as under `tfds.testing.mock_data`) and never
-    removes it; those this session made, here and in the commands it started, are removed at its end."""
-    root = pathlib.Path(tempfile.gettempdir())
-    before = set(root.glob("tmp*tfds"))
-    yield
-    for folder in set(root.glob("tmp*tfds")) - before:
-        with contextlib.suppress(OSError):  # empty ones only: a folder someone filled stays
-            folder.rmdir()
 
 
 @pytest.fixture(scope="session", autouse=True)

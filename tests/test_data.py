@@ -11,6 +11,7 @@ import pickle
 import struct
 import sys
 import tarfile
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -286,11 +287,15 @@ def test_recorded_checksums_are_tensorflow_datasets_own():
 
 
 # -- tensorflow-datasets, mocked ----------------------------------------------------------------------------
-def test_unknown_and_unprepared_tfds_names_are_one_sentence(tmp_path):
+def test_unknown_and_unprepared_tfds_names_are_one_sentence(tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"  # where tensorflow-datasets makes (and leaves) a folder per unprepared builder
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     with pytest.raises(DataError, match="Did you mean cifar10"):
         load_dataset("cifar1O")
     with pytest.raises(DataError, match="not prepared .*python -m train.data prepare imagenette"):
-        load_dataset("imagenette", str(tmp_path))
+        load_dataset("imagenette", str(tmp_path / "data"))
+    assert list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("name,shape,classes", [("cifar10", (32, 32, 3), 10), ("fashion_mnist", (28, 28, 1), 10)])

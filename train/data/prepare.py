@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from train.data import DataError
-from train.data.optional import require
+from train.data.optional import no_stray_tfds_folders, require
 
 __all__ = ["prepare"]
 
@@ -29,7 +29,8 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> str:
     tfds = require("tensorflow_datasets", f"preparing {name}")
 
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        with no_stray_tfds_folders():
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         raise DataError(f"tensorflow-datasets has no dataset called {name!r}.") from None
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None

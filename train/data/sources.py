@@ -18,7 +18,7 @@ from typing import IO, Sequence
 import numpy as np
 
 from train.data.errors import DataError
-from train.data.optional import require
+from train.data.optional import no_stray_tfds_folders, require
 
 __all__ = ["TfdsSource", "FolderSource", "Subset", "source_labels", "scan_folder", "decode_image",
            "IMAGE_EXTENSIONS"]
@@ -40,7 +40,8 @@ class TfdsSource:
     def _open(self):
         if self._source is None:
             tfds = require("tensorflow_datasets", f"reading {self.name}")
-            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+            with no_stray_tfds_folders():
+                self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
         return self._source
 
     def __getstate__(self):
@@ -81,8 +82,9 @@ class TfdsSource:
             return labels
 
         try:
-            raw = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
-                                   deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
+            with no_stray_tfds_folders():
+                raw = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False,
+                                       deserialize_method=tfds.decode.DeserializeMethod.DESERIALIZE_NO_DECODE)
             return read_all(raw, lambda record: int(np.asarray(record[self.label_key])))
         except Exception:  # noqa: BLE001 - no undecoded path for this dataset here: decode as training does
             return read_all(self._open(), lambda record: int(record[self.label_key]))

@@ -9,7 +9,7 @@ import difflib
 
 from train.data.errors import DataError
 from train.data.names import BUILTIN, EVAL_SPLITS, TEST_SPLITS
-from train.data.optional import require
+from train.data.optional import no_stray_tfds_folders, require
 from train.data.sources import TfdsSource
 from train.data.stream import Streamed
 
@@ -22,7 +22,8 @@ def tfds_builder(name: str, data_dir: str | None) -> tuple[object, str, str]:
     require("array_record", f"--dataset {name}")  # tfds.data_source reads ArrayRecord files through it
     from tensorflow_datasets.core import registered
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        with no_stray_tfds_folders():
+            builder = tfds.builder(name, data_dir=data_dir)
     except (registered.DatasetNotFoundError, ValueError):  # ValueError: not even a well-formed name
         known = sorted(set(BUILTIN) | set(registered.list_imported_builders()))
         close = difflib.get_close_matches(name, known, n=3)
