@@ -38,9 +38,13 @@ _MARKUP = re.compile(r"``([^`]+)``|`([^`]+)`")
 def error_phrase(error: BaseException, limit: int = 200) -> str:
     """An exception as a phrase for a one-sentence message: its kind and the first line of what it says
     (at most ``limit`` characters), e.g. ``"TypeError: unexpected keyword 'width'"``; the kind alone when it
-    says nothing."""
+    says nothing. XLA's pointers into its own sources (``[external/xla/...]``) are left out."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:limit]}" if text else type(error).__name__
+    text = _XLA_SOURCE.sub("", text.splitlines()[0]).strip()[:limit] if text else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_XLA_SOURCE = re.compile(r"\[external/[^\]]*\]\s*")
 
 
 def out_of_memory(error: BaseException) -> bool:

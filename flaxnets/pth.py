@@ -32,6 +32,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
+
 __all__ = ["WeightsFileError", "read_pth"]
 
 
@@ -269,5 +271,4 @@ def read_pth(path: str | os.PathLike) -> Any:
             zipfile.BadZipFile, UnicodeDecodeError) as error:
         if isinstance(error, WeightsFileError):
             raise
-        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise WeightsFileError(f"{path} is a damaged PyTorch weights file ({detail}).") from None
+        raise WeightsFileError(f"{path} is a damaged PyTorch weights file ({error_phrase(error, 120)}).") from None

@@ -647,13 +647,25 @@ def test_out_of_memory_ends_a_command_in_one_line_saying_what_needs_less(capsys)
 
     gpu = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.00GiB."
     assert run_command(fails(gpu), memory_advice="a smaller --batch-size needs less") == 1
-    assert capsys.readouterr().err == f"error: out of memory ({gpu}); a smaller --batch-size needs less.\n"
+    assert capsys.readouterr().err == f"error: out of memory (JaxRuntimeError: {gpu}); a smaller --batch-size needs less.\n"
     cpu = "INTERNAL: Error dispatching computation: Out of memory allocating 60211201348 bytes."
     assert run_benchmark(fails(cpu)) == 1
     assert capsys.readouterr().err == f"error: out of memory (JaxRuntimeError: {cpu}); a smaller --batch needs less.\n"
     for command in (run_command, run_benchmark):
         with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: a defect"):
             command(fails("INTERNAL: a defect"))
+
+
+def test_an_error_in_a_sentence_is_its_kind_and_first_line_without_xla_source_paths():
+    """`flaxnets.cli.error_phrase`, which every one-sentence message quoting an exception uses."""
+    from flaxnets.cli import error_phrase
+
+    xla = jax.errors.JaxRuntimeError("INTERNAL: Failed to launch [external/xla/xla/service/gpu/x.cc:12] kernel\n"
+                                     "stack frame 1\nstack frame 2")
+    assert error_phrase(xla) == "JaxRuntimeError: INTERNAL: Failed to launch kernel"
+    assert error_phrase(ValueError("\n  storage is truncated  \nmore")) == "ValueError: storage is truncated"
+    assert error_phrase(KeyError()) == "KeyError"
+    assert error_phrase(OSError("x" * 500), limit=10) == "OSError: xxxxxxxxxx"
 
 
 def test_a_refused_path_and_a_closed_pipe_end_a_command_in_one_line(capsys, tmp_path):

@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Callable
 
-from flaxnets.cli import closed_pipe_status, out_of_memory
+from flaxnets.cli import closed_pipe_status, error_phrase, out_of_memory
 from flaxnets.convert import StateDictMismatchError, WeightsFileError
 from flaxnets.registry import UnknownModelError
 from train.checkpoint import CheckpointError
@@ -57,7 +57,7 @@ def run_command(body: Callable[[], int], memory_advice: str = "a smaller batch n
         code = 1
     except Exception as error:  # noqa: BLE001 - memory, or a multi-process run's peers; re-raised otherwise
         if out_of_memory(error):  # the settings asked for more than the machine has: no defect to trace
-            print(f"error: out of memory ({_first_line(error)}); {memory_advice}.", file=sys.stderr)
+            print(f"error: out of memory ({error_phrase(error)}); {memory_advice}.", file=sys.stderr)
             code = 1
         elif not _multi_process():
             raise
@@ -76,7 +76,7 @@ def _peer_failure(error: Exception) -> int:
 
     if isinstance(error, jax.errors.JaxRuntimeError) or _PEER_FAILURE.search(str(error)):
         print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: an operation with the "
-              f"other processes failed ({_first_line(error)}), most likely because one of them died; "
+              f"other processes failed ({error_phrase(error)}), most likely because one of them died; "
               f"{RESTART}.", file=sys.stderr)
     else:
         traceback.print_exc()
@@ -88,11 +88,6 @@ def _peer_failure(error: Exception) -> int:
 # collectives, the coordination service's barriers and RPCs.
 _PEER_FAILURE = re.compile(r"Gloo|NCCL|\bMPI\b|barrier|coordination service|heartbeat|Connection reset|Socket closed|"
                            r"DEADLINE_EXCEEDED|UNAVAILABLE", re.IGNORECASE)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"\[external/[^\]]*\]\s*", "", text)[:200]
 
 
 def _multi_process() -> bool:

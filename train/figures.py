@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
 from train.text import count
 
 if TYPE_CHECKING:
@@ -352,7 +353,7 @@ def write_run_plots(workdir: str, variables: dict, meta: dict, data: "Dataset | 
         try:
             written.append(draw())
         except Exception as error:  # noqa: BLE001 - a plot is never worth stopping for
-            warn(f"warning: could not draw the {what} ({type(error).__name__}: {error}).")
+            warn(f"warning: could not draw the {what} ({error_phrase(error)}).")
 
     metrics = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(metrics):
@@ -373,7 +374,7 @@ def write_run_plots(workdir: str, variables: dict, meta: dict, data: "Dataset | 
 
             probabilities = predict_images(variables, meta, data.test_images)
         except Exception as error:  # noqa: BLE001
-            warn(f"warning: could not predict the test images for the plots ({type(error).__name__}: {error}).")
+            warn(f"warning: could not predict the test images for the plots ({error_phrase(error)}).")
         else:
             predicted = probabilities.argmax(axis=1)
             matrix = confusion_matrix(data.test_labels, predicted, len(names))

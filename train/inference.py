@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flaxnets
+from flaxnets.cli import error_phrase
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import WEIGHT_SETS
 from train.step import Preprocess, eval_step
@@ -209,7 +210,7 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise CheckpointError(f"{path} is not an image PIL can read ({error}).") from None
         except Exception as error:  # noqa: BLE001 - an image file is untrusted input: anything PIL raises
-            raise CheckpointError(f"{path} is not an image PIL can read ({type(error).__name__}: {error}).") from None
+            raise CheckpointError(f"{path} is not an image PIL can read ({error_phrase(error)}).") from None
         if height and width:
             array = images.resize(array, height, width)
         else:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 import flaxnets
+from flaxnets.cli import error_phrase
 from train.checkpoint import Checkpoints
 from train.config import Config, ConfigError
 from train.parallel import host
@@ -58,8 +59,7 @@ def initialize_distributed(config: Config) -> None:
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as error:  # noqa: BLE001 - whatever the runtime raises, the run cannot start
-        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"JAX's distributed runtime did not start ({text}); check --coordinator, "
+        raise ConfigError(f"JAX's distributed runtime did not start ({error_phrase(error)}); check --coordinator, "
                           "--num-processes and --process-id.") from None
 
 
@@ -307,7 +307,7 @@ def _write_plots(run: Run, workdir: str, state, epoch: int, reporter: Reporter) 
         if written:
             reporter.info(f"plots: {', '.join(os.path.relpath(path, workdir) for path in written)} in {workdir}")
     except Exception as error:  # noqa: BLE001 - plots are never worth losing a trained model over
-        reporter.warn(f"warning: no plots ({type(error).__name__}: {error}).")
+        reporter.warn(f"warning: no plots ({error_phrase(error)}).")
 
 
 def _absorb(pending: list, sums: dict | None, step: int, last_good: int | None, directory: str) -> dict:

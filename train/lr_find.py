@@ -15,6 +15,7 @@ from typing import TextIO
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
 from train.config import Config
 from train.lr_range import LRFinding, no_suggestion, range_test
 
@@ -104,5 +105,5 @@ def lr_find(config: Config, *, stream: TextIO | None = None) -> dict:
             result["csv"], result["plot"] = write_finding(finding, out_dir, title)
             say(f"wrote {result['plot']} and {result['csv']}")
         except Exception as error:  # noqa: BLE001 - a plot is never worth failing for
-            say(f"warning: could not write the range test's plot ({type(error).__name__}: {error}).")
+            say(f"warning: could not write the range test's plot ({error_phrase(error)}).")
     return result

@@ -22,6 +22,7 @@ import tarfile
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
 from train.data.errors import DataError
 from train.data.memory import Dataset, recorded_checksums, verify_file
 
@@ -64,7 +65,7 @@ def _unpickle(raw: bytes, where: str) -> dict:
     try:
         value = pickle.load(io.BytesIO(raw), encoding="bytes")
     except Exception as error:  # a pickle can fail in many ways; all mean "not a CIFAR batch"
-        raise DataError(f"{where} is not a CIFAR python batch ({type(error).__name__}: {error}).") from None
+        raise DataError(f"{where} is not a CIFAR python batch ({error_phrase(error)}).") from None
     if not isinstance(value, dict):
         raise DataError(f"{where} is not a CIFAR python batch (it holds a {type(value).__name__}).")
     return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from flaxnets.cli import error_phrase
 from train.data import DataError
 from train.data.optional import no_stray_tfds_folders, require
 
@@ -37,6 +38,5 @@ def prepare(name: str, data_dir: str | None, manual_dir: str | None) -> str:
     try:
         builder.download_and_prepare(download_config=config)
     except Exception as error:  # network, checksum and manual-file errors all end here
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"preparing {name} failed: {message}") from None
+        raise DataError(f"preparing {name} failed ({error_phrase(error)}).") from None
     return str(builder.data_dir)

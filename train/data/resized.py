@@ -40,6 +40,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
 from train.data.errors import DataError
 from train.data.optional import require
 from train.data.sources import decode_image, scan_folder
@@ -164,7 +165,7 @@ def _shrink(path: str, side: int, quality: int) -> tuple[bytes | None, str]:
             return data, "kept"
         image = decode_image(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError) as error:
-        return None, f"{type(error).__name__}: {error}"
+        return None, error_phrase(error)
     resized = min(image.shape[:2]) > side
     if resized:
         image = resize_shorter(image, side)

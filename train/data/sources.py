@@ -17,6 +17,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
+from flaxnets.cli import error_phrase
 from train.data.errors import DataError
 from train.data.optional import no_stray_tfds_folders, require
 
@@ -130,7 +131,7 @@ def _readable(path: str) -> str | None:
             image.verify()
         return None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"{type(error).__name__}: {error}"
+        return error_phrase(error)
 
 
 def scan_folder(root: str, check: bool = True, workers: int = 8) -> tuple[list[str], list[int], tuple[str, ...], list[str]]:
