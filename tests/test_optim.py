@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from train import optim
-from train.config import Config
+from train.config import Config, ConfigError
 
 
 def test_schedules_warm_up_then_follow_their_shape():
@@ -20,6 +20,25 @@ def test_schedules_warm_up_then_follow_their_shape():
     assert [float(step(s)) for s in (0, 49, 50, 79, 80)] == pytest.approx([0.4, 0.4, 0.04, 0.04, 0.004])
     onecycle = optim.make_schedule(Config(epochs=10, lr=0.4, warmup_epochs=3, schedule="onecycle"), 10)
     assert float(onecycle(30)) == pytest.approx(0.4, rel=1e-3) and float(onecycle(100)) < 1e-3
+
+
+def test_a_step_decay_at_the_warm_ups_end_applies_and_decays_at_one_epoch_compound():
+    # Warm-up over the first epoch (10 steps), then 0.1 at once: the decay asked for at epoch 1 is not lost.
+    step = optim.make_schedule(Config(epochs=3, lr=0.1, warmup_epochs=1, schedule="step", lr_decay_epochs=(1, 2)), 10)
+    assert [float(step(s)) for s in (5, 10, 19, 20, 29)] == pytest.approx([0.05, 0.01, 0.01, 0.001, 0.001])
+    # A warm-up clipped to half the run (2 of 4 epochs) ends where the first decay is.
+    clipped = Config(epochs=4, lr=0.1, warmup_epochs=5, schedule="step", lr_decay_epochs=(2, 3)).validate()
+    assert [float(optim.make_schedule(clipped, 10)(s)) for s in (20, 30)] == pytest.approx([0.01, 0.001])
+    twice = optim.make_schedule(Config(epochs=4, lr=0.1, warmup_epochs=0, schedule="step", lr_decay_epochs=(2, 2)), 10)
+    assert [float(twice(s)) for s in (19, 20)] == pytest.approx([0.1, 0.001])  # as PyTorch's MultiStepLR
+    with pytest.raises(ConfigError, match=r"--lr-decay-epochs 1 would decay the rate within the 2-epoch warm-up"):
+        Config(epochs=10, warmup_epochs=2, schedule="step", lr_decay_epochs=(1, 5)).validate()
+
+
+def test_a_constant_rate_is_reached_however_long_the_warm_up_asked_for():
+    config = Config(epochs=2, lr=0.05, warmup_epochs=5, schedule="constant").validate()
+    assert config.warmup_epochs_used == 1
+    assert float(optim.make_schedule(config, 10)(10)) == pytest.approx(0.05)
 
 
 def test_weight_decay_skips_biases_and_normalisation():

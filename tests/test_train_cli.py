@@ -668,7 +668,7 @@ def test_bad_input_for_a_new_run_is_one_sentence_and_makes_no_workdir(fresh_bad_
 def test_one_epoch_with_the_default_warm_up_clips_it_and_says_so(compile_cache, tmp_path):
     result = run_cli(compile_cache, ("--arch", "lenet5_relu", "--epochs", 1, "--no-plots", "--workdir", tmp_path / "w"))
     assert_ok(result)
-    assert "note: --warmup-epochs 1 would leave no room for the cosine schedule in 1 epoch(s); warming up over 0.5" \
+    assert "note: --warmup-epochs 1 would take more than half of 1 epoch(s); warming up over 0.5 instead" \
         in result.stderr
 
 

@@ -125,10 +125,10 @@ def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
     add("schedule", "--epochs", "passes over the training split", type=int)
     add("schedule", "--schedule", "learning rate after the warm-up: constant, step, cosine or onecycle",
         choices=SCHEDULES)
-    add("schedule", "--warmup-epochs", "linear warm-up from 0 to --lr; at most half the run for a decaying "
-        "schedule", type=float)
-    add("schedule", "--lr-decay-epochs", "step schedule: epochs at which the rate is multiplied by "
-        "--lr-decay-factor, e.g. 30,60", type=_epochs_list)
+    add("schedule", "--warmup-epochs", "linear warm-up from 0 to --lr (onecycle: a cosine rise from --lr/25); "
+        "at most half the run", type=float)
+    add("schedule", "--lr-decay-epochs", "step schedule: epochs from the run's start, none inside the warm-up, "
+        "after which the rate is multiplied by --lr-decay-factor, e.g. 30,60", type=_epochs_list)
     add("schedule", "--lr-decay-factor", "step schedule: the factor applied at each of --lr-decay-epochs",
         type=float)
     add("schedule", "--lr-find", "instead of training, a learning-rate range test: a plot of loss against rate and "

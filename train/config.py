@@ -186,6 +186,11 @@ class Config:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
         if self.schedule == "step" and not self.lr_decay_epochs:
             raise ConfigError("--schedule step needs --lr-decay-epochs (e.g. 30,60).")
+        early = [epoch for epoch in self.lr_decay_epochs if epoch < self.warmup_epochs_used]
+        if self.schedule == "step" and early:
+            raise ConfigError(f"--lr-decay-epochs {','.join(map(str, early))} would decay the rate within the "
+                              f"{self.warmup_epochs_used:g}-epoch warm-up, which rises to --lr; decay at its end or "
+                              "later, or shorten --warmup-epochs.")
         if self.eval_flip and self.ten_crop:
             raise ConfigError("--ten-crop already scores the mirror image of each crop; drop --eval-flip.")
         if self.freeze_backbone and not self.init_from:
@@ -213,10 +218,8 @@ class Config:
 
     @property
     def warmup_epochs_used(self) -> float:
-        """The warm-up the schedule runs: `warmup_epochs`, but at most half the run, so that a schedule
-        that decays (step, cosine, onecycle) has the other half to do it in."""
-        if self.schedule == "constant":
-            return self.warmup_epochs
+        """The warm-up the schedule runs: `warmup_epochs`, but at most half the run, so that the schedule
+        has the other half (a constant one reaches --lr, a decaying one has room to decay)."""
         return min(self.warmup_epochs, self.epochs / 2)
 
     def total_steps(self, steps_per_epoch: int) -> int:

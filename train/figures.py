@@ -214,7 +214,8 @@ def plot_curves(records: Sequence[dict], path: str, schedule: Callable[[int], fl
     loss_ax.set_title("loss")
     acc_ax.set_title("accuracy")
     if acc_ax.lines:
-        # The epoch a run's "best" checkpoint comes from: chosen on validation when there is one.
+        # The plotted curve's best point, on validation when there is one. The run's best checkpoint can be
+        # another epoch: only checkpointed epochs compete, and the averaged weights' scores with them.
         key = "val_top1" if any("val_top1" in r for r in records) else "test_top1"
         best = max(records, key=lambda r: r.get(key, -1))
         if key in best:

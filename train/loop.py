@@ -221,9 +221,9 @@ def _train_epochs(run: Run, workdir: str, checkpoints: Checkpoints, reporter: Re
     if run.settings.describe():
         reporter.info(run.settings.describe())
     if config.warmup_epochs_used < config.warmup_epochs and jax.process_index() == 0:  # the run's, not a reader's
-        print(f"note: --warmup-epochs {config.warmup_epochs:g} would leave no room for the {config.schedule} schedule "
-              f"in {config.epochs} epoch(s); warming up over {config.warmup_epochs_used:g} instead.", file=sys.stderr,
-              flush=True)
+        print(f"note: --warmup-epochs {config.warmup_epochs:g} would take more than half of {config.epochs} epoch(s); "
+              f"warming up over {config.warmup_epochs_used:g} instead, the rest for the {config.schedule} schedule.",
+              file=sys.stderr, flush=True)
 
     total_steps = config.total_steps(run.steps_per_epoch)
     results: dict[str, Any] = {}

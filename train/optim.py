@@ -28,9 +28,11 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
         main = optax.constant_schedule(peak)
     elif config.schedule == "cosine":
         main = optax.cosine_decay_schedule(peak, rest)
-    else:  # step
-        boundaries = {epoch * steps_per_epoch - warmup: config.lr_decay_factor for epoch in config.lr_decay_epochs
-                      if epoch * steps_per_epoch > warmup}
+    else:  # step: epochs count from the run's start; decays at one epoch compound, as in PyTorch's MultiStepLR
+        boundaries: dict[int, float] = {}
+        for epoch in config.lr_decay_epochs:
+            at = max(epoch * steps_per_epoch - warmup, 0)  # Config refuses a decay before the warm-up's end
+            boundaries[at] = boundaries.get(at, 1.0) * config.lr_decay_factor
         main = optax.piecewise_constant_schedule(peak, boundaries)
     if warmup == 0:
         return main
