@@ -17,6 +17,7 @@ import io
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -33,16 +34,19 @@ __all__ = [
     "Timing",
     "measure",
     "environment",
+    "conditions_line",
     "PEAK_TFLOPS",
     "peak_tflops",
     "mfu",
     "peak_rss_bytes",
+    "reset_peak_rss",
     "synthetic_variables",
     "Step",
     "build_step",
     "add_out_option",
     "arch_names",
     "check_batch",
+    "check_counts",
     "write_results",
     "write_whole",
     "run_cli",
@@ -211,6 +215,14 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
+def conditions_line(env: dict[str, Any]) -> str:
+    """The conditions of `environment` that a reader of the printed figures needs, as one line."""
+    extra = "".join(f", {name} {env[name]}" for name in ("torch", "cpu_convolutions") if env.get(name))
+    return (f"conditions: {env['device_count']} x {env['device']} ({env['platform']}), host {env['host_cpu']} with "
+            f"{env['host_cores']} cores, load {env['load_average']}; python {env['python']}, jax {env['jax']}, "
+            f"flax {env['flax']}{extra}" + (f"; XLA_FLAGS={env['xla_flags']}" if env["xla_flags"] else ""))
+
+
 def mfu(flops_per_step: float, seconds_per_step: float, peak: float | None, devices: int = 1) -> float | None:
     """Model FLOPs utilisation: achieved FLOP/s over ``devices`` times the per-device ``peak`` (TFLOP/s)."""
     if not peak or seconds_per_step <= 0:
@@ -218,8 +230,28 @@ def mfu(flops_per_step: float, seconds_per_step: float, peak: float | None, devi
     return flops_per_step / seconds_per_step / (peak * 1e12 * devices)
 
 
+def reset_peak_rss() -> bool:
+    """Start the peak resident set size afresh, so that a row's `peak_rss_bytes` is its own and not the peak
+    of the rows before it: Linux resets it when ``5`` is written to ``/proc/self/clear_refs``. False where
+    it cannot be reset (the peak then runs from the process's start)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
+    """The process's peak resident set size since `reset_peak_rss` (Linux's ``VmHWM``), else since it started
+    (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as handle:
+            match = re.search(r"^VmHWM:\s+(\d+) kB", handle.read(), re.M)
+        if match:
+            return int(match.group(1)) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
@@ -259,6 +291,16 @@ def check_batch(batch: int | None) -> None:
     if batch is not None and not 1 <= batch <= BATCH_LIMIT:
         raise BenchmarkError(f"--batch must be a whole number from 1 to {BATCH_LIMIT:,} (2**24, more images than any "
                              f"device holds), got {batch}.")
+
+
+def check_counts(args: argparse.Namespace, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Refuse in one sentence a count of ``args`` (``"repeats"``, ``"steps"``, ...) below 1 (``positive``) or
+    below 0 (``non_negative``); None is a benchmark's default and passes."""
+    for names, least, words in ((positive, 1, "a positive integer"), (non_negative, 0, "0 or more")):
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and value < least:
+                raise BenchmarkError(f"--{name.replace('_', '-')} must be {words}, got {value}.")
 
 
 def arch_names(text: str, flag: str = "--arch") -> list[str]:

@@ -25,8 +25,8 @@ import statistics
 import sys
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_out_option, arch_names, check_batch, environment, markdown_table,
-                               run_cli, write_results)
+from benchmarks.common import (BenchmarkError, add_out_option, arch_names, check_batch, check_counts, environment,
+                               markdown_table, run_cli, write_results)
 from train.arguments import CommandParser
 
 __all__ = ["VARIANTS", "compare_variants", "main"]
@@ -99,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import flaxnets
 
         check_batch(args.batch)
-        if args.repeats < 1 or args.warmup < 0 or (args.size is not None and args.size < 1):
-            raise BenchmarkError("--repeats and --size must be positive integers, --warmup 0 or more.")
+        check_counts(args, positive=("repeats", "size"), non_negative=("warmup",))
         archs = arch_names(args.arch)
         for arch in archs:
             flaxnets.get_spec(arch)  # an unknown name fails before anything compiles

@@ -24,7 +24,7 @@ from flax import nnx
 import flaxnets
 import flaxnets.nnx
 
-from benchmarks.common import BenchmarkError, check_batch, run_cli
+from benchmarks.common import check_batch, check_counts, run_cli
 from train.arguments import CommandParser
 
 
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         check_batch(args.batch)
-        if args.repeats < 1:
-            raise BenchmarkError(f"--repeats must be a positive integer, got {args.repeats}.")
+        check_counts(args, positive=("repeats",))
         print(f"resnet18_cifar train step, 32x32, batch {args.batch}, float32, {jax.devices()[0].device_kind}, "
               f"jax {jax.__version__}")
         print("| variant | compile (s) | step median (ms) | step min-max (ms) |\n| --- | --- | --- | --- |")

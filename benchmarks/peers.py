@@ -31,8 +31,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from benchmarks.common import (BenchmarkError, add_out_option, arch_names, check_batch, environment, markdown_table,
-                               run_cli, write_whole)
+from benchmarks.common import (BenchmarkError, add_out_option, arch_names, check_batch, check_counts, conditions_line,
+                               environment, markdown_table, run_cli, write_whole)
 from train.arguments import CommandParser
 
 __all__ = ["PEERS", "Prepared", "prepare", "time_peer", "compare", "main"]
@@ -49,6 +49,7 @@ class Prepared:
     sync: Callable[[], None]
     memory_bytes: int | None = None
     compile_s: float | None = None  # ahead of time; None: the first step compiles
+    compiles: bool = True  # False: eager PyTorch, which has nothing to compile
 
 
 def _flaxnets(arch: str, batch: int, size: int, dtype: str, **options: Any) -> Prepared:
@@ -138,7 +139,7 @@ def _torch(arch: str, batch: int, size: int, dtype: str, compiled: bool) -> Prep
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    prepared = Prepared(dispatch, sync)
+    prepared = Prepared(dispatch, sync, compiles=compiled)
     prepared.torch = torch  # type: ignore[attr-defined]  # its peak memory is read after the timing
     return prepared
 
@@ -181,10 +182,10 @@ def time_peer(prepared: Prepared, batch: int, steps: int, repeats: int, warmup: 
     memory = prepared.memory_bytes
     if torch is not None and torch.cuda.is_available():
         memory = int(torch.cuda.max_memory_allocated())
-    compile_s = prepared.compile_s if prepared.compile_s is not None else first - median
+    compile_s = prepared.compile_s if prepared.compile_s is not None else max(first - median, 0.0)
     return {"images_per_s": round(batch / median, 1), "images_per_s_min": round(batch / max(rounds), 1),
             "images_per_s_max": round(batch / min(rounds), 1), "ms_per_step": round(median * 1e3, 3),
-            "compile_s": round(compile_s, 2), "memory_mib": round(memory / 2**20) if memory else None}
+            "compile_s": round(compile_s, 2) if prepared.compiles else None, "memory_mib": round(memory / 2**20) if memory else None}
 
 
 def compare(arch: str, peers: Sequence[str], batch: int, size: int, dtype: str, steps: int, repeats: int,
@@ -202,7 +203,8 @@ def compare(arch: str, peers: Sequence[str], batch: int, size: int, dtype: str, 
         row = {"peer": peer, "arch": arch, "batch": batch, "size": size, "dtype": dtype,
                **time_peer(prepared, batch, steps, repeats, warmup)}
         log(f"{peer}: {row['images_per_s']:,.0f} images/s ({row['ms_per_step']:.1f} ms/step, range "
-            f"{row['images_per_s_min']:,.0f}-{row['images_per_s_max']:,.0f}), compiled in {row['compile_s']:.1f} s")
+            f"{row['images_per_s_min']:,.0f}-{row['images_per_s_max']:,.0f})"
+            + (f", compiled in {row['compile_s']:.1f} s" if row["compile_s"] is not None else ""))
         rows.append(row)
         del prepared
         _release()
@@ -257,9 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if peer not in PEERS:
                 raise BenchmarkError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}.")
         check_batch(args.batch)
-        for name in ("steps", "repeats", "warmup"):
-            if getattr(args, name) < 1:
-                raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+        check_counts(args, positive=("steps", "repeats", "warmup"))
         archs = arch_names(args.arch)
         for arch in archs:
             flaxnets.get_spec(arch)  # an unknown name fails before anything compiles
@@ -269,11 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for arch in archs:
             size = args.size or flaxnets.get_spec(arch).input_size
             rows += compare(arch, peers, args.batch, size, args.dtype, args.steps, args.repeats, args.warmup)
+        torch = sys.modules.get("torch")
+        conditions = {**environment(), "torch": getattr(torch, "__version__", None),
+                      "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv)}
         print(markdown_table([r for r in rows if "images_per_s" in r], COLUMNS))
+        print(conditions_line(conditions))
         if args.out:
-            torch = sys.modules.get("torch")
-            conditions = {**environment(), "torch": getattr(torch, "__version__", None),
-                          "command": "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv)}
             path = write_whole(args.out, f"peers_{'_'.join(archs)}_b{args.batch}_{args.dtype}.json",
                                json.dumps({"conditions": conditions, "rows": rows}, indent=1, default=str) + "\n")
             print(f"wrote {path}")

@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from benchmarks.common import BenchmarkError, add_out_option, check_batch, environment, markdown_table, run_cli
+from benchmarks.common import (BenchmarkError, add_out_option, check_batch, check_counts, environment, markdown_table,
+                               run_cli)
 from flaxnets.layers import BatchNorm
 from train.arguments import CommandParser
 
@@ -263,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.peers import prepare, time_peer
 
         check_batch(args.batch)
+        check_counts(args, positive=("steps", "repeats", "size"))
         if flaxnets.get_spec(args.arch).family != "resnet":
             raise BenchmarkError(f"--arch must be a ResNet-family member, got {args.arch}.")
         sets = kernel_sets()

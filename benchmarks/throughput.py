@@ -29,8 +29,8 @@ import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, as_request, check_batch,
-                               environment, kernels_argument, markdown_table, measure, mfu, peak_rss_bytes, peak_tflops,
-                               run_cli, write_results)
+                               check_counts, conditions_line, environment, kernels_argument, markdown_table, measure,
+                               mfu, peak_rss_bytes, peak_tflops, reset_peak_rss, run_cli, write_results)
 from train.arguments import CommandParser
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
     from benchmarks.common import build_step
 
     request = as_request(arch, size)
+    own_peak = reset_peak_rss()
     step = build_step(request, mode, batch, dtype=dtype, devices=devices, kernels=kernels,
                       settings=settings, donate=donate, ops=ops)
     log(f"{request.describe()}, {mode} batch {batch} {dtype}: compiled in {step.compile_s:.1f} s "
@@ -86,12 +87,13 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
         "images_per_s_max": round(batch / min(per_step), 2),
         "compile_s": round(step.compile_s, 2), "lower_s": round(step.lower_s, 2),
         "memory_bytes": step.memory_bytes(), "peak_rss_bytes": peak_rss_bytes(),
-        "model_gflops_per_step": round(flops / 1e9, 3),
-        "xla_gflops_per_step": round(cost["flops"] / 1e9, 3) if "flops" in cost else None,
-        "tflops": round(flops / median / 1e12, 4),
+        "peak_rss_of": "this row" if own_peak else "the process so far",
+        "model_gflops_per_step": _figures(flops / 1e9),
+        "xla_gflops_per_step": _figures(cost["flops"] / 1e9) if "flops" in cost else None,
+        "tflops": _figures(flops / median / 1e12),
         "peak_tflops": peak,
         "load_average": round(os.getloadavg()[0], 2),
-        "mfu": (lambda u: round(u, 4) if u is not None else None)(mfu(flops, median, peak, devices)),
+        "mfu": (lambda u: _figures(u) if u is not None else None)(mfu(flops, median, peak, devices)),
     }
     log(f"  {row['ms_per_step']:.1f} ms/step (min {row['ms_min']:.1f}, max {row['ms_max']:.1f}, n={repeats}), "
         f"{row['images_per_s']:.1f} images/s, {row['tflops']:.3f} TFLOP/s"
@@ -101,9 +103,14 @@ def throughput_row(arch: str | ModelRequest, mode: str, batch: int, *, size: int
     return row
 
 
+def _figures(value: float, digits: int = 6) -> float:
+    """``value`` to ``digits`` significant figures, so that a small model's FLOPs and rates keep theirs."""
+    return float(f"{value:.{digits}g}")
+
+
 COLUMNS = (("arch", "arch"), ("mode", "mode"), ("batch", "batch"), ("size", "input"), ("dtype", "dtype"),
            ("images_per_s", "images/s"), ("ms_per_step", "ms/step"), ("ms_min", "min"), ("ms_max", "max"),
-           ("compile_s", "compile s"), ("memory_bytes", "memory B"), ("tflops", "TFLOP/s"), ("mfu", "MFU"))
+           ("compile_s", "compile s"), ("memory_bytes", "memory B"), ("tflops", "TFLOP/s"), ("mfu", "MFU (fraction)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,11 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        for name in ("repeats", "steps", "devices"):
-            if getattr(args, name) < 1:
-                raise BenchmarkError(f"--{name} must be a positive integer, got {getattr(args, name)}.")
-        if args.warmup < 0:
-            raise BenchmarkError(f"--warmup must be 0 or more, got {args.warmup}.")
+        check_counts(args, positive=("repeats", "steps", "devices"), non_negative=("warmup",))
         check_batch(args.batch)
         if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
             raise BenchmarkError(f"--peak-tflops must be a finite number above 0, got {args.peak_tflops}.")
@@ -158,12 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                repeats=args.repeats, warmup=args.warmup, steps=args.steps, peak=args.peak_tflops,
                                kernels=kernels_argument(args.kernels))
                 for request in requests for mode in modes]
+        conditions = {**environment(jax.devices()[:args.devices]), "command": "python -m benchmarks.throughput "
+                      + " ".join(sys.argv[1:] if argv is None else argv)}
         print(markdown_table(rows, COLUMNS))
+        print(conditions_line(conditions))
         if args.out:
             variant = request_from_args(archs[0], args).tag() if archs else ""  # the options, if any
             tag = args.tag or f"{'all' if args.all else '_'.join(archs)}{variant}_{args.mode}_b{batch}_{args.dtype}"
-            conditions = {**environment(jax.devices()[:args.devices]), "command": "python -m benchmarks.throughput "
-                          + " ".join(sys.argv[1:] if argv is None else argv)}
             paths = write_results(f"throughput_{tag}", rows, conditions, args.out)
             print(f"wrote {paths[0]} and {paths[1]}")
         return 0

@@ -27,15 +27,18 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, check_batch, environment,
-                               kernels_argument, run_cli, write_results)
+from benchmarks.common import (BenchmarkError, add_kernels_option, add_out_option, arch_names, check_batch,
+                               check_counts, conditions_line, environment, kernels_argument, run_cli, write_results)
 from train.arguments import CommandParser
 
 __all__ = ["load_torch", "compare", "main"]
 
 DEFAULT_ARCHS = ("resnet18", "resnet50", "vgg11", "alexnet", "googlenet")
 # torchvision builder arguments that give the model flaxnets' reference fields describe.
-TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True}}
+# Without their auxiliary classifiers on both sides: flaxnets' benchmark step trains the main head only (its
+# auxiliary logits go unused and XLA drops them), and Inception v3's head needs 299-pixel inputs to train.
+TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                      "inception_v3": {"aux_logits": False, "init_weights": True}}
 
 
 def load_torch() -> tuple[Any, Any, str | None]:
@@ -81,6 +84,7 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
     import numpy as np
 
     from benchmarks.common import Timing, build_step, measure
+    from flaxnets.cli import ModelRequest
     from flaxnets.convert import from_torch
 
     torch, torchvision, reason = load_torch()
@@ -88,7 +92,8 @@ def compare(arch: str, mode: str, batch: int, size: int, repeats: int, warmup: i
         raise RuntimeError(reason)
     tmodel = _torch_model(torchvision, arch, torch)
     variables = from_torch(arch, tmodel.state_dict())  # GoogLeNet: no auxiliary heads, as the checkpoint
-    step = build_step(arch, mode, batch, size=size, variables=variables, compiler_options=compiler_options,
+    request = ModelRequest(arch, {"aux_logits": False} if "aux_logits" in TORCHVISION_KWARGS.get(arch, {}) else {})
+    step = build_step(request, mode, batch, size=size, variables=variables, compiler_options=compiler_options,
                       kernels=kernels)
     log(f"{arch} {mode}: flaxnets compiled in {step.compile_s:.1f} s (lowering {step.lower_s:.1f} s)")
 
@@ -192,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if flaxnets.get_spec(arch).torchvision is None:
                 _torch_model(None, arch, None)  # raises the user error
         check_batch(args.batch)
-        if args.repeats < 1 or args.size < 1:
-            raise BenchmarkError("--size and --repeats must be positive integers.")
+        check_counts(args, positive=("repeats", "size"), non_negative=("warmup",))
         torch, _, reason = load_torch()
         if reason:
             print(f"skipped: {reason}")
@@ -209,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows:
             print(f"{r['arch']:<10} {r['mode']:<6} {r['torch_ms']:>10.0f} {r['flax_ms']:>10.0f} {r['speed']:>6.2f}x "
                   f"{r['speed_pairs_min']:>6.2f}-{r['speed_pairs_max']:.2f}x")
+        print(conditions_line(conditions))
         if args.out:
             name = f"vs_torch_b{args.batch}_s{args.size}" + (f"_{args.tag}" if args.tag else "")
             paths = write_results(name, rows, conditions, args.out)

@@ -165,6 +165,9 @@ def test_cpu_kernel_variants_are_timed_side_by_side():
     (vs_torch, ["--arch", "resnet18,"], "has an empty one"),
     (step_variants, ["--arch", "vgg11"], "ResNet-family"),
     (step_variants, ["--variant", "library:fast"], "unknown kernel set"),
+    (step_variants, ["--arch", "resnet20", "--repeats", "0"], "--repeats must be a positive integer, got 0"),
+    (step_variants, ["--arch", "resnet20", "--steps", "-1"], "--steps must be a positive integer, got -1"),
+    (vs_torch, ["--arch", "resnet18", "--warmup", "-1"], "--warmup must be 0 or more, got -1"),
 ])
 def test_bad_arguments_get_one_sentence_and_exit_2(module, argv, needle, capsys, monkeypatch):
     for measured in ("measure", "export_one"):  # refused before anything is timed or exported
@@ -237,7 +240,22 @@ def test_torchvision_peer_trains_eagerly():
         pytest.skip(vs_torch.load_torch()[2])
     prepared = peers.prepare("torch", "resnet18", 2, 16, "float32")
     row = peers.time_peer(prepared, 2, steps=1, repeats=1, warmup=1)
-    assert row["images_per_s"] > 0
+    assert row["images_per_s"] > 0 and row["compile_s"] is None  # eager: nothing compiled, no figure made up
+
+
+def test_a_throughput_rows_peak_memory_is_its_own():
+    """The peak resident set size starts afresh for each row where Linux allows, so a row measured after a
+    larger one does not carry the larger one's peak."""
+    if not common.reset_peak_rss():
+        pytest.skip("this system cannot reset the peak resident set size")
+    before = common.peak_rss_bytes()
+    block = np.ones(2**27 // 8)  # 128 MiB, touched
+    assert common.peak_rss_bytes() >= before + 100 * 2**20
+    del block
+    assert common.reset_peak_rss() and common.peak_rss_bytes() < before + 100 * 2**20
+    row = throughput.throughput_row("lenet5", "infer", 2, repeats=1, warmup=0, log=lambda *_: None)
+    assert row["peak_rss_of"] == "this row" and row["peak_rss_bytes"] > 0
+    assert row["model_gflops_per_step"] == pytest.approx(2 * 416_520 * 2 / 1e9, rel=1e-5)  # not rounded to 0.002
 
 
 def flaxnets_plain():
