@@ -449,3 +449,11 @@ def test_flip_evaluation_reports_both_figures_and_the_chosen_checkpoints_one_vie
     scored = json.loads(capsys.readouterr().out)
     for key in ("test_top1", "test_top1_one_view", "ema_val_top1_one_view"):
         assert scored[key] == pytest.approx(record[key], abs=1e-6), key
+    # A run trained without it is scored with its mirror images too; its one-view figure is the run's own.
+    plain = dataclasses.replace(config, eval_flip=False, ema_decay=0.0, workdir=str(tmp_path / "plain"))
+    loop.train_and_evaluate(plain, stream=io.StringIO())
+    [record] = [record for _, record, _ in read_records(str(tmp_path / "plain" / "metrics.jsonl"))]
+    capsys.readouterr()
+    assert evaluate.main(["--workdir", str(tmp_path / "plain"), "--eval-flip"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["test_top1_one_view"] == pytest.approx(record["test_top1"], abs=1e-6) and "test_top1" in scored

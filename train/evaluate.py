@@ -70,7 +70,8 @@ def _checkpoint(args) -> int:
     config = Config.recorded(meta["config"])  # checked when the checkpoint was read (train.checkpoint_checks.check_meta)
     changes = {k: v for k, v in (("data_dir", args.data_dir), ("parallel", args.parallel),
                                  ("eval_flip", args.eval_flip)) if v}
-    config = dataclasses.replace(config, workdir=workdir, **changes).validate()
+    # --eval-flip changes what is reported, not the checkpoint: allowed, as data_dir and parallel are anyway.
+    config = dataclasses.replace(config, workdir=workdir, allow_changes=True, **changes).validate()
     run = build_run(config)
     results = evaluate_checkpoint(run, workdir, step, variables, meta, averaged)
     print(json.dumps({"workdir": workdir, "step": step, "arch": config.arch, "dataset": config.dataset,
