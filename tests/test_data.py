@@ -162,6 +162,22 @@ def test_folder_source_reads_every_mode_and_skips_broken_files_by_name(tmp_path,
     assert load_folder(str(tmp_path)).class_names == ("cats", "dogs")
 
 
+def test_a_folder_follows_linked_sub_folders_and_a_dark_16_bit_image_stays_dark(tmp_path):
+    """As torchvision's ImageFolder lists it: a class's linked sub-folder is part of the class. A 16-bit
+    image is scaled from 65535 however dark it is (a maximum of 200 is 0 in 8 bits, not 200)."""
+    from train.data.sources import decode_image, scan_folder
+
+    _class_folders(tmp_path / "data")
+    _class_folders(tmp_path / "elsewhere", classes=("more",), per_class=2)
+    (tmp_path / "data" / "a" / "linked").symlink_to(tmp_path / "elsewhere" / "more", target_is_directory=True)
+    paths, labels, classes, broken = scan_folder(str(tmp_path / "data"))
+    assert classes == ("a", "b") and not broken
+    assert sorted(os.path.relpath(p, tmp_path / "data") for p, label in zip(paths, labels) if label == 0) == [
+        *(f"a/{i}.png" for i in range(5)), "a/linked/0.png", "a/linked/1.png"]
+    Image.fromarray(np.full((4, 4), 200, np.uint16)).save(tmp_path / "dark.png")
+    assert Image.open(tmp_path / "dark.png").mode == "I;16" and decode_image(str(tmp_path / "dark.png")).max() == 0
+
+
 def test_folder_with_train_and_val_and_a_file_truncated_after_its_header(tmp_path, capfd):
     for split in ("train", "val"):
         for cls in ("a", "b"):
@@ -226,6 +242,29 @@ def _class_folders(root, classes=("a", "b"), per_class=5, size=(20, 20)):
         for i in range(per_class):
             pixels = np.random.default_rng(i).integers(0, 256, size + (3,), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_a_folder_read_into_memory_is_predicted_on_the_crops_it_was_scored_on(tmp_path):
+    """Images of varying size held in memory are their shorter side resized and centre-cropped: prediction
+    prepares a file the same way (the run's checkpoint records the resize), not squashed whole."""
+    from train.inference import file_resize, read_images
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i, size in enumerate(((40, 90), (70, 33))):
+                pixels = np.random.default_rng(i).integers(0, 256, size + (3,), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    data = fit_in_memory(load_folder(str(tmp_path)), side=24, pipeline="memory")
+    assert data.cropped_to == 24 and data.describe()["image_shape"] == [24, 24, 3]
+    files = [str(tmp_path / "test" / "a" / f"{i}.png") for i in range(2)]
+    got = read_images(files, (24, 24, 3), side=24, resize=data.cropped_to)
+    np.testing.assert_array_equal(got, data.test_images[:2])
+    assert not np.array_equal(read_images(files, (24, 24, 3), side=24), got)  # squashed whole: what it was
+    # A folder run saved before its checkpoints recorded the resize is read the same way; fixed-size data whole.
+    folder_meta = {"config": {"dataset": "folder"}, "dataset": {"image_shape": [24, 24, 3]}, "image_side": 24}
+    assert file_resize(folder_meta) == 24 and file_resize({**folder_meta, "resize": 20}) == 20
+    assert file_resize({"config": {"dataset": "digits"}, "dataset": {"image_shape": [8, 8, 1]}, "image_side": 16}) is None
 
 
 def test_a_folder_with_one_class_is_refused(tmp_path):
@@ -381,10 +420,14 @@ def test_host_crops_stay_inside_the_image_and_flip_is_an_involution():
         for _ in range(20):
             top, left, height, width = crop_box(37, 53, rng, scale, ratio)
             assert 0 <= top <= top + height <= 37 and 0 <= left <= left + width <= 53 and height * width > 0
-    crops = ten_crops(image, 20)
+    crops = ten_crops(image, 20)  # margins 17 and 33: the centre's offsets round as torchvision's (8 and 16)
     assert crops.shape == (10, 20, 20, 3)
-    np.testing.assert_array_equal(crops[5:, :, ::-1], crops[:5])  # the mirrors, mirrored back
     np.testing.assert_array_equal(crops[0], image[:20, :20])
+    np.testing.assert_array_equal(crops[4], image[8:28, 16:36])
+    # TenCrop's second five are those of the mirrored image: its left corners are the right ones mirrored.
+    for mirrored, original in ((5, 1), (6, 0), (7, 3), (8, 2)):
+        np.testing.assert_array_equal(crops[mirrored], crops[original][:, ::-1])
+    np.testing.assert_array_equal(crops[9], image[:, ::-1][8:28, 16:36])  # not the original centre mirrored
     source = _ArraySource(10)
     for crop in ("inception", "alexnet"):
         transform = TrainTransform(source, 16, seed=0, epoch=0, crop=crop)

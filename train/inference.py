@@ -26,8 +26,8 @@ from train.checkpoint import CheckpointError, Checkpoints
 from train.config import WEIGHT_SETS
 from train.step import Preprocess, eval_step
 
-__all__ = ["choose_weights", "load_checkpoint", "load_variables", "locate", "open_checkpoint", "predict_images",
-           "published_variables", "read_images", "score_split"]
+__all__ = ["choose_weights", "file_resize", "load_checkpoint", "load_variables", "locate", "open_checkpoint",
+           "predict_images", "published_variables", "read_images", "score_split"]
 
 
 def locate(path: str, which: str = "latest") -> tuple[str, int]:
@@ -179,13 +179,26 @@ def published_variables(arch: str, weights: str) -> tuple[dict[str, Any], dict]:
     return variables, meta
 
 
+def file_resize(meta: dict) -> int | None:
+    """The shorter side a file is resized to before its centre crop, where the model's images were not
+    taken whole: as the meta records it (published weights, a run that read images of varying size into
+    memory), or, for a folder run saved before that was recorded, its input side, at which its images were
+    read in; None where files are resized whole or by 256/224 of the side (`read_images`)."""
+    if meta.get("resize"):
+        return int(meta["resize"])
+    if (meta.get("config") or {}).get("dataset") == "folder" and all(meta["dataset"]["image_shape"][:2]):
+        return int(meta["image_side"])
+    return None
+
+
 def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None = None,
                 resize: int | None = None) -> np.ndarray:
     """Image files as uint8 ``(N, H, W, C)`` in the training data's size and channels (grey or RGB).
 
-    A model trained on images of varying size (a streamed dataset, whose recorded shape is 0x0) sees each
-    file as evaluation did: the shorter side resized to ``resize`` (default: 256/224 of ``side``), then the
-    centre crop.
+    A model trained on images of varying size sees each file as evaluation did: the shorter side resized to
+    ``resize`` (recorded where the images were read into memory so; else, for a streamed dataset, whose
+    recorded shape is 0x0, 256/224 of ``side``), then the centre crop of ``side``. Images of one size are
+    resized to it whole.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -211,7 +224,7 @@ def read_images(paths: list[str], shape: tuple[int, int, int], side: int | None 
             raise CheckpointError(f"{path} is not an image PIL can read ({error}).") from None
         except Exception as error:  # noqa: BLE001 - an image file is untrusted input: anything PIL raises
             raise CheckpointError(f"{path} is not an image PIL can read ({error_phrase(error)}).") from None
-        if height and width:
+        if height and width and not resize:
             array = images.resize(array, height, width)
         else:
             array = images.center_crop(images.resize_shorter(array, resize or round(side * 256 / 224)), side)

@@ -40,7 +40,8 @@ def main(argv=None) -> int:
         parser.error("--weights needs --arch, the architecture the weights are for")
 
     def body() -> int:
-        from train.inference import choose_weights, open_checkpoint, predict_images, published_variables, read_images
+        from train.inference import (choose_weights, file_resize, open_checkpoint, predict_images, published_variables,
+                                     read_images)
 
         if args.weights is not None:
             variables, meta = published_variables(args.arch, args.weights)
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
                 print("predicting with the moving average of the weights", file=sys.stderr)
         dataset = meta["dataset"]
         images = read_images(args.images, tuple(dataset["image_shape"]), side=meta["image_side"],
-                             resize=meta.get("resize"))
+                             resize=file_resize(meta))
         probabilities = predict_images(variables, meta, images)
         names = dataset["class_names"]
         for path, row in zip(args.images, probabilities):

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from flaxnets.images import resize
+from flaxnets.images import center_crop, resize
 from train.data import jpeg
 
 __all__ = ["crop_box", "read_crop", "ten_crops", "eval_side"]
@@ -78,11 +78,16 @@ def mirror(image: np.ndarray) -> np.ndarray:
 
 
 def ten_crops(image: np.ndarray, side: int) -> np.ndarray:
-    """The four corner crops and the centre crop, then the same five mirrored: ``(10, side, side, C)``."""
-    h, w = image.shape[:2]
-    corners = [(0, 0), (0, w - side), (h - side, 0), (h - side, w - side), ((h - side) // 2, (w - side) // 2)]
-    five = [image[top:top + side, left:left + side] for top, left in corners]
-    return np.stack(five + [mirror(crop) for crop in five])
+    """torchvision's ``TenCrop``: the four corner crops and the centre crop (offsets rounded as
+    `flaxnets.images.center_crop` rounds them), then the same five of the mirrored image:
+    ``(10, side, side, C)``."""
+
+    def five(picture: np.ndarray) -> list[np.ndarray]:
+        h, w = picture.shape[:2]
+        corners = ((0, 0), (0, w - side), (h - side, 0), (h - side, w - side))
+        return [picture[top:top + side, left:left + side] for top, left in corners] + [center_crop(picture, side)]
+
+    return np.stack(five(image) + five(mirror(image)))
 
 
 def eval_side(side: int) -> int:

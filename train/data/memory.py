@@ -35,6 +35,8 @@ class DatasetFacts:
     whose examples Grain workers read, decode and augment on the host.
     """
 
+    cropped_to: int | None = None  # `Dataset`'s field; a streamed dataset takes each image whole
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -65,7 +67,9 @@ class Dataset(DatasetFacts):
     training images scaled to [0, 1], computed from the data when it is loaded. ``flip`` says whether a
     horizontal flip keeps the label (not for digits); ``crop_padding`` is the padding of the random-crop
     augmentation in pixels. ``val_images`` and ``val_labels`` are the validation split, when the run has
-    one (`train.data.with_validation`).
+    one (`train.data.with_validation`). ``cropped_to`` is set when images of varying size were read in with
+    their shorter side resized to it and the centre square kept (`train.data.stream.materialize`), which a
+    file must go through too before the model sees it (`train.inference.read_images`).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Dataset(DatasetFacts):
     val_images: np.ndarray | None = None
     val_labels: np.ndarray | None = None
     val_from: str = ""
+    cropped_to: int | None = None
 
     @property
     def train_size(self) -> int:

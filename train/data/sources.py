@@ -110,7 +110,8 @@ def decode_image(path: str | IO[bytes], channels: int = 3) -> np.ndarray:
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, np.float64)
-            top = 65535.0 if array.max() > 255 else 255.0
+            # 16-bit modes span 0-65535 whatever their values; mode "I" (32-bit) says nothing of its range.
+            top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
             image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8))
         if image.mode == "P" or image.mode in ("LA", "PA") or "transparency" in image.info:
             image = image.convert("RGBA")
@@ -145,7 +146,7 @@ def scan_folder(root: str, check: bool = True, workers: int = 8) -> tuple[list[s
         raise DataError(f"{root} has no class sub-folders: put each class's images in a folder named after it.")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name))):
+        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):  # as ImageFolder
             for file in sorted(files):
                 if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith("."):
                     paths.append(os.path.join(folder, file))

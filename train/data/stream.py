@@ -304,4 +304,5 @@ def materialize(data: Streamed, side: int | None = None) -> Dataset:
     val_x, val_y = read(data.val) if data.val is not None else (None, None)
     padding = data.crop_padding or max(1, train_x.shape[1] // 8)
     return with_statistics(Dataset(data.name, train_x, train_y, test_x, test_y, data.class_names, flip=data.flip,
-                                   crop_padding=padding, val_images=val_x, val_labels=val_y, val_from=data.val_from))
+                                   crop_padding=padding, val_images=val_x, val_labels=val_y, val_from=data.val_from,
+                                   cropped_to=None if data.fixed_size else side))
