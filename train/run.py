@@ -139,13 +139,9 @@ class Run:
             "num_classes": self.data.num_classes,
             "image_side": self.image_side,
             "dataset": self.data.describe(),
-            # How a file is prepared for the model where the data's images were not taken whole (as a
-            # published weights' meta records its own): the shorter side resized to it, then the centre crop.
-            **({"resize": self.data.cropped_to} if self.data.cropped_to else {}),
-            "epoch": epoch,
-            "position": position,
-            "batch_size": self.config.batch_size,
-            "seed": self.config.seed,
+            **({"resize": self.data.cropped_to} if self.data.cropped_to else {}),  # see inference.file_resize
+            "epoch": epoch, "position": position,
+            "batch_size": self.config.batch_size, "seed": self.config.seed,
             "config": json.loads(self.config.to_json()),
         }
 
