@@ -406,6 +406,32 @@ def test_safetensors_agree_with_the_reference_implementation(tmp_path):
     assert ours.keys() == arrays.keys() and all(np.array_equal(ours[k], v) for k, v in arrays.items())
 
 
+def test_a_safetensors_header_whose_offsets_do_not_tile_the_data_is_refused(tmp_path):
+    """Offsets pointing one tensor at another's bytes, a byte count that is not the shape's, or bytes after
+    the last tensor: each a damaged file in one sentence, where reading would hand back wrong values."""
+    import json
+    import struct
+
+    arrays = {"a": np.arange(6, dtype=np.float32), "b": np.ones(2, np.float32)}
+    convert.save_state_dict(arrays, tmp_path / "w.safetensors")
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8:8 + size]), raw[8 + size:]
+
+    def damaged(edit, extra=b""):
+        changed = json.loads(json.dumps(header))
+        edit(changed)
+        text = json.dumps(changed).encode()
+        (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data + extra)
+        with pytest.raises(convert.WeightsFileError, match="bad.safetensors is damaged") as caught:
+            convert.load_state_dict(tmp_path / "bad.safetensors")
+        return str(caught.value)
+
+    assert "overlap" in damaged(lambda h: h["b"].update(data_offsets=[0, 8]))
+    assert "has 8 bytes for F32 of shape (3,)" in damaged(lambda h: h["b"].update(shape=[3]))
+    assert "4 bytes after its last tensor" in damaged(lambda h: None, extra=b"\0" * 4)
+
+
 def test_unknown_suffix_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"\.safetensors"):
         convert.load_state_dict(tmp_path / "weights.h5")
@@ -484,6 +510,8 @@ def test_load_pretrained_leaves_kernels_that_images_do_not_decide():
     assert variables["params"]["conv1"]["conv"]["kernel"].shape == (7, 7, 3, 64)
     with pytest.raises(ValueError, match="in_channels must be a positive integer, got 0"):
         convert.load_pretrained("googlenet", state_dict, in_channels=0)
+    with pytest.raises(ValueError, match="transform_input re-maps RGB images .* these have 2 channels"):
+        convert.load_pretrained("googlenet", state_dict, in_channels=2, transform_input=True)
 
 
 def test_load_pretrained_googlenet_fills_in_auxiliary_heads():

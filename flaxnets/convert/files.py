@@ -6,6 +6,7 @@ tensors, arrays, wrapped checkpoints) as numpy arrays. Knows nothing of architec
 from __future__ import annotations
 
 import json
+import math
 import os
 import zipfile
 from collections.abc import Mapping
@@ -82,7 +83,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         header = json.loads(bytes(data[8 : 8 + size]))
         header.pop("__metadata__", None)
         start = 8 + size
-        arrays = {}
+        arrays, spans = {}, []
         for name, info in header.items():
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise WeightsFileError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which flaxnets does not "
@@ -90,8 +91,22 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             begin, end = info["data_offsets"]
             if not 0 <= begin <= end <= data.size - start:
                 raise WeightsFileError(f"{path} is truncated: tensor {name!r} lies beyond its end.")
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            arrays[name] = np.array(data[start + begin : start + end].view(dtype).reshape(info["shape"]))
+            dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], tuple(int(n) for n in info["shape"])
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise WeightsFileError(f"{path} is damaged: tensor {name!r} has {end - begin} bytes for "
+                                       f"{info['dtype']} of shape {shape}.")
+            spans.append((begin, end, name))
+            arrays[name] = np.array(data[start + begin : start + end].view(dtype).reshape(shape))
+        # The tensors lie back to back from the header's end to the file's, as the format requires: offsets
+        # that overlap or leave a gap are a damaged header (the reference reader refuses them too).
+        position = 0
+        for begin, end, name in sorted(spans):
+            if begin != position:
+                raise WeightsFileError(f"{path} is damaged: tensor {name!r}'s bytes overlap another's or follow a "
+                                       "gap.")
+            position = end
+        if position != data.size - start:
+            raise WeightsFileError(f"{path} is damaged: {data.size - start - position} bytes after its last tensor.")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         if isinstance(error, WeightsFileError):
             raise

@@ -85,7 +85,12 @@ def imagenet_to_half_range(x: jnp.ndarray) -> jnp.ndarray:
 
     The weights torchvision ported from Google's TensorFlow models (GoogLeNet, Inception v3) expect that
     range; their ``transform_input=True`` applies this map so that the usual ImageNet preprocessing serves.
+    A grey image is spread to three channels by it (torchvision's map takes RGB only); other channel counts
+    have no ImageNet constants and are refused.
     """
+    if x.shape[-1] not in (1, 3):
+        raise ValueError(f"transform_input re-maps RGB images (a grey one is spread to three channels); these "
+                         f"have {x.shape[-1]} channels: build the model with transform_input=False.")
     mean, std = jnp.array([0.485, 0.456, 0.406]), jnp.array([0.229, 0.224, 0.225])
     return x * (std / 0.5) + (mean - 0.5) / 0.5
 
