@@ -24,8 +24,8 @@ from typing import Sequence
 import jax
 
 from flaxnets.analysis import step_memory, summary
-from flaxnets.cli import (ModelRequestError, PlainParser, add_model_arguments, closed_pipe_status, request_from_args,
-                          unwritable)
+from flaxnets.cli import (ModelRequestError, PlainParser, add_model_arguments, closed_pipe_status, error_phrase,
+                          request_from_args, unwritable)
 from flaxnets.layers import BatchTooSmallError
 from flaxnets.registry import UnknownModelError, get_spec, list_models
 
@@ -64,9 +64,15 @@ def print_summary(name: str, args: argparse.Namespace) -> None:
             raise ModelRequestError(f"--batch {args.batch} is too large: {request.name}'s largest activation would "
                                     f"take more than a pebibyte (2**50 bytes) in float32; give at most "
                                     f"{MAX_ACTIVATION_BYTES // largest:,}.")
+        try:  # before the table: a training step the input cannot take is one sentence, not a table and a traceback
+            memory = step_memory(request.name, shape, batch=args.batch, num_classes=request.classes, **request.options)
+        except BatchTooSmallError:
+            raise
+        except ValueError as error:  # e.g. Inception v3's auxiliary head, which trains from 299 pixels
+            raise ModelRequestError(f"--batch measures a training step, which {request.name} cannot take on "
+                                    f"{request.side}x{request.side} input ({error_phrase(error)}).") from None
     print("\n".join(table))
     if args.batch is not None:
-        memory = step_memory(request.name, shape, batch=args.batch, num_classes=request.classes, **request.options)
         print(memory.describe())
 
 

@@ -40,7 +40,7 @@ class ModelSpec:
       torchvision: the matching ``torchvision.models`` builder, where one exists.
       params: torchvision's parameter count at 1000 classes, where torchvision has the model.
       gflops: torchvision's published GFLOPS (multiply-accumulates, in billions) at 224x224.
-      top1: torchvision's published ImageNet top-1 of its pretrained weights.
+      top1: torchvision's published ImageNet top-1 of its first weights (IMAGENET1K_V1), not of a later set.
       description: one line for tables and ``--help``.
       reference_overrides: model fields under which ``params`` holds (e.g. GoogLeNet without its
         auxiliary heads, as torchvision counts its pretrained weights).

@@ -99,6 +99,11 @@ def test_summary_batch_prints_xla_memory_of_a_training_step_and_a_prediction(cap
     assert "--batch" in one_sentence(capsys)
     assert command.main(["summary", "lenet5_bn", "--batch", "1"]) == 2  # its dense BatchNorm: one value a channel
     assert "more than one value per channel" in one_sentence(capsys)
+    # An input the network evaluates on but cannot train on: one sentence, before any table.
+    assert command.main(["summary", "inception_v3", "--input-size", "100", "--batch", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert captured.err.startswith("error: --batch measures a training step, which inception_v3 cannot take on 100x100")
 
 
 def test_step_memory_is_the_trainer_step_and_grows_with_the_batch():
